@@ -1,0 +1,242 @@
+//! A backing chain: layer 0 is the image the user named, layer 1 its backing file, and so on.
+//!
+//! `resolve` walks `Mapping::Backing` downwards and reports which layer answered (the 1-based
+//! depth that `qemu:allocation-depth` exports; 0 means no layer holds the range). `read` plans a
+//! guest read from resolved runs; `map_entry` reproduces `qemu-img map`'s per-range answer.
+
+use super::{BlockDevice, FileRole, Mapping};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::read_exact_or_zero;
+use std::sync::Arc;
+
+/// The answer of the chain for a guest range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub len: u64,
+    /// The mapping in the layer that answered; `Backing` when no layer did.
+    pub mapping: Mapping,
+    /// 1 = top layer, 2 = first backing file, ...; 0 = allocated nowhere.
+    pub depth: usize,
+}
+
+impl Resolved {
+    /// Reads as zeros (`base:allocation` ZERO).
+    pub fn reads_zero(&self) -> bool {
+        match self.mapping {
+            Mapping::Zero { .. } | Mapping::Backing { .. } => true,
+            Mapping::Data { zero, .. } => zero,
+            Mapping::Compressed => false,
+        }
+    }
+
+    /// Holds data (`base:allocation` not HOLE).
+    pub fn is_data(&self) -> bool {
+        matches!(self.mapping, Mapping::Data { .. } | Mapping::Compressed)
+    }
+}
+
+/// One entry of `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    /// 0-based layer index as qemu-img prints it.
+    pub depth: usize,
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    pub offset: Option<u64>,
+}
+
+impl MapEntry {
+    /// qemu-img's `entry_mergeable`.
+    pub fn mergeable(&self, next: &MapEntry) -> bool {
+        if self.length == 0 {
+            return false;
+        }
+        if self.zero != next.zero
+            || self.data != next.data
+            || self.compressed != next.compressed
+            || self.depth != next.depth
+            || self.present != next.present
+            || self.offset.is_some() != next.offset.is_some()
+        {
+            return false;
+        }
+        match (self.offset, next.offset) {
+            (Some(a), Some(b)) => a.checked_add(self.length) == Some(b),
+            _ => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Chain {
+    layers: Vec<Arc<dyn BlockDevice>>,
+}
+
+impl Chain {
+    /// `layers[0]` is the top; each next one is the backing file of the previous.
+    pub fn new(layers: Vec<Arc<dyn BlockDevice>>) -> Result<Chain> {
+        if layers.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidArgument, "empty chain"));
+        }
+        Ok(Chain { layers })
+    }
+
+    pub fn top(&self) -> &Arc<dyn BlockDevice> {
+        &self.layers[0]
+    }
+
+    pub fn layers(&self) -> &[Arc<dyn BlockDevice>] {
+        &self.layers
+    }
+
+    pub fn size(&self) -> u64 {
+        self.layers[0].size()
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "range {off:#x}+{len:#x} beyond the end of the image ({:#x})",
+                    self.size()
+                ),
+            )),
+        }
+    }
+
+    /// Resolve the range at `off` (at most `len` bytes, `len > 0`) through the chain.
+    pub fn resolve(&self, off: u64, len: u64) -> Result<Resolved> {
+        self.check_range(off, len)?;
+        let mut len = len;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let size = layer.size();
+            if off >= size {
+                // beyond the end of a (shorter) backing file: zeros, owned by no layer
+                return Ok(Resolved {
+                    len,
+                    mapping: Mapping::Backing {
+                        file: FileRole::Image,
+                        host: None,
+                    },
+                    depth: 0,
+                });
+            }
+            len = len.min(size - off);
+            let run = layer.map(off, len)?;
+            debug_assert!(run.len > 0 && run.len <= len);
+            len = run.len.clamp(1, len);
+            if !matches!(run.mapping, Mapping::Backing { .. }) {
+                return Ok(Resolved {
+                    len,
+                    mapping: run.mapping,
+                    depth: i + 1,
+                });
+            }
+        }
+        Ok(Resolved {
+            len,
+            mapping: Mapping::Backing {
+                file: FileRole::Image,
+                host: None,
+            },
+            depth: 0,
+        })
+    }
+
+    /// The layer a resolved range came from.
+    fn layer_at(&self, depth: usize) -> Option<&Arc<dyn BlockDevice>> {
+        depth.checked_sub(1).and_then(|i| self.layers.get(i))
+    }
+
+    /// Read guest bytes.
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let r = self.resolve(pos, (buf.len() - done) as u64)?;
+            let n = usize::try_from(r.len)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            match r.mapping {
+                Mapping::Data { file, host, .. } => {
+                    let layer = self.layer_at(r.depth).ok_or_else(|| {
+                        Error::new(ErrorKind::Corrupt, "data run without a layer")
+                    })?;
+                    let st = layer.storage(file).ok_or_else(|| {
+                        Error::new(ErrorKind::Corrupt, "data run in a missing data file")
+                    })?;
+                    read_exact_or_zero(&**st, dst, host).map_err(|e| {
+                        Error::io(
+                            format!("reading guest offset {pos:#x} at host {host:#x}"),
+                            e,
+                        )
+                    })?;
+                }
+                Mapping::Compressed => {
+                    let layer = self.layer_at(r.depth).ok_or_else(|| {
+                        Error::new(ErrorKind::Corrupt, "compressed run without a layer")
+                    })?;
+                    layer.read_compressed(pos, dst)?;
+                }
+                Mapping::Zero { .. } | Mapping::Backing { .. } => dst.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// `qemu-img map`'s answer for the range at `off` (qemu-img.c `get_block_status`).
+    pub fn map_entry(&self, off: u64, len: u64) -> Result<MapEntry> {
+        self.check_range(off, len)?;
+        let mut len = len;
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let run = layer.map(off, len.min(layer.size().saturating_sub(off)).max(1))?;
+            len = run.len.clamp(1, len);
+            let entry = |present, zero, data, compressed, offset| MapEntry {
+                start: off,
+                length: len,
+                depth: i,
+                present,
+                zero,
+                data,
+                compressed,
+                offset,
+            };
+            match run.mapping {
+                Mapping::Data { host, zero, .. } => {
+                    return Ok(entry(true, zero, true, false, Some(host)))
+                }
+                Mapping::Zero { host, .. } => return Ok(entry(true, true, false, false, host)),
+                Mapping::Compressed => return Ok(entry(true, false, true, true, None)),
+                Mapping::Backing { host, .. } => {
+                    let beyond_backing = self.layers.get(i + 1).map(|b| off >= b.size());
+                    match beyond_backing {
+                        // no backing file: unallocated reads as zero (if the format has backing
+                        // files at all)
+                        None => {
+                            let zero = layer.supports_backing();
+                            return Ok(entry(false, zero, false, false, host));
+                        }
+                        Some(true) => return Ok(entry(false, true, false, false, host)),
+                        Some(false) if i == last => unreachable!(),
+                        Some(false) => {}
+                    }
+                }
+            }
+        }
+        // unreachable in practice: the last layer answers above
+        Err(Error::new(
+            ErrorKind::Corrupt,
+            "chain walk fell off the end",
+        ))
+    }
+}

@@ -1,0 +1,140 @@
+//! `qnbd map`: qemu-img map, same JSON and human output.
+
+use super::{open_options, parse_size_arg, OutputFormat};
+use crate::block::chain::MapEntry;
+use crate::error::{Error, Result};
+use crate::open::open_image;
+use clap::Args;
+use std::io::Write;
+
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// Image format (qcow2, raw); probed when omitted.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    #[arg(short = 's', long = "start-offset", value_parser = parse_size_arg, default_value = "0")]
+    pub start_offset: u64,
+    #[arg(short = 'l', long = "max-length", value_parser = parse_size_arg)]
+    pub max_length: Option<u64>,
+    /// Open the image without taking locks (accepted for qemu-img compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    pub image: String,
+}
+
+/// All map entries of `[start, start+max)` with qemu-img's merging.
+pub fn entries(chain: &crate::block::Chain, start: u64, max: Option<u64>) -> Result<Vec<MapEntry>> {
+    let size = chain.size();
+    let end = match max {
+        Some(m) => start.saturating_add(m).min(size),
+        None => size,
+    };
+    let mut out = Vec::new();
+    let mut curr: Option<MapEntry> = None;
+    let mut pos = start.min(end);
+    while pos < end {
+        let next = chain
+            .map_entry(pos, end - pos)
+            .map_err(|e| Error::new(e.kind(), format!("Could not read file metadata: {e}")))?;
+        pos += next.length;
+        match &mut curr {
+            Some(c) if c.mergeable(&next) => c.length += next.length,
+            Some(c) => {
+                out.push(*c);
+                curr = Some(next);
+            }
+            None => curr = Some(next),
+        }
+    }
+    out.extend(curr);
+    Ok(out)
+}
+
+pub fn format_json(entries: &[MapEntry]) -> String {
+    let mut s = String::from("[");
+    for (i, e) in entries.iter().enumerate() {
+        s.push_str(&format!(
+            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+            e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+        ));
+        if let Some(o) = e.offset {
+            s.push_str(&format!(", \"offset\": {o}"));
+        }
+        s.push('}');
+        if i + 1 < entries.len() {
+            s.push_str(",\n");
+        }
+    }
+    s.push_str("]\n");
+    s
+}
+
+fn hex16(v: u64) -> String {
+    let s = if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    };
+    format!("{s:<16}")
+}
+
+/// qemu-img's human map: only data ranges, with zero and unallocated ranges coalesced.
+pub fn format_human(ents: &[MapEntry], layers: &[crate::open::OpenedLayer]) -> Result<String> {
+    let mut s = format!(
+        "{:<16}{:<16}{:<16}{}\n",
+        "Offset", "Length", "Mapped to", "File"
+    );
+    // qemu-img ignores the distinction between 0, ZERO and ZERO|DATA in this format
+    let mut merged: Vec<MapEntry> = Vec::new();
+    for e in ents {
+        let mut e = *e;
+        if !e.data || e.zero {
+            e.data = false;
+            e.zero = true;
+        }
+        match merged.last_mut() {
+            Some(c) if c.mergeable(&e) => c.length += e.length,
+            _ => merged.push(e),
+        }
+    }
+    for e in &merged {
+        if e.data && e.offset.is_none() {
+            return Err(Error::unsupported(
+                "File contains external, encrypted or compressed clusters.",
+            ));
+        }
+        if e.data && !e.zero {
+            let file = layers
+                .get(e.depth)
+                .map(|l| l.filename.as_str())
+                .unwrap_or("");
+            s.push_str(&format!(
+                "{}{}{}{}\n",
+                hex16(e.start),
+                hex16(e.length),
+                hex16(e.offset.unwrap_or(0)),
+                file
+            ));
+        }
+    }
+    Ok(s)
+}
+
+pub fn run(a: &MapArgs) -> Result<i32> {
+    let mut opts = open_options(a.format.as_deref())?;
+    opts.writable = false;
+    let img = open_image(&a.image, &opts)?;
+    let ents = entries(&img.chain, a.start_offset, a.max_length)?;
+    let mut out = std::io::stdout().lock();
+    match a.output {
+        OutputFormat::Json => {
+            let _ = out.write_all(format_json(&ents).as_bytes());
+        }
+        OutputFormat::Human => {
+            let _ = out.write_all(format_human(&ents, &img.layers)?.as_bytes());
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,79 @@
+//! Command line: clap structures turned into library options, and output formatting in
+//! qemu-img's formats. Only this module and `open.rs` name concrete formats and I/O engines.
+
+pub mod convert;
+pub mod info;
+pub mod map;
+pub mod qjson;
+
+use crate::error::Error;
+use crate::io::Engine;
+use crate::open::{Format, OpenOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qnbd",
+    version,
+    about = "qcow2 / raw image engine with a built-in NBD server",
+    long_about = "qcow2 / raw image engine with a built-in NBD server.\n\nThe inspection commands print what qemu-img prints (same JSON), so scripts written for qemu-img work unchanged.\nThe I/O engine is io_uring when the kernel allows it, positioned I/O otherwise; QNBD_IO_ENGINE=sync|io_uring forces one."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show information about an image (qemu-img info).
+    Info(info::InfoArgs),
+    /// Show the allocation map of an image (qemu-img map).
+    Map(map::MapArgs),
+    /// Convert an image (qemu-img convert).
+    Convert(convert::ConvertArgs),
+}
+
+/// Options every image-opening command shares.
+pub(crate) fn open_options(format: Option<&str>) -> Result<OpenOptions, Error> {
+    Ok(OpenOptions {
+        format: format.map(Format::parse).transpose()?,
+        engine: Engine::from_env(),
+        ..OpenOptions::default()
+    })
+}
+
+/// Parse a size argument the way qemu-img does (suffixes k, M, G, ...).
+pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_size(s).ok_or_else(|| format!("Invalid size '{s}'"))
+}
+
+/// Run the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let res = match cli.command {
+        Command::Info(a) => info::run(&a),
+        Command::Map(a) => map::run(&a),
+        Command::Convert(a) => convert::run(&a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qnbd: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The one error type of the library.
+//!
+//! Every failure carries an [`ErrorKind`] (what class of problem, which maps onto an exit code or an
+//! NBD errno), a human message in the style of qemu-img (what failed, where, why) and, when there is
+//! one, the underlying `io::Error`. Nothing from a disk image or the wire may panic: it becomes one
+//! of these.
+
+use std::fmt;
+use std::io;
+
+/// Class of failure; decides exit codes and NBD errnos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The host storage failed (EIO, ENOSPC, ...).
+    Io,
+    /// The image is not what its header claims, or not an image we can parse.
+    InvalidImage,
+    /// A well-formed image uses a feature this build does not implement (encryption, ...).
+    Unsupported,
+    /// Metadata that was parsed is inconsistent (overlap, unaligned entry, beyond EOF).
+    Corrupt,
+    /// A request lies outside the image.
+    OutOfRange,
+    /// The open policy or the access mode forbids the operation.
+    Denied,
+    /// A caller-supplied argument is invalid.
+    InvalidArgument,
+}
+
+/// Library error: kind + message + optional source.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    msg: String,
+    source: Option<io::Error>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, msg: impl Into<String>) -> Self {
+        Error {
+            kind,
+            msg: msg.into(),
+            source: None,
+        }
+    }
+
+    /// An I/O failure during `what`.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error {
+            kind: ErrorKind::Io,
+            msg: what.into(),
+            source: Some(source),
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidImage, msg)
+    }
+
+    pub fn unsupported(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unsupported, msg)
+    }
+
+    pub fn corrupt(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt, msg)
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn message(&self) -> &str {
+        &self.msg
+    }
+
+    pub fn io_source(&self) -> Option<&io::Error> {
+        self.source.as_ref()
+    }
+
+    /// Prefix the message with context (e.g. the file name).
+    pub fn context(mut self, ctx: impl fmt::Display) -> Self {
+        self.msg = format!("{ctx}: {}", self.msg);
+        self
+    }
+
+    /// The errno an NBD reply should carry for this error.
+    pub fn errno(&self) -> i32 {
+        match self.kind {
+            ErrorKind::Io => self
+                .source
+                .as_ref()
+                .and_then(|e| e.raw_os_error())
+                .unwrap_or(libc::EIO),
+            ErrorKind::OutOfRange | ErrorKind::InvalidArgument => libc::EINVAL,
+            ErrorKind::Denied => libc::EPERM,
+            ErrorKind::Unsupported => libc::ENOTSUP,
+            ErrorKind::InvalidImage | ErrorKind::Corrupt => libc::EIO,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)?;
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

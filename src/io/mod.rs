@@ -1,0 +1,146 @@
+//! Storage objects and I/O engines: the home of io_uring and nearly all `unsafe` code.
+//!
+//! [`Storage`] is the narrow trait every layer above reads and writes host files through; it is
+//! also the test seam (in-memory, crash-simulating and fault-injecting doubles live in [`mem`]).
+//! Two engines implement it for real files: [`sync::SyncFile`] (positioned I/O, the portable
+//! engine) and `uring::UringFile` (io_uring; probed at open, falls back cleanly when the kernel or
+//! a sandbox refuses it). Only `open.rs` and `cli/` choose between them.
+
+use std::fmt;
+use std::io;
+
+pub mod mem;
+pub mod sync;
+#[cfg(feature = "uring")]
+pub mod uring;
+
+/// Which I/O engine backs a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// io_uring when the kernel allows it, otherwise positioned I/O.
+    #[default]
+    Auto,
+    /// Positioned I/O (`pread`/`pwrite`) only.
+    Sync,
+    /// io_uring only; opening fails if the kernel refuses it.
+    Uring,
+}
+
+impl Engine {
+    pub fn parse(s: &str) -> Option<Engine> {
+        match s {
+            "auto" => Some(Engine::Auto),
+            "sync" | "threads" | "native" => Some(Engine::Sync),
+            "io_uring" | "uring" => Some(Engine::Uring),
+            _ => None,
+        }
+    }
+
+    /// Engine named by the `QNBD_IO_ENGINE` environment variable (used by the test suite to run
+    /// everything over both engines), else `Auto`.
+    pub fn from_env() -> Engine {
+        std::env::var("QNBD_IO_ENGINE")
+            .ok()
+            .and_then(|s| Engine::parse(&s))
+            .unwrap_or_default()
+    }
+}
+
+/// Where a byte range of a sparse file stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes of data from the queried offset.
+    Data(u64),
+    /// `len` bytes of hole from the queried offset.
+    Hole(u64),
+}
+
+/// A host file (or a double of one). Offsets are host byte offsets.
+///
+/// Required methods are the few an engine must provide; `StorageExt` adds the rest.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Read into `buf` at `off`; returns the number of bytes read, short only at end of file.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+
+    /// Write all of `buf` at `off`.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+
+    /// Truncate or extend.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Make everything written so far durable.
+    fn sync(&self) -> io::Result<()>;
+
+    /// Bytes actually allocated on the host (`st_blocks * 512`), for `actual-size`.
+    fn allocated_size(&self) -> io::Result<u64> {
+        self.len()
+    }
+
+    /// Data or hole at `off` (SEEK_DATA / SEEK_HOLE); `None` when the host cannot tell (then
+    /// everything counts as data). Beyond EOF answers `Hole(0)`... callers clamp to `len()`.
+    fn extent_at(&self, off: u64) -> io::Result<Option<Extent>> {
+        let _ = off;
+        Ok(None)
+    }
+
+    /// Several reads at once; engines that can batch (io_uring) override this.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        for (off, buf) in reqs.iter_mut() {
+            read_exact_or_zero(self, buf, *off)?;
+        }
+        Ok(())
+    }
+
+    /// Name of the engine, for diagnostics ("sync", "io_uring", "mem").
+    fn engine_name(&self) -> &'static str;
+
+    /// Device and inode identity, for loop detection in backing chains.
+    fn identity(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+/// Read all of `buf` at `off`; bytes past the end of the file read as zeros (as QEMU's file
+/// driver does for format drivers reading beyond the end of a short image file).
+pub fn read_exact_or_zero<S: Storage + ?Sized>(s: &S, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let pos = off
+            .checked_add(done as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let n = s.read_at(&mut buf[done..], pos)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Read all of `buf` at `off`; a read that would pass end of file is an error (`UnexpectedEof`).
+pub fn read_exact<S: Storage + ?Sized>(s: &S, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let pos = off
+            .checked_add(done as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let n = s.read_at(&mut buf[done..], pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of file",
+            ));
+        }
+        done += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! qnbd: a qcow2 / raw image engine with a built-in NBD server.
+//!
+//! Floors (who may import whom), from the bottom:
+//! 1. [`error`], [`units`]
+//! 2. [`io`] (storage + I/O engines; all io_uring and nearly all `unsafe` code)
+//! 3. [`block`] (generic layer: `BlockDevice`, `Chain`), [`qcow2::spec`] (pure codecs)
+//! 4. [`qcow2`] (the driver), `nbd` (the protocol; never imports `qcow2`)
+//! 5. [`open`] (probe, open policy, engine choice, chain building)
+//! 6. [`cli`] (argument structs, output formatting)
+
+pub mod block;
+pub mod cache;
+pub mod cli;
+pub mod error;
+pub mod io;
+pub mod open;
+pub mod qcow2;
+pub mod testing;
+pub mod units;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,341 @@
+//! The one entry point for opening images: probe the format, apply the open policy (which files
+//! an image may name), choose the I/O engine, and build the backing chain.
+//!
+//! Backing and data file names found inside an image are plain local file names, resolved
+//! against the directory of the image that names them (as QEMU's `path_combine`); `json:` or
+//! `nbd://` strings are never interpreted. Loops are detected by (device, inode) identity and
+//! the depth is capped, so a hostile chain cannot spin or exhaust memory.
+
+use crate::block::raw::RawDevice;
+use crate::block::{BlockDevice, Chain};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{sync::SyncFile, Engine, Storage};
+use crate::qcow2::{Qcow2, Qcow2Options};
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+/// Image formats this build reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Result<Format> {
+        match s {
+            "qcow2" => Ok(Format::Qcow2),
+            "raw" => Ok(Format::Raw),
+            other => Err(Error::unsupported(format!(
+                "Unknown driver '{other}' (supported formats: qcow2, raw)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// What an image may make us open, and how far.
+#[derive(Debug, Clone)]
+pub struct OpenPolicy {
+    /// Open backing files named inside images.
+    pub allow_backing: bool,
+    /// Open external data files named inside images.
+    pub allow_data_file: bool,
+    /// Longest chain accepted (top image included).
+    pub max_depth: usize,
+}
+
+/// Default cap on chain length: deep enough for long snapshot chains, small enough that a
+/// hostile or looping chain fails fast.
+pub const DEFAULT_MAX_DEPTH: usize = 256;
+
+impl Default for OpenPolicy {
+    fn default() -> Self {
+        OpenPolicy {
+            allow_backing: true,
+            allow_data_file: true,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Format of the top image; probed when `None`.
+    pub format: Option<Format>,
+    pub engine: Engine,
+    pub writable: bool,
+    pub policy: OpenPolicy,
+    /// Do not open the backing chain (qemu-img info without --backing-chain).
+    pub no_backing: bool,
+    /// Metadata only: no data file needed, encryption tolerated (qemu-img info).
+    pub no_io: bool,
+    pub qcow2: Qcow2Options,
+}
+
+/// One opened layer with what `info` needs to know about it.
+#[derive(Debug, Clone)]
+pub struct OpenedLayer {
+    /// The name the layer was opened by (as given, or combined from its parent's backing name).
+    pub filename: String,
+    pub format: Format,
+    pub storage: Arc<dyn Storage>,
+    pub device: Arc<dyn BlockDevice>,
+    pub qcow2: Option<Arc<Qcow2>>,
+    /// The backing name as stored in the image.
+    pub backing_filename: Option<String>,
+    /// The backing name resolved against this image's directory.
+    pub full_backing_filename: Option<String>,
+    pub backing_format: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub layers: Vec<OpenedLayer>,
+    pub chain: Chain,
+}
+
+/// Whether io_uring works here (probed once per process).
+pub fn uring_available() -> bool {
+    #[cfg(feature = "uring")]
+    {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| crate::io::uring::probe().is_ok())
+    }
+    #[cfg(not(feature = "uring"))]
+    {
+        let _ = OnceLock::<bool>::new;
+        false
+    }
+}
+
+/// Open a host file with the chosen engine.
+pub fn open_storage(path: &str, engine: Engine, writable: bool) -> Result<Arc<dyn Storage>> {
+    let file = FsOpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| Error::io(format!("Could not open '{path}'"), e))?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("Could not open '{path}': Is a directory"),
+        ));
+    }
+    match engine {
+        Engine::Sync => Ok(Arc::new(SyncFile::new(file))),
+        Engine::Auto | Engine::Uring => {
+            #[cfg(feature = "uring")]
+            {
+                if uring_available() {
+                    match crate::io::uring::UringFile::new(
+                        file.try_clone()
+                            .map_err(|e| Error::io(format!("Could not open '{path}'"), e))?,
+                    ) {
+                        Ok(u) => return Ok(Arc::new(u)),
+                        Err(e) if engine == Engine::Uring => {
+                            return Err(Error::io("io_uring is not available", e))
+                        }
+                        Err(_) => {}
+                    }
+                } else if engine == Engine::Uring {
+                    return Err(Error::unsupported(
+                        "io_uring is not available on this system (use --aio threads)",
+                    ));
+                }
+            }
+            #[cfg(not(feature = "uring"))]
+            if engine == Engine::Uring {
+                return Err(Error::unsupported("this build has no io_uring support"));
+            }
+            Ok(Arc::new(SyncFile::new(file)))
+        }
+    }
+}
+
+/// Guess the format from the first bytes, as QEMU's probing would for the formats we know.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let mut magic = [0u8; 8];
+    let n = storage
+        .read_at(&mut magic, 0)
+        .map_err(|e| Error::io("Could not read image for determining its format", e))?;
+    let m = &magic[..n];
+    if m.starts_with(b"QFI\xfb") {
+        return Ok(Format::Qcow2);
+    }
+    for (sig, name) in [
+        (&b"KDMV"[..], "vmdk"),
+        (&b"conectix"[..], "vpc"),
+        (&b"vhdxfile"[..], "vhdx"),
+        (&b"QED\0"[..], "qed"),
+    ] {
+        if m.starts_with(sig) {
+            return Err(Error::unsupported(format!(
+                "Image format '{name}' is not supported (supported formats: qcow2, raw)"
+            )));
+        }
+    }
+    Ok(Format::Raw)
+}
+
+/// QEMU's `path_combine`: a relative `name` is taken relative to the directory of `base`.
+pub fn combine_path(base: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{}", &base[..=i], name),
+        None => name.to_string(),
+    }
+}
+
+fn open_layer(
+    filename: &str,
+    format: Option<Format>,
+    opts: &OpenOptions,
+    top: bool,
+) -> Result<OpenedLayer> {
+    let storage = open_storage(filename, opts.engine, opts.writable && top)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe(&*storage).map_err(|e| e.context(format!("Could not open '{filename}'")))?,
+    };
+    match format {
+        Format::Raw => {
+            let dev = Arc::new(RawDevice::new(storage.clone())?);
+            Ok(OpenedLayer {
+                filename: filename.to_string(),
+                format,
+                storage,
+                device: dev,
+                qcow2: None,
+                backing_filename: None,
+                full_backing_filename: None,
+                backing_format: None,
+            })
+        }
+        Format::Qcow2 => {
+            let qopts = Qcow2Options {
+                no_io: opts.no_io,
+                ..opts.qcow2.clone()
+            };
+            let mut q = Qcow2::open(storage.clone(), &qopts)
+                .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
+            if q.header().has_data_file() && !opts.no_io {
+                let Some(name) = q.data_file_name().map(str::to_string) else {
+                    return Err(Error::invalid(format!(
+                        "Could not open '{filename}': 'data-file' is required for this image"
+                    )));
+                };
+                if !opts.policy.allow_data_file {
+                    return Err(Error::new(
+                        ErrorKind::Denied,
+                        format!("Could not open '{filename}': opening its data file '{name}' is not allowed"),
+                    ));
+                }
+                let path = combine_path(filename, &name);
+                let data = open_storage(&path, opts.engine, opts.writable && top)
+                    .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
+                q.set_data_file(data);
+            }
+            let backing = q.backing_name().map(str::to_string);
+            let full = backing.as_deref().map(|b| combine_path(filename, b));
+            let bfmt = q.backing_format().map(str::to_string);
+            let q = Arc::new(q);
+            Ok(OpenedLayer {
+                filename: filename.to_string(),
+                format,
+                storage,
+                device: q.clone(),
+                qcow2: Some(q),
+                backing_filename: backing,
+                full_backing_filename: full,
+                backing_format: bfmt,
+            })
+        }
+    }
+}
+
+/// Open `path` and (unless `no_backing`) its whole backing chain.
+pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
+    let top = open_layer(path, opts.format, opts, true)?;
+    let mut seen: Vec<(u64, u64)> = top.storage.identity().into_iter().collect();
+    let mut layers = vec![top];
+    loop {
+        if opts.no_backing {
+            break;
+        }
+        let Some(last) = layers.last() else { break };
+        let Some(next) = last.full_backing_filename.clone() else {
+            break;
+        };
+        if !opts.policy.allow_backing {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                format!(
+                    "Could not open backing file '{next}' of '{}': backing files are not allowed by the open policy",
+                    last.filename
+                ),
+            ));
+        }
+        if layers.len() >= opts.policy.max_depth {
+            return Err(Error::invalid(format!(
+                "Backing chain of '{path}' is too deep (more than {} images)",
+                opts.policy.max_depth
+            )));
+        }
+        let fmt = match last.backing_format.as_deref() {
+            Some(f) => Some(
+                Format::parse(f)
+                    .map_err(|e| e.context(format!("Could not open backing file '{next}'")))?,
+            ),
+            None => None,
+        };
+        let parent = last.filename.clone();
+        let layer = open_layer(&next, fmt, opts, false).map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!("Could not open backing file of '{parent}': {e}"),
+            )
+        })?;
+        if let Some(id) = layer.storage.identity() {
+            if seen.contains(&id) {
+                return Err(Error::invalid(format!(
+                    "Backing file '{next}' creates an infinite loop (backing chain of '{path}')"
+                )));
+            }
+            seen.push(id);
+        }
+        layers.push(layer);
+    }
+    let chain = Chain::new(layers.iter().map(|l| l.device.clone()).collect())?;
+    Ok(Image { layers, chain })
+}
+
+/// Open a single image from an in-memory or test storage (no backing chain).
+pub fn open_storage_image(
+    storage: Arc<dyn Storage>,
+    format: Option<Format>,
+    qopts: &Qcow2Options,
+) -> Result<Arc<dyn BlockDevice>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(&*storage)?,
+    };
+    Ok(match format {
+        Format::Raw => Arc::new(RawDevice::new(storage)?),
+        Format::Qcow2 => Arc::new(Qcow2::open(storage, qopts)?),
+    })
+}
+
+/// Whether `path` exists (for error messages).
+pub fn exists(path: &str) -> bool {
+    Path::new(path).exists()
+}

@@ -1,0 +1,376 @@
+//! The qcow2 driver. Table of contents:
+//!
+//! | file | owns |
+//! | --- | --- |
+//! | `spec/` | on-disk codecs: header, extensions, L1/L2 entries, refcount blocks, snapshots, bitmap directory |
+//! | `mod.rs` (here) | open (header, extensions, L1, snapshots, bitmap directory), `BlockDevice` |
+//! | `tables.rs` | L2 tables through the bounded cache; the mapping of one guest range |
+//! | `refcount.rs` | refcount table and blocks (read side) |
+//! | `compress.rs` | deflate / zstd clusters |
+//!
+//! This module never opens other files: backing and data files are opened by `open.rs` under
+//! the open policy and handed in.
+
+pub mod compress;
+pub mod luks;
+pub mod refcount;
+pub mod spec;
+pub mod tables;
+
+use crate::block::{BlockDevice, FileRole, Run};
+use crate::cache::MetaCache;
+use crate::error::{Error, Result};
+use crate::io::{read_exact, Storage};
+use spec::bitmap_dir::{self, DirEntry};
+use spec::entries::EntryLayout;
+use spec::extensions::Extensions;
+use spec::header::{Header, HeaderError, RAW_HEADER_LEN};
+use spec::snapshot::{self, Snapshot};
+use std::sync::{Arc, OnceLock};
+
+/// QEMU's default maximum L2 cache (32 MiB on Linux), enough to map the whole image when smaller.
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// Tuning and mode for opening a qcow2 image.
+#[derive(Debug, Clone, Default)]
+pub struct Qcow2Options {
+    /// Bytes of L2 tables to keep in memory (`l2-cache-size`); `None` = QEMU's default.
+    pub l2_cache_size: Option<u64>,
+    /// Open for metadata queries only (`info`): encrypted images and missing data files are
+    /// tolerated; data reads are refused.
+    pub no_io: bool,
+}
+
+#[derive(Debug)]
+pub struct Qcow2 {
+    file: Arc<dyn Storage>,
+    data_file: Option<Arc<dyn Storage>>,
+    header: Header,
+    ext: Extensions,
+    layout: EntryLayout,
+    l1: Vec<u64>,
+    l2_cache: MetaCache<Vec<u64>>,
+    refblock_cache: MetaCache<Vec<u8>>,
+    reftable: OnceLock<Result<Vec<u64>, String>>,
+    file_len: u64,
+    backing_name: Option<String>,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Result<Vec<DirEntry>, String>,
+    metadata_prealloc: OnceLock<bool>,
+    no_io: bool,
+    luks: Option<luks::LuksHeader>,
+}
+
+fn read_err(what: &str, off: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(format!("Could not read {what} at {off:#x}"), e)
+}
+
+impl Qcow2 {
+    /// Open a qcow2 image on `file`. Validation follows QEMU's `qcow2_do_open`, so the first
+    /// problem reported is the one QEMU reports.
+    pub fn open(file: Arc<dyn Storage>, opts: &Qcow2Options) -> Result<Qcow2> {
+        let file_len = file
+            .len()
+            .map_err(|e| Error::io("Could not get the image length", e))?;
+        // The fixed header first: the cluster size bounds how much more to read.
+        let mut head = vec![0u8; RAW_HEADER_LEN];
+        let n = file
+            .read_at(&mut head, 0)
+            .map_err(read_err("the qcow2 header", 0))?;
+        head.truncate(n);
+        let first_cluster_len = match Header::parse(&head) {
+            Ok(h) => h.cluster_size(),
+            Err(HeaderError::UnknownIncompatible { header, .. }) => header.cluster_size(),
+            Err(HeaderError::Fatal(e)) => {
+                // A short buffer can fail on header_length; retry below with the real cluster.
+                if n >= 24 && head[..4] == spec::header::QCOW_MAGIC.to_be_bytes() {
+                    let bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+                    if (9..=21).contains(&bits) {
+                        1u64 << bits
+                    } else {
+                        return Err(e);
+                    }
+                } else {
+                    return Err(e);
+                }
+            }
+        };
+        let mut first = vec![0u8; first_cluster_len as usize];
+        let n = file
+            .read_at(&mut first, 0)
+            .map_err(read_err("the first cluster", 0))?;
+        // bytes past EOF read as zeros, as in QEMU
+        let _ = n;
+        let header_res = Header::parse(&first);
+        let header = match header_res {
+            Ok(h) => h,
+            Err(HeaderError::Fatal(e)) => return Err(e),
+            Err(HeaderError::UnknownIncompatible { header, mask }) => {
+                let ext = Extensions::parse(
+                    ext_area(&first, &header),
+                    header.cluster_size(),
+                    header.autoclear_features & spec::header::autoclear::BITMAPS != 0,
+                )
+                .unwrap_or_default();
+                return Err(Error::unsupported(ext.unsupported_features_message(mask)));
+            }
+        };
+        let cs = header.cluster_size();
+        let ext = Extensions::parse(
+            ext_area(&first, &header),
+            cs,
+            header.autoclear_features & spec::header::autoclear::BITMAPS != 0,
+        )?;
+        if header.has_data_file() && ext.data_file.is_none() && !opts.no_io {
+            return Err(Error::invalid("'data-file' is required for this image"));
+        }
+        if header.crypt_method != 0 && !opts.no_io {
+            return Err(Error::unsupported(format!(
+                "encrypted images are not supported (qcow2 crypt_method {}: {}); decrypt it with qemu-img convert first",
+                header.crypt_method,
+                if header.crypt_method == 1 { "AES" } else { "LUKS" }
+            )));
+        }
+        if header.crypt_method == spec::header::CRYPT_LUKS && ext.crypto.is_none() && !opts.no_io {
+            return Err(Error::invalid(format!(
+                "Missing CRYPTO header for crypt method {}",
+                header.crypt_method
+            )));
+        }
+        let backing_name = if header.backing_file_offset != 0 {
+            let off = header.backing_file_offset as usize;
+            let len = header.backing_file_size as usize;
+            // bounded by Header::parse: off + len <= cluster size
+            let raw = first
+                .get(off..off + len)
+                .ok_or_else(|| Error::invalid("Backing file name too long"))?;
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            Some(String::from_utf8_lossy(&raw[..end]).into_owned())
+        } else {
+            None
+        };
+
+        // L1 table (bounded to 32 MiB by the header checks)
+        let l1_bytes = header.l1_size as u64 * 8;
+        if header.l1_size > 0 && header.l1_table_offset.saturating_add(l1_bytes) > file_len {
+            return Err(Error::corrupt(format!(
+                "Active L1 table at {:#x} ({} entries) lies beyond the end of the file ({:#x})",
+                header.l1_table_offset, header.l1_size, file_len
+            )));
+        }
+        let mut raw_l1 = vec![0u8; l1_bytes as usize];
+        read_exact(&*file, &mut raw_l1, header.l1_table_offset)
+            .map_err(read_err("the L1 table", header.l1_table_offset))?;
+        let l1: Vec<u64> = raw_l1
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+
+        let snapshots = read_snapshots(&*file, &header, file_len)?;
+
+        let bitmaps = match ext.bitmaps {
+            None => Ok(Vec::new()),
+            Some(b) => load_bitmap_dir(&*file, &header, b, file_len).map_err(|e| e.to_string()),
+        };
+
+        let luks = match (header.crypt_method, ext.crypto) {
+            (spec::header::CRYPT_LUKS, Some(c)) if c.offset < file_len => {
+                let mut b = vec![0u8; luks::LUKS_HEADER_LEN];
+                read_exact(&*file, &mut b, c.offset)
+                    .ok()
+                    .and_then(|_| luks::LuksHeader::parse(&b).ok())
+            }
+            _ => None,
+        };
+        let l2_table_bytes = cs;
+        let l2_cache_bytes = opts.l2_cache_size.unwrap_or_else(|| {
+            // enough to cover the whole image, capped like QEMU
+            let tables = header.l1_entries_needed().max(1);
+            (tables * l2_table_bytes).min(DEFAULT_L2_CACHE_MAX)
+        });
+        let l2_entries = (l2_cache_bytes / l2_table_bytes).max(2) as usize;
+        let layout = EntryLayout {
+            cluster_bits: header.cluster_bits,
+            extended_l2: header.extended_l2(),
+            data_file: header.has_data_file(),
+        };
+        Ok(Qcow2 {
+            file,
+            data_file: None,
+            l2_cache: MetaCache::new(l2_entries),
+            refblock_cache: MetaCache::new((l2_entries / 4).max(4)),
+            reftable: OnceLock::new(),
+            header,
+            ext,
+            layout,
+            l1,
+            file_len,
+            backing_name,
+            snapshots,
+            bitmaps,
+            metadata_prealloc: OnceLock::new(),
+            no_io: opts.no_io,
+            luks,
+        })
+    }
+
+    /// Attach the external data file (opened by `open.rs` under the open policy).
+    pub fn set_data_file(&mut self, data: Arc<dyn Storage>) {
+        self.data_file = Some(data);
+    }
+
+    /// The LUKS header of an encrypted image (for `info`).
+    pub fn luks(&self) -> Option<&luks::LuksHeader> {
+        self.luks.as_ref()
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    pub fn backing_name(&self) -> Option<&str> {
+        self.backing_name.as_deref()
+    }
+
+    pub fn backing_format(&self) -> Option<&str> {
+        self.ext.backing_format.as_deref()
+    }
+
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.ext.data_file.as_deref()
+    }
+
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The bitmap directory, or why it could not be loaded.
+    pub fn bitmaps(&self) -> Result<&[DirEntry], &str> {
+        self.bitmaps.as_deref().map_err(|e| e.as_str())
+    }
+
+    pub fn file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn data_storage(&self) -> Result<&Arc<dyn Storage>> {
+        if self.header.has_data_file() {
+            self.data_file.as_ref().ok_or_else(|| {
+                Error::new(
+                    crate::ErrorKind::Denied,
+                    "the external data file of this image is not open",
+                )
+            })
+        } else {
+            Ok(&self.file)
+        }
+    }
+
+    fn data_role(&self) -> FileRole {
+        if self.header.has_data_file() {
+            FileRole::DataFile
+        } else {
+            FileRole::Image
+        }
+    }
+}
+
+/// Bytes of the first cluster holding header extensions.
+fn ext_area<'a>(first: &'a [u8], h: &Header) -> &'a [u8] {
+    let start = (h.header_length as usize).min(first.len());
+    let end = (h.extensions_end() as usize).clamp(start, first.len());
+    &first[start..end]
+}
+
+fn read_snapshots(file: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
+    let mut out = Vec::new();
+    let mut off = h.snapshots_offset;
+    let mut total = 0u64;
+    for i in 0..h.nb_snapshots as usize {
+        let mut head = [0u8; snapshot::ENTRY_HEADER_LEN];
+        if off.saturating_add(head.len() as u64) > file_len {
+            return Err(Error::invalid(format!(
+                "Snapshot table entry {i} lies beyond the end of the file"
+            )));
+        }
+        read_exact(file, &mut head, off).map_err(read_err("the snapshot table", off))?;
+        let len = snapshot::entry_len(&head, i)?;
+        total += len as u64;
+        // QCOW_MAX_SNAPSHOTS_SIZE
+        if total > 1024 * spec::limits::MAX_SNAPSHOTS {
+            return Err(Error::invalid("Snapshot table exceeds the maximum size"));
+        }
+        let mut buf = vec![0u8; len];
+        read_exact(file, &mut buf, off).map_err(read_err("the snapshot table", off))?;
+        out.push(snapshot::parse_entry(&buf, h.version, i)?);
+        off += len as u64;
+    }
+    Ok(out)
+}
+
+fn load_bitmap_dir(
+    file: &dyn Storage,
+    h: &Header,
+    b: spec::extensions::BitmapsExt,
+    file_len: u64,
+) -> Result<Vec<DirEntry>> {
+    if b.directory_size == 0 {
+        return Err(Error::invalid("Requested bitmap directory size is zero"));
+    }
+    if b.directory_offset.saturating_add(b.directory_size) > file_len {
+        return Err(Error::corrupt(
+            "bitmap directory lies beyond the end of the file",
+        ));
+    }
+    let mut dir = vec![0u8; b.directory_size as usize];
+    read_exact(file, &mut dir, b.directory_offset)
+        .map_err(read_err("the bitmap directory", b.directory_offset))?;
+    bitmap_dir::parse(&dir, b.nb_bitmaps, h.cluster_size(), h.size)
+}
+
+impl BlockDevice for Qcow2 {
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    fn map(&self, off: u64, len: u64) -> Result<Run> {
+        if self.no_io {
+            return Err(Error::new(
+                crate::ErrorKind::Denied,
+                "image opened for metadata only",
+            ));
+        }
+        tables::map(self, off, len)
+    }
+
+    fn storage(&self, role: FileRole) -> Option<&Arc<dyn Storage>> {
+        match role {
+            FileRole::Image => Some(&self.file),
+            FileRole::DataFile => self.data_file.as_ref(),
+        }
+    }
+
+    fn read_compressed(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        tables::read_compressed(self, off, buf)
+    }
+}

@@ -1,0 +1,88 @@
+//! Refcount table and refcount blocks (read side).
+
+use super::spec::entries::REFT_OFFSET_MASK;
+use super::spec::refblock;
+use super::Qcow2;
+use crate::error::{Error, Result};
+use crate::io::read_exact_or_zero;
+
+impl Qcow2 {
+    /// The refcount table (loaded once; at most 8 MiB by the header checks).
+    pub fn reftable(&self) -> Result<&[u64]> {
+        let r = self.reftable.get_or_init(|| {
+            let h = &self.header;
+            let bytes = u64::from(h.refcount_table_clusters) * h.cluster_size();
+            let mut raw = vec![0u8; bytes as usize];
+            read_exact_or_zero(&**self.file(), &mut raw, h.refcount_table_offset)
+                .map_err(|e| format!("Could not read the refcount table: {e}"))?;
+            Ok(raw
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    u64::from_be_bytes(a)
+                })
+                .collect())
+        });
+        r.as_deref().map_err(|e| Error::corrupt(e.clone()))
+    }
+
+    /// Refcount of host cluster `index`.
+    pub fn refcount(&self, index: u64) -> Result<u64> {
+        let h = &self.header;
+        let per_block = h.cluster_size() * 8 / u64::from(h.refcount_bits());
+        let t = self.reftable()?;
+        let Some(&rte) = usize::try_from(index / per_block)
+            .ok()
+            .and_then(|i| t.get(i))
+        else {
+            return Ok(0);
+        };
+        let block_off = rte & REFT_OFFSET_MASK;
+        if block_off == 0 {
+            return Ok(0);
+        }
+        if block_off & (h.cluster_size() - 1) != 0 {
+            return Err(Error::corrupt(format!(
+                "Refblock offset {block_off:#x} unaligned (reftable index: {:#x})",
+                index / per_block
+            )));
+        }
+        let block = self.refblock_cache.get_or_load(block_off, || {
+            let mut raw = vec![0u8; h.cluster_size() as usize];
+            read_exact_or_zero(&**self.file(), &mut raw, block_off).map_err(|e| {
+                Error::io(
+                    format!("Could not read refcount block at {block_off:#x}"),
+                    e,
+                )
+            })?;
+            Ok::<_, Error>(raw)
+        })?;
+        refblock::get(&block, h.refcount_order, index % per_block)
+            .ok_or_else(|| Error::corrupt("refcount index outside its block"))
+    }
+}
+
+/// qcow2-refcount.c `qcow2_detect_metadata_preallocation`.
+pub(crate) fn detect_metadata_preallocation(q: &Qcow2) -> Result<bool> {
+    let cs = q.cluster_size();
+    let file_length = q
+        .file()
+        .len()
+        .map_err(|e| Error::io("Could not get file length", e))?;
+    let file_length = crate::units::align_up(file_length, 512).unwrap_or(file_length);
+    let real_allocation = q
+        .file()
+        .allocated_size()
+        .map_err(|e| Error::io("Could not get allocated size", e))?;
+    let real_clusters = real_allocation / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end_cluster = file_length.div_ceil(cs);
+    let mut count = 0u64;
+    let mut i = 0u64;
+    while i < end_cluster && count < threshold {
+        count += u64::from(q.refcount(i)? != 0);
+        i += 1;
+    }
+    Ok(count >= threshold)
+}

@@ -1,0 +1,237 @@
+//! qcow2 spec, "Header extensions": typed parsing of the extension area of the first cluster.
+
+use super::limits::*;
+use crate::error::{Error, Result};
+
+/// qcow2 spec, "Header extensions": end of the extension area.
+pub const EXT_END: u32 = 0x0000_0000;
+/// qcow2 spec, "Header extensions": backing file format name string.
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// qcow2 spec, "Header extensions": feature name table.
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// qcow2 spec, "Header extensions": bitmaps extension.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// qcow2 spec, "Header extensions": full disk encryption header pointer.
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// qcow2 spec, "Header extensions": external data file name string.
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// One entry of the feature name table (qcow2 spec, "Feature name table").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: String,
+}
+
+/// qcow2 spec, "Bitmaps extension".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+/// qcow2 spec, "Full disk encryption header pointer".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CryptoExt {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// Everything the extension area holds.
+#[derive(Debug, Clone, Default)]
+pub struct Extensions {
+    pub backing_format: Option<String>,
+    pub feature_table: Vec<FeatureName>,
+    pub bitmaps: Option<BitmapsExt>,
+    pub crypto: Option<CryptoExt>,
+    pub data_file: Option<String>,
+    /// Extensions of unknown type, kept verbatim for header rewrites: (type, data).
+    pub unknown: Vec<(u32, Vec<u8>)>,
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// Strings in extensions are not NUL-terminated; a NUL ends them early (as C code reads them).
+fn ext_string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+impl Extensions {
+    /// Parse the extension area `area` (the bytes of the first cluster from `start` to `end`).
+    /// `cluster_size` validates the bitmap directory offset; `autoclear_bitmaps` tells whether
+    /// the bitmaps extension is to be trusted (QEMU skips its validation when the bit is clear).
+    pub fn parse(area: &[u8], cluster_size: u64, autoclear_bitmaps: bool) -> Result<Extensions> {
+        let mut ext = Extensions::default();
+        let mut off = 0usize;
+        let end = area.len();
+        while off < end {
+            if end - off < 8 {
+                return Err(Error::invalid("Header extension too large"));
+            }
+            let magic = be32(&area[off..]);
+            let len = be32(&area[off + 4..]) as usize;
+            off += 8;
+            if len > end - off {
+                return Err(Error::invalid("Header extension too large"));
+            }
+            let data = &area[off..off + len];
+            match magic {
+                EXT_END => return Ok(ext),
+                EXT_BACKING_FORMAT => {
+                    if len >= 16 {
+                        return Err(Error::invalid(format!(
+                            "ERROR: ext_backing_format: len={len} too large (>=16)"
+                        )));
+                    }
+                    ext.backing_format = Some(ext_string(data));
+                }
+                EXT_FEATURE_TABLE => {
+                    ext.feature_table = data
+                        .chunks_exact(48)
+                        .map(|e| FeatureName {
+                            kind: e[0],
+                            bit: e[1],
+                            name: ext_string(&e[2..48]),
+                        })
+                        .collect();
+                }
+                EXT_CRYPTO => {
+                    if len != 16 {
+                        return Err(Error::invalid(format!(
+                            "CRYPTO header extension size {len}, but expected size 16"
+                        )));
+                    }
+                    let offset = be64(data);
+                    if !offset.is_multiple_of(cluster_size) {
+                        return Err(Error::invalid(format!(
+                            "Encryption header offset '{offset}' is not a multiple of cluster size '{cluster_size}'"
+                        )));
+                    }
+                    ext.crypto = Some(CryptoExt {
+                        offset,
+                        length: be64(&data[8..]),
+                    });
+                }
+                EXT_BITMAPS => {
+                    if len != 24 {
+                        return Err(Error::invalid("bitmaps_ext: Invalid extension length"));
+                    }
+                    if autoclear_bitmaps {
+                        if be32(&data[4..]) != 0 {
+                            return Err(Error::invalid("bitmaps_ext: Reserved field is not zero"));
+                        }
+                        let b = BitmapsExt {
+                            nb_bitmaps: be32(data),
+                            directory_size: be64(&data[8..]),
+                            directory_offset: be64(&data[16..]),
+                        };
+                        if b.nb_bitmaps > MAX_BITMAPS {
+                            return Err(Error::invalid(format!(
+                                "bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}",
+                                b.nb_bitmaps
+                            )));
+                        }
+                        if b.nb_bitmaps == 0 {
+                            return Err(Error::invalid(
+                                "found bitmaps extension with zero bitmaps",
+                            ));
+                        }
+                        if !b.directory_offset.is_multiple_of(cluster_size) {
+                            return Err(Error::invalid(
+                                "bitmaps_ext: invalid bitmap directory offset",
+                            ));
+                        }
+                        if b.directory_size > MAX_BITMAP_DIRECTORY_SIZE {
+                            return Err(Error::invalid(format!(
+                                "bitmaps_ext: bitmap directory size ({}) exceeds the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})",
+                                b.directory_size
+                            )));
+                        }
+                        ext.bitmaps = Some(b);
+                    }
+                }
+                EXT_DATA_FILE => ext.data_file = Some(ext_string(data)),
+                other => ext.unknown.push((other, data.to_vec())),
+            }
+            off += len.div_ceil(8) * 8;
+        }
+        Ok(ext)
+    }
+
+    /// QEMU's `report_unsupported_feature` message for unknown incompatible bits.
+    pub fn unsupported_features_message(&self, mut mask: u64) -> String {
+        let mut parts = Vec::new();
+        for f in &self.feature_table {
+            if f.name.is_empty() {
+                break;
+            }
+            if f.kind == 0 && f.bit < 64 && mask & (1u64 << f.bit) != 0 {
+                parts.push(f.name.clone());
+                mask &= !(1u64 << f.bit);
+            }
+        }
+        if mask != 0 {
+            parts.push(format!("Unknown incompatible feature: {mask:x}"));
+        }
+        format!("Unsupported qcow2 feature(s): {}", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(magic: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = magic.to_be_bytes().to_vec();
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        while !v.len().is_multiple_of(8) {
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn parses_backing_format_and_keeps_unknown_extensions() {
+        let mut area = ext(EXT_BACKING_FORMAT, b"raw");
+        area.extend(ext(0x1234_5678, b"abc"));
+        area.extend(ext(EXT_END, b""));
+        let e = Extensions::parse(&area, 65536, true).unwrap();
+        assert_eq!(e.backing_format.as_deref(), Some("raw"));
+        assert_eq!(e.unknown, vec![(0x1234_5678, b"abc".to_vec())]);
+    }
+
+    #[test]
+    fn extension_running_past_the_area_is_refused() {
+        let mut area = 0x1234_5678u32.to_be_bytes().to_vec();
+        area.extend_from_slice(&1000u32.to_be_bytes());
+        area.extend_from_slice(&[0; 16]);
+        let e = Extensions::parse(&area, 65536, true).unwrap_err();
+        assert_eq!(e.message(), "Header extension too large");
+    }
+
+    #[test]
+    fn feature_table_names_unknown_bits() {
+        let mut entry = vec![0u8, 40];
+        let mut name = b"shiny".to_vec();
+        name.resize(46, 0);
+        entry.extend(name);
+        let area = ext(EXT_FEATURE_TABLE, &entry);
+        let e = Extensions::parse(&area, 65536, true).unwrap();
+        assert_eq!(
+            e.unsupported_features_message((1 << 40) | (1 << 41)),
+            "Unsupported qcow2 feature(s): shiny, Unknown incompatible feature: 20000000000"
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! L2 tables through the bounded cache, and the mapping of one guest range (QEMU's
+//! `qcow2_get_host_offset` + `qcow2_co_block_status`).
+
+use super::compress;
+use super::refcount;
+use super::spec::entries::{SubclusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK};
+use super::Qcow2;
+use crate::block::{Mapping, Run};
+use crate::error::{Error, Result};
+use crate::io::{read_exact_or_zero, Extent};
+use std::sync::Arc;
+
+/// Load (through the cache) the L2 table at host offset `l2_off`, decoded to native u64s.
+pub(crate) fn load_l2(q: &Qcow2, l2_off: u64) -> Result<Arc<Vec<u64>>> {
+    q.l2_cache.get_or_load(l2_off, || {
+        let cs = q.cluster_size() as usize;
+        let mut raw = vec![0u8; cs];
+        read_exact_or_zero(&**q.file(), &mut raw, l2_off)
+            .map_err(|e| Error::io(format!("Could not read L2 table at {l2_off:#x}"), e))?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect())
+    })
+}
+
+/// Locate the L2 table for `off`: `Ok(None)` when the L1 entry is empty.
+fn l2_for(q: &Qcow2, off: u64) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
+    let l1_idx = off / q.header.l2_coverage();
+    let Some(&l1e) = usize::try_from(l1_idx).ok().and_then(|i| q.l1.get(i)) else {
+        return Ok(None);
+    };
+    let l2_off = l1e & L1E_OFFSET_MASK;
+    if l2_off == 0 {
+        return Ok(None);
+    }
+    if l2_off & (q.cluster_size() - 1) != 0 {
+        return Err(Error::corrupt(format!(
+            "L2 table offset {l2_off:#x} unaligned (L1 index: {l1_idx:#x})"
+        )));
+    }
+    if l2_off >= q.file_len {
+        return Err(Error::corrupt(format!(
+            "L2 table offset {l2_off:#x} beyond the end of the file (L1 index: {l1_idx:#x})"
+        )));
+    }
+    Ok(Some((l2_off, load_l2(q, l2_off)?)))
+}
+
+/// Map the range at `off` (`off < size`), at most `len` bytes, within one L2 table.
+pub(crate) fn map(q: &Qcow2, off: u64, len: u64) -> Result<Run> {
+    let h = &q.header;
+    let cs = h.cluster_size();
+    let cb = h.cluster_bits;
+    let cov = h.l2_coverage();
+    let size = h.size;
+    let table_end = (off / cov + 1).saturating_mul(cov);
+    let end = off.saturating_add(len).min(table_end).min(size);
+    if end <= off {
+        return Err(Error::new(
+            crate::ErrorKind::OutOfRange,
+            format!("map request at {off:#x} beyond the end of the image"),
+        ));
+    }
+    let Some((l2_off, table)) = l2_for(q, off)? else {
+        return Ok(Run {
+            len: end - off,
+            mapping: Mapping::Backing {
+                file: q.data_role(),
+                host: None,
+            },
+        });
+    };
+    let ext = h.extended_l2();
+    let spc: u64 = if ext { 32 } else { 1 };
+    let sc_size = cs / spc;
+    let width = if ext { 2 } else { 1 };
+    let l2_entries = h.l2_entries();
+    let entry_at = |idx: u64| -> (u64, u64) {
+        let i = (idx * width) as usize;
+        let e = table.get(i).copied().unwrap_or(0);
+        let b = if ext {
+            table.get(i + 1).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        (e, b)
+    };
+
+    let first_l2_idx = (off >> cb) % l2_entries;
+    let first_sc = ((off & (cs - 1)) / sc_size) as u32;
+    let (e0, b0) = entry_at(first_l2_idx);
+    let ty = q.layout.classify(e0, b0, first_sc);
+    let guest_cluster = off & !(cs - 1);
+    let host_cluster = e0 & L2E_OFFSET_MASK;
+    match ty {
+        SubclusterType::Invalid => {
+            return Err(Error::corrupt(format!(
+                "Invalid cluster entry found (L2 offset: {l2_off:#x}, L2 index: {first_l2_idx:#x})"
+            )))
+        }
+        t if t.has_host_offset() => {
+            if host_cluster & (cs - 1) != 0 {
+                return Err(Error::corrupt(format!(
+                    "Cluster allocation offset {host_cluster:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {first_l2_idx:#x})"
+                )));
+            }
+            if h.has_data_file() && host_cluster != guest_cluster {
+                return Err(Error::corrupt(format!(
+                    "External data file host cluster offset {host_cluster:#x} does not match guest cluster offset: {guest_cluster:#x}, L2 index: {first_l2_idx:#x})"
+                )));
+            }
+            if t == SubclusterType::Normal && !h.has_data_file() && host_cluster >= q.file_len {
+                return Err(Error::corrupt(format!(
+                    "Cluster allocation offset {host_cluster:#x} beyond the end of the file (L2 offset: {l2_off:#x}, L2 index: {first_l2_idx:#x})"
+                )));
+            }
+        }
+        _ => {}
+    }
+
+    // Extend the run over following subclusters of the same type (and contiguous host clusters
+    // for types with a host offset); compressed runs stop at the cluster end.
+    let run_end = if ty == SubclusterType::Compressed {
+        (guest_cluster + cs).min(end)
+    } else {
+        let mut pos = guest_cluster + (first_sc as u64 + 1) * sc_size;
+        let mut idx = first_l2_idx;
+        let mut sc = first_sc + 1;
+        'outer: while pos < end {
+            if sc as u64 == spc {
+                idx += 1;
+                sc = 0;
+                if idx >= l2_entries {
+                    break;
+                }
+            }
+            let (e, b) = entry_at(idx);
+            if ty.has_host_offset() {
+                let expect = host_cluster + (idx - first_l2_idx) * cs;
+                if e & L2E_OFFSET_MASK != expect {
+                    break 'outer;
+                }
+            }
+            if q.layout.classify(e, b, sc) != ty {
+                break;
+            }
+            pos += sc_size;
+            sc += 1;
+        }
+        pos.min(end)
+    };
+    let mut run_len = run_end - off;
+    let in_cluster = off & (cs - 1);
+    let role = q.data_role();
+    let mapping = match ty {
+        SubclusterType::Normal => {
+            let host = if h.has_data_file() && e0 & L2E_OFFSET_MASK == 0 {
+                guest_cluster + in_cluster
+            } else {
+                host_cluster + in_cluster
+            };
+            let mut zero = false;
+            if q.metadata_preallocation() {
+                // QEMU recurses into the host file for preallocated images (BDRV_BLOCK_RECURSE)
+                let st = q.data_storage()?;
+                let flen = st
+                    .len()
+                    .map_err(|e| Error::io("Could not get file length", e))?;
+                if host >= flen {
+                    zero = true;
+                } else {
+                    match st.extent_at(host) {
+                        Ok(Some(Extent::Hole(n))) => {
+                            zero = true;
+                            if host.saturating_add(n) < flen || n > run_len {
+                                run_len = run_len.min(n.max(1));
+                            }
+                        }
+                        Ok(Some(Extent::Data(n))) => run_len = run_len.min(n.max(1)),
+                        _ => {}
+                    }
+                }
+            }
+            Mapping::Data {
+                file: role,
+                host,
+                zero,
+            }
+        }
+        SubclusterType::ZeroAlloc => Mapping::Zero {
+            file: role,
+            host: Some(host_cluster + in_cluster),
+        },
+        SubclusterType::ZeroPlain => Mapping::Zero {
+            file: role,
+            host: None,
+        },
+        SubclusterType::UnallocatedAlloc => Mapping::Backing {
+            file: role,
+            host: Some(host_cluster + in_cluster),
+        },
+        SubclusterType::UnallocatedPlain => Mapping::Backing {
+            file: role,
+            host: None,
+        },
+        SubclusterType::Compressed => Mapping::Compressed,
+        SubclusterType::Invalid => unreachable_invalid()?,
+    };
+    Ok(Run {
+        len: run_len,
+        mapping,
+    })
+}
+
+fn unreachable_invalid() -> Result<Mapping> {
+    Err(Error::corrupt("Invalid cluster entry found"))
+}
+
+/// Read guest bytes of a compressed cluster.
+pub(crate) fn read_compressed(q: &Qcow2, off: u64, buf: &mut [u8]) -> Result<()> {
+    let cs = q.cluster_size();
+    let in_cluster = (off & (cs - 1)) as usize;
+    if in_cluster + buf.len() > cs as usize {
+        return Err(Error::new(
+            crate::ErrorKind::InvalidArgument,
+            "compressed read crosses a cluster boundary",
+        ));
+    }
+    let Some((l2_off, table)) = l2_for(q, off)? else {
+        return Err(Error::corrupt("compressed read of an unallocated cluster"));
+    };
+    let width = if q.header.extended_l2() { 2 } else { 1 };
+    let idx = (off >> q.header.cluster_bits) % q.header.l2_entries();
+    let e = table.get((idx * width) as usize).copied().unwrap_or(0);
+    if q.layout.classify(e, 0, 0) != SubclusterType::Compressed {
+        return Err(Error::corrupt(format!(
+            "cluster at guest offset {off:#x} changed while reading (L2 offset {l2_off:#x})"
+        )));
+    }
+    let desc = q.layout.compressed(e);
+    if desc.host >= q.file_len {
+        return Err(Error::corrupt(format!(
+            "Compressed cluster at host offset {:#x} lies beyond the end of the file (L2 offset: {l2_off:#x}, L2 index: {idx:#x})",
+            desc.host
+        )));
+    }
+    // Data may end at EOF in the middle of a cluster; read what is there.
+    let avail = (q.file_len - desc.host).min(desc.len) as usize;
+    let mut input = vec![0u8; avail];
+    read_exact_or_zero(&**q.file(), &mut input, desc.host).map_err(|e| {
+        Error::io(
+            format!("Could not read compressed cluster at {:#x}", desc.host),
+            e,
+        )
+    })?;
+    let mut out = vec![0u8; cs as usize];
+    compress::decompress(q.header.compression_type, &input, &mut out).map_err(|e| {
+        Error::corrupt(format!(
+            "{} (guest offset {:#x}, host offset {:#x})",
+            e.message(),
+            off & !(cs - 1),
+            desc.host
+        ))
+    })?;
+    buf.copy_from_slice(&out[in_cluster..in_cluster + buf.len()]);
+    Ok(())
+}
+
+impl Qcow2 {
+    /// QEMU's `qcow2_detect_metadata_preallocation`: does the image file refcount (almost) all
+    /// of its allocated clusters, i.e. was it preallocated? Decides whether block status looks
+    /// into the host file for holes inside data clusters.
+    pub fn metadata_preallocation(&self) -> bool {
+        *self
+            .metadata_prealloc
+            .get_or_init(|| refcount::detect_metadata_preallocation(self).unwrap_or(false))
+    }
+}
