@@ -209,7 +209,11 @@ fn open_layer(
     };
     match format {
         Format::Raw => {
-            let dev = Arc::new(RawDevice::new(storage.clone())?);
+            let dev = Arc::new(if opts.writable && top {
+                RawDevice::new_writable(storage.clone())?
+            } else {
+                RawDevice::new(storage.clone())?
+            });
             Ok(OpenedLayer {
                 filename: filename.to_string(),
                 format,
@@ -224,6 +228,11 @@ fn open_layer(
         Format::Qcow2 => {
             let qopts = Qcow2Options {
                 no_io: opts.no_io,
+                access: if opts.writable && top {
+                    crate::block::Access::ReadWrite
+                } else {
+                    crate::block::Access::ReadOnly
+                },
                 ..opts.qcow2.clone()
             };
             let mut q = Qcow2::open(storage.clone(), &qopts)
@@ -330,6 +339,9 @@ pub fn open_storage_image(
         None => probe(&*storage)?,
     };
     Ok(match format {
+        Format::Raw if qopts.access == crate::block::Access::ReadWrite => {
+            Arc::new(RawDevice::new_writable(storage)?)
+        }
         Format::Raw => Arc::new(RawDevice::new(storage)?),
         Format::Qcow2 => Arc::new(Qcow2::open(storage, qopts)?),
     })

@@ -4,7 +4,7 @@
 //! depth that `qemu:allocation-depth` exports; 0 means no layer holds the range). `read` plans a
 //! guest read from resolved runs; `map_entry` reproduces `qemu-img map`'s per-range answer.
 
-use super::{BlockDevice, FileRole, Mapping};
+use super::{Access, BlockDevice, CowSource, FileRole, Mapping, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact_or_zero;
 use std::sync::Arc;
@@ -113,8 +113,71 @@ impl Chain {
     /// Resolve the range at `off` (at most `len` bytes, `len > 0`) through the chain.
     pub fn resolve(&self, off: u64, len: u64) -> Result<Resolved> {
         self.check_range(off, len)?;
+        resolve_in(&self.layers, off, len)
+    }
+
+    /// Read guest bytes.
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        read_in(&self.layers, off, buf)
+    }
+
+    /// Whether the top layer accepts writes.
+    pub fn access(&self) -> Access {
+        self.layers[0].access()
+    }
+
+    /// Write guest bytes to the top layer (copy-on-write from the layers below).
+    pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.layers[0].write(off, buf, &Below(&self.layers[1..]), fua)
+    }
+
+    /// Make a range read as zeros.
+    pub fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.check_range(off, len)?;
+        self.layers[0].write_zeroes(off, len, mode, &Below(&self.layers[1..]))
+    }
+
+    /// Release a range (advisory).
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        self.layers[0].discard(off, len, &Below(&self.layers[1..]))
+    }
+
+    /// Make completed writes durable.
+    pub fn flush(&self) -> Result<()> {
+        self.layers[0].flush()
+    }
+}
+
+/// The layers below the top: the copy-on-write source.
+struct Below<'a>(&'a [Arc<dyn BlockDevice>]);
+
+impl CowSource for Below<'_> {
+    fn has_backing(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        if self.0.is_empty() {
+            buf.fill(0);
+            return Ok(());
+        }
+        read_in(self.0, off, buf)
+    }
+}
+
+fn no_layer() -> Error {
+    Error::new(ErrorKind::Corrupt, "a run maps to no layer")
+}
+
+/// Resolve through `layers` (the first is the top). Offsets beyond the top's size are the
+/// caller's to refuse; beyond a shorter lower layer they read as zeros.
+fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Resolved> {
+    {
         let mut len = len;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in layers.iter().enumerate() {
             let size = layer.size();
             if off >= size {
                 // beyond the end of a (shorter) backing file: zeros, owned by no layer
@@ -148,28 +211,25 @@ impl Chain {
             depth: 0,
         })
     }
+}
 
-    /// The layer a resolved range came from.
-    fn layer_at(&self, depth: usize) -> Option<&Arc<dyn BlockDevice>> {
-        depth.checked_sub(1).and_then(|i| self.layers.get(i))
-    }
-
-    /// Read guest bytes.
-    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range(off, buf.len() as u64)?;
+/// Read guest bytes through `layers`. Every layer is pinned for the whole read, so no host
+/// cluster it maps can be freed and reused under us.
+fn read_in(layers: &[Arc<dyn BlockDevice>], off: u64, buf: &mut [u8]) -> Result<()> {
+    let _pins: Vec<_> = layers.iter().map(|l| l.pin()).collect();
+    let layer_at = |depth: usize| depth.checked_sub(1).and_then(|i| layers.get(i));
+    {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
-            let r = self.resolve(pos, (buf.len() - done) as u64)?;
+            let r = resolve_in(layers, pos, (buf.len() - done) as u64)?;
             let n = usize::try_from(r.len)
                 .unwrap_or(usize::MAX)
                 .min(buf.len() - done);
             let dst = &mut buf[done..done + n];
             match r.mapping {
                 Mapping::Data { file, host, .. } => {
-                    let layer = self.layer_at(r.depth).ok_or_else(|| {
-                        Error::new(ErrorKind::Corrupt, "data run without a layer")
-                    })?;
+                    let layer = layer_at(r.depth).ok_or_else(no_layer)?;
                     let st = layer.storage(file).ok_or_else(|| {
                         Error::new(ErrorKind::Corrupt, "data run in a missing data file")
                     })?;
@@ -181,9 +241,7 @@ impl Chain {
                     })?;
                 }
                 Mapping::Compressed => {
-                    let layer = self.layer_at(r.depth).ok_or_else(|| {
-                        Error::new(ErrorKind::Corrupt, "compressed run without a layer")
-                    })?;
+                    let layer = layer_at(r.depth).ok_or_else(no_layer)?;
                     layer.read_compressed(pos, dst)?;
                 }
                 Mapping::Zero { .. } | Mapping::Backing { .. } => dst.fill(0),
@@ -192,12 +250,13 @@ impl Chain {
         }
         Ok(())
     }
+}
 
+impl Chain {
     /// `qemu-img map`'s answer for the range at `off` (qemu-img.c `get_block_status`).
     pub fn map_entry(&self, off: u64, len: u64) -> Result<MapEntry> {
         self.check_range(off, len)?;
         let mut len = len;
-        let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             let run = layer.map(off, len.min(layer.size().saturating_sub(off)).max(1))?;
             len = run.len.clamp(1, len);
@@ -227,7 +286,6 @@ impl Chain {
                             return Ok(entry(false, zero, false, false, host));
                         }
                         Some(true) => return Ok(entry(false, true, false, false, host)),
-                        Some(false) if i == last => unreachable!(),
                         Some(false) => {}
                     }
                 }

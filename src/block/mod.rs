@@ -64,6 +64,54 @@ pub struct Run {
     pub mapping: Mapping,
 }
 
+/// Whether a device accepts writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    #[default]
+    ReadOnly,
+    ReadWrite,
+}
+
+/// How write-zeroes may leave the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// Host space may be released (NBD WRITE_ZEROES without NO_HOLE).
+    MayUnmap,
+    /// Keep host allocation where there is one (NBD NO_HOLE).
+    KeepAllocated,
+}
+
+/// Held by a reader from mapping to the end of its data I/O (see `BlockDevice::pin`).
+pub type ReadPin<'a> = Option<std::sync::RwLockReadGuard<'a, ()>>;
+
+/// What lies below a layer: the source of copy-on-write data.
+pub trait CowSource {
+    /// Whether there is anything below (a backing file).
+    fn has_backing(&self) -> bool;
+    /// Read guest bytes as seen below the layer (zeros where nothing is below).
+    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// No backing file.
+pub struct NoBacking;
+
+impl CowSource for NoBacking {
+    fn has_backing(&self) -> bool {
+        false
+    }
+    fn read_below(&self, _off: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+fn read_only_error() -> crate::error::Error {
+    crate::error::Error::new(
+        crate::error::ErrorKind::Denied,
+        "the image is opened read-only",
+    )
+}
+
 /// One layer of an image chain (a qcow2 image, a raw file, ...).
 pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Guest-visible size in bytes.
@@ -86,4 +134,43 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Read `buf.len()` guest bytes at `off` from a range that `map` reported as `Compressed`
     /// (the range stays inside one cluster).
     fn read_compressed(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Keep host clusters mapped by this layer from being reused until the pin is dropped.
+    fn pin(&self) -> ReadPin<'_> {
+        None
+    }
+
+    fn access(&self) -> Access {
+        Access::ReadOnly
+    }
+
+    /// Write guest bytes; partial clusters are completed from `below`.
+    fn write(&self, off: u64, buf: &[u8], below: &dyn CowSource, fua: bool) -> Result<()> {
+        let _ = (off, buf, below, fua);
+        Err(read_only_error())
+    }
+
+    /// Make the range read as zeros.
+    fn write_zeroes(
+        &self,
+        off: u64,
+        len: u64,
+        mode: ZeroMode,
+        below: &dyn CowSource,
+    ) -> Result<()> {
+        let _ = (off, len, mode, below);
+        Err(read_only_error())
+    }
+
+    /// Release the range (advisory; may read back as zeros or, in formats without zero clusters,
+    /// as the backing file).
+    fn discard(&self, off: u64, len: u64, below: &dyn CowSource) -> Result<()> {
+        let _ = (off, len, below);
+        Err(read_only_error())
+    }
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }

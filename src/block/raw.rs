@@ -1,7 +1,7 @@
 //! Raw images: guest offset = host offset. Holes of a sparse host file are reported the way
 //! QEMU's file driver reports them (SEEK_DATA / SEEK_HOLE), as zero ranges owned by this layer.
 
-use super::{BlockDevice, FileRole, Mapping, Run};
+use super::{Access, BlockDevice, CowSource, FileRole, Mapping, Run, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Extent, Storage};
 use std::sync::Arc;
@@ -10,16 +10,44 @@ use std::sync::Arc;
 pub struct RawDevice {
     storage: Arc<dyn Storage>,
     size: u64,
+    access: Access,
 }
 
 impl RawDevice {
+    /// A writable raw device.
+    pub fn new_writable(storage: Arc<dyn Storage>) -> Result<RawDevice> {
+        let mut d = RawDevice::new(storage)?;
+        d.access = Access::ReadWrite;
+        Ok(d)
+    }
+
+    fn check_writable(&self, off: u64, len: u64) -> Result<()> {
+        if self.access != Access::ReadWrite {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                "the image is opened read-only",
+            ));
+        }
+        match off.checked_add(len) {
+            Some(e) if e <= self.size => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                "write beyond the end of the image",
+            )),
+        }
+    }
+
     pub fn new(storage: Arc<dyn Storage>) -> Result<RawDevice> {
         let size = storage
             .len()
             .map_err(|e| Error::io("Could not get the image length", e))?;
         // QEMU sizes block nodes in whole 512-byte sectors; the tail reads as zeros.
         let size = crate::units::align_up(size, 512).unwrap_or(size);
-        Ok(RawDevice { storage, size })
+        Ok(RawDevice {
+            storage,
+            size,
+            access: Access::ReadOnly,
+        })
     }
 }
 
@@ -89,5 +117,59 @@ impl BlockDevice for RawDevice {
             ErrorKind::InvalidArgument,
             "raw images have no compressed clusters",
         ))
+    }
+
+    fn access(&self) -> Access {
+        self.access
+    }
+
+    fn write(&self, off: u64, buf: &[u8], _below: &dyn CowSource, fua: bool) -> Result<()> {
+        self.check_writable(off, buf.len() as u64)?;
+        // the last partial sector lies beyond the file: write only what the file holds
+        let flen = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("Could not get the image length", e))?;
+        let n = (flen.saturating_sub(off)).min(buf.len() as u64) as usize;
+        self.storage
+            .write_at(&buf[..n], off)
+            .map_err(|e| Error::io(format!("Could not write at {off:#x}"), e))?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(
+        &self,
+        off: u64,
+        len: u64,
+        _mode: ZeroMode,
+        below: &dyn CowSource,
+    ) -> Result<()> {
+        self.check_writable(off, len)?;
+        let chunk = 1u64 << 20;
+        let zeros = vec![0u8; chunk.min(len) as usize];
+        let mut pos = off;
+        while pos < off + len {
+            let n = chunk.min(off + len - pos);
+            self.write(pos, &zeros[..n as usize], below, false)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, off: u64, len: u64, _below: &dyn CowSource) -> Result<()> {
+        // advisory: nothing to release without hole punching support in the storage layer
+        self.check_writable(off, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.access == Access::ReadWrite {
+            self.storage
+                .sync()
+                .map_err(|e| Error::io("Could not flush the image", e))?;
+        }
+        Ok(())
     }
 }

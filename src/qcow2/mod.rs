@@ -11,6 +11,7 @@
 //! This module never opens other files: backing and data files are opened by `open.rs` under
 //! the open policy and handed in.
 
+pub mod alloc;
 pub mod compress;
 pub mod luks;
 pub mod refcount;
@@ -26,7 +27,8 @@ use spec::entries::EntryLayout;
 use spec::extensions::Extensions;
 use spec::header::{Header, HeaderError, RAW_HEADER_LEN};
 use spec::snapshot::{self, Snapshot};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// QEMU's default maximum L2 cache (32 MiB on Linux), enough to map the whole image when smaller.
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -39,6 +41,8 @@ pub struct Qcow2Options {
     /// Open for metadata queries only (`info`): encrypted images and missing data files are
     /// tolerated; data reads are refused.
     pub no_io: bool,
+    /// Read-only or read-write.
+    pub access: crate::block::Access,
 }
 
 #[derive(Debug)]
@@ -48,11 +52,15 @@ pub struct Qcow2 {
     header: Header,
     ext: Extensions,
     layout: EntryLayout,
-    l1: Vec<u64>,
+    /// Metadata that writes change (L1, dirty tables, refcounts, sizes); see `alloc.rs`.
+    meta: RwLock<alloc::Meta>,
+    /// Held shared by reads from mapping to the end of their data I/O; taken exclusively before
+    /// freed clusters become reusable, so a freed cluster never changes under a reader.
+    io_barrier: RwLock<()>,
+    size: AtomicU64,
     l2_cache: MetaCache<Vec<u64>>,
     refblock_cache: MetaCache<Vec<u8>>,
-    reftable: OnceLock<Result<Vec<u64>, String>>,
-    file_len: u64,
+    access: crate::block::Access,
     backing_name: Option<String>,
     snapshots: Vec<Snapshot>,
     bitmaps: Result<Vec<DirEntry>, String>,
@@ -194,17 +202,37 @@ impl Qcow2 {
             extended_l2: header.extended_l2(),
             data_file: header.has_data_file(),
         };
+        if opts.access == crate::block::Access::ReadWrite && !opts.no_io {
+            if header.is_corrupt() {
+                return Err(Error::new(
+                    crate::ErrorKind::Denied,
+                    "qcow2: Image is corrupt; cannot be opened read/write",
+                ));
+            }
+            if header.is_dirty() {
+                return Err(Error::new(
+                    crate::ErrorKind::Denied,
+                    "Image was not closed cleanly (lazy refcounts); repair it with 'qnbd check -r all' before opening it read/write",
+                ));
+            }
+        }
+        let meta = alloc::Meta::new(&header, l1, file_len);
         Ok(Qcow2 {
             file,
             data_file: None,
             l2_cache: MetaCache::new(l2_entries),
             refblock_cache: MetaCache::new((l2_entries / 4).max(4)),
-            reftable: OnceLock::new(),
+            size: AtomicU64::new(header.size),
+            meta: RwLock::new(meta),
+            io_barrier: RwLock::new(()),
+            access: if opts.no_io {
+                crate::block::Access::ReadOnly
+            } else {
+                opts.access
+            },
             header,
             ext,
             layout,
-            l1,
-            file_len,
             backing_name,
             snapshots,
             bitmaps,
@@ -258,7 +286,21 @@ impl Qcow2 {
     }
 
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        self.meta_read().file_len
+    }
+
+    pub(crate) fn meta_read(&self) -> std::sync::RwLockReadGuard<'_, alloc::Meta> {
+        // A panic while holding the lock would have left tables half updated; the corrupt flag
+        // set by the write path stops further writes, so reading on is safe.
+        self.meta.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn meta_write(&self) -> std::sync::RwLockWriteGuard<'_, alloc::Meta> {
+        self.meta.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn access(&self) -> crate::block::Access {
+        self.access
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -283,6 +325,24 @@ impl Qcow2 {
             FileRole::DataFile
         } else {
             FileRole::Image
+        }
+    }
+}
+
+impl Qcow2 {
+    /// Grow or shrink the guest size (`resize`). Shrinking releases the clusters past the end.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        alloc::resize(self, new_size, &crate::block::NoBacking)
+    }
+}
+
+impl Drop for Qcow2 {
+    /// Clean close: make every completed write and its metadata durable.
+    fn drop(&mut self) {
+        if self.access == crate::block::Access::ReadWrite {
+            if let Err(e) = alloc::flush(self) {
+                eprintln!("qnbd: could not flush the image on close: {e}");
+            }
         }
     }
 }
@@ -342,7 +402,7 @@ fn load_bitmap_dir(
 
 impl BlockDevice for Qcow2 {
     fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn format_name(&self) -> &'static str {
@@ -372,5 +432,45 @@ impl BlockDevice for Qcow2 {
 
     fn read_compressed(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         tables::read_compressed(self, off, buf)
+    }
+
+    fn pin(&self) -> crate::block::ReadPin<'_> {
+        Some(self.io_barrier.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn access(&self) -> crate::block::Access {
+        self.access
+    }
+
+    fn write(
+        &self,
+        off: u64,
+        buf: &[u8],
+        below: &dyn crate::block::CowSource,
+        fua: bool,
+    ) -> Result<()> {
+        alloc::write(self, off, buf, below)?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(
+        &self,
+        off: u64,
+        len: u64,
+        mode: crate::block::ZeroMode,
+        below: &dyn crate::block::CowSource,
+    ) -> Result<()> {
+        alloc::write_zeroes(self, off, len, mode, below)
+    }
+
+    fn discard(&self, off: u64, len: u64, below: &dyn crate::block::CowSource) -> Result<()> {
+        alloc::discard(self, off, len, below)
+    }
+
+    fn flush(&self) -> Result<()> {
+        alloc::flush(self)
     }
 }

@@ -7,31 +7,85 @@ use crate::error::{Error, Result};
 use crate::io::read_exact_or_zero;
 
 impl Qcow2 {
-    /// The refcount table (loaded once; at most 8 MiB by the header checks).
-    pub fn reftable(&self) -> Result<&[u64]> {
-        let r = self.reftable.get_or_init(|| {
-            let h = &self.header;
-            let bytes = u64::from(h.refcount_table_clusters) * h.cluster_size();
-            let mut raw = vec![0u8; bytes as usize];
-            read_exact_or_zero(&**self.file(), &mut raw, h.refcount_table_offset)
-                .map_err(|e| format!("Could not read the refcount table: {e}"))?;
-            Ok(raw
-                .chunks_exact(8)
+    /// The refcount table (a copy; at most 8 MiB by the header checks).
+    pub fn reftable(&self) -> Result<Vec<u64>> {
+        {
+            let m = self.meta_read();
+            if let Some(t) = &m.reftable {
+                return Ok(t.clone());
+            }
+        }
+        let mut m = self.meta_write();
+        self.ensure_reftable(&mut m)?;
+        Ok(m.reftable.clone().unwrap_or_default())
+    }
+
+    /// Load the refcount table into `m` if it is not there yet.
+    pub(crate) fn ensure_reftable(&self, m: &mut super::alloc::Meta) -> Result<()> {
+        if m.reftable.is_some() {
+            return Ok(());
+        }
+        let bytes = u64::from(m.reftable_clusters) * self.header.cluster_size();
+        let mut raw = vec![0u8; bytes as usize];
+        read_exact_or_zero(&**self.file(), &mut raw, m.reftable_offset)
+            .map_err(|e| Error::io("Could not read the refcount table", e))?;
+        m.reftable = Some(
+            raw.chunks_exact(8)
                 .map(|c| {
                     let mut a = [0u8; 8];
                     a.copy_from_slice(c);
                     u64::from_be_bytes(a)
                 })
-                .collect())
-        });
-        r.as_deref().map_err(|e| Error::corrupt(e.clone()))
+                .collect(),
+        );
+        Ok(())
     }
 
     /// Refcount of host cluster `index`.
     pub fn refcount(&self, index: u64) -> Result<u64> {
+        {
+            let m = self.meta_read();
+            if m.reftable.is_some() {
+                return self.refcount_in(&m, index);
+            }
+        }
+        let mut m = self.meta_write();
+        self.ensure_reftable(&mut m)?;
+        self.refcount_in(&m, index)
+    }
+
+    /// Entries per refcount block.
+    pub(crate) fn refblock_entries(&self) -> u64 {
+        self.header.cluster_size() * 8 / u64::from(self.header.refcount_bits())
+    }
+
+    /// The refcount block at `block_off`: the dirty copy if there is one, else cached.
+    pub(crate) fn refblock(
+        &self,
+        m: &super::alloc::Meta,
+        block_off: u64,
+    ) -> Result<std::sync::Arc<Vec<u8>>> {
+        if let Some(b) = m.dirty_refblocks.get(&block_off) {
+            return Ok(b.clone());
+        }
         let h = &self.header;
-        let per_block = h.cluster_size() * 8 / u64::from(h.refcount_bits());
-        let t = self.reftable()?;
+        self.refblock_cache.get_or_load(block_off, || {
+            let mut raw = vec![0u8; h.cluster_size() as usize];
+            read_exact_or_zero(&**self.file(), &mut raw, block_off).map_err(|e| {
+                Error::io(
+                    format!("Could not read refcount block at {block_off:#x}"),
+                    e,
+                )
+            })?;
+            Ok::<_, Error>(raw)
+        })
+    }
+
+    /// Refcount of host cluster `index` with the metadata lock held (reftable loaded).
+    pub(crate) fn refcount_in(&self, m: &super::alloc::Meta, index: u64) -> Result<u64> {
+        let h = &self.header;
+        let per_block = self.refblock_entries();
+        let t = m.reftable.as_deref().unwrap_or(&[]);
         let Some(&rte) = usize::try_from(index / per_block)
             .ok()
             .and_then(|i| t.get(i))

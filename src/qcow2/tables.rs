@@ -10,7 +10,16 @@ use crate::error::{Error, Result};
 use crate::io::{read_exact_or_zero, Extent};
 use std::sync::Arc;
 
-/// Load (through the cache) the L2 table at host offset `l2_off`, decoded to native u64s.
+/// Load the L2 table at host offset `l2_off`, decoded to native u64s: the dirty copy when a
+/// write changed it, else through the cache.
+pub(crate) fn load_l2_in(q: &Qcow2, m: &super::alloc::Meta, l2_off: u64) -> Result<Arc<Vec<u64>>> {
+    if let Some(t) = m.dirty_l2.get(&l2_off) {
+        return Ok(t.clone());
+    }
+    load_l2(q, l2_off)
+}
+
+/// Load (through the cache) the clean L2 table at host offset `l2_off`.
 pub(crate) fn load_l2(q: &Qcow2, l2_off: u64) -> Result<Arc<Vec<u64>>> {
     q.l2_cache.get_or_load(l2_off, || {
         let cs = q.cluster_size() as usize;
@@ -29,9 +38,13 @@ pub(crate) fn load_l2(q: &Qcow2, l2_off: u64) -> Result<Arc<Vec<u64>>> {
 }
 
 /// Locate the L2 table for `off`: `Ok(None)` when the L1 entry is empty.
-fn l2_for(q: &Qcow2, off: u64) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
+pub(crate) fn l2_for(
+    q: &Qcow2,
+    m: &super::alloc::Meta,
+    off: u64,
+) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
     let l1_idx = off / q.header.l2_coverage();
-    let Some(&l1e) = usize::try_from(l1_idx).ok().and_then(|i| q.l1.get(i)) else {
+    let Some(&l1e) = usize::try_from(l1_idx).ok().and_then(|i| m.l1.get(i)) else {
         return Ok(None);
     };
     let l2_off = l1e & L1E_OFFSET_MASK;
@@ -43,21 +56,36 @@ fn l2_for(q: &Qcow2, off: u64) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
             "L2 table offset {l2_off:#x} unaligned (L1 index: {l1_idx:#x})"
         )));
     }
-    if l2_off >= q.file_len {
+    if l2_off >= m.file_len && !m.dirty_l2.contains_key(&l2_off) {
         return Err(Error::corrupt(format!(
             "L2 table offset {l2_off:#x} beyond the end of the file (L1 index: {l1_idx:#x})"
         )));
     }
-    Ok(Some((l2_off, load_l2(q, l2_off)?)))
+    Ok(Some((l2_off, load_l2_in(q, m, l2_off)?)))
 }
 
 /// Map the range at `off` (`off < size`), at most `len` bytes, within one L2 table.
 pub(crate) fn map(q: &Qcow2, off: u64, len: u64) -> Result<Run> {
+    // decided before taking the metadata lock: the detection reads refcounts itself
+    let prealloc = q.metadata_preallocation();
+    let m = q.meta_read();
+    map_in(q, &m, off, len, prealloc)
+}
+
+/// `map` with the metadata lock held. `prealloc`: look into the host file for holes inside
+/// data clusters (QEMU's behaviour for preallocated images).
+pub(crate) fn map_in(
+    q: &Qcow2,
+    m: &super::alloc::Meta,
+    off: u64,
+    len: u64,
+    prealloc: bool,
+) -> Result<Run> {
     let h = &q.header;
     let cs = h.cluster_size();
     let cb = h.cluster_bits;
     let cov = h.l2_coverage();
-    let size = h.size;
+    let size = m.size;
     let table_end = (off / cov + 1).saturating_mul(cov);
     let end = off.saturating_add(len).min(table_end).min(size);
     if end <= off {
@@ -66,7 +94,7 @@ pub(crate) fn map(q: &Qcow2, off: u64, len: u64) -> Result<Run> {
             format!("map request at {off:#x} beyond the end of the image"),
         ));
     }
-    let Some((l2_off, table)) = l2_for(q, off)? else {
+    let Some((l2_off, table)) = l2_for(q, m, off)? else {
         return Ok(Run {
             len: end - off,
             mapping: Mapping::Backing {
@@ -114,7 +142,7 @@ pub(crate) fn map(q: &Qcow2, off: u64, len: u64) -> Result<Run> {
                     "External data file host cluster offset {host_cluster:#x} does not match guest cluster offset: {guest_cluster:#x}, L2 index: {first_l2_idx:#x})"
                 )));
             }
-            if t == SubclusterType::Normal && !h.has_data_file() && host_cluster >= q.file_len {
+            if t == SubclusterType::Normal && !h.has_data_file() && host_cluster >= m.file_len {
                 return Err(Error::corrupt(format!(
                     "Cluster allocation offset {host_cluster:#x} beyond the end of the file (L2 offset: {l2_off:#x}, L2 index: {first_l2_idx:#x})"
                 )));
@@ -165,7 +193,7 @@ pub(crate) fn map(q: &Qcow2, off: u64, len: u64) -> Result<Run> {
                 host_cluster + in_cluster
             };
             let mut zero = false;
-            if q.metadata_preallocation() {
+            if prealloc {
                 // QEMU recurses into the host file for preallocated images (BDRV_BLOCK_RECURSE)
                 let st = q.data_storage()?;
                 let flen = st
@@ -231,9 +259,12 @@ pub(crate) fn read_compressed(q: &Qcow2, off: u64, buf: &mut [u8]) -> Result<()>
             "compressed read crosses a cluster boundary",
         ));
     }
-    let Some((l2_off, table)) = l2_for(q, off)? else {
+    let m = q.meta_read();
+    let file_len = m.file_len;
+    let Some((l2_off, table)) = l2_for(q, &m, off)? else {
         return Err(Error::corrupt("compressed read of an unallocated cluster"));
     };
+    drop(m);
     let width = if q.header.extended_l2() { 2 } else { 1 };
     let idx = (off >> q.header.cluster_bits) % q.header.l2_entries();
     let e = table.get((idx * width) as usize).copied().unwrap_or(0);
@@ -242,15 +273,37 @@ pub(crate) fn read_compressed(q: &Qcow2, off: u64, buf: &mut [u8]) -> Result<()>
             "cluster at guest offset {off:#x} changed while reading (L2 offset {l2_off:#x})"
         )));
     }
-    let desc = q.layout.compressed(e);
-    if desc.host >= q.file_len {
+    let mut out = vec![0u8; cs as usize];
+    read_compressed_entry(q, e, file_len, &mut out).map_err(|e| {
+        Error::new(
+            e.kind(),
+            format!(
+                "{} (guest offset {:#x}, L2 offset {l2_off:#x}, L2 index {idx:#x})",
+                e.message(),
+                off & !(cs - 1)
+            ),
+        )
+    })?;
+    buf.copy_from_slice(&out[in_cluster..in_cluster + buf.len()]);
+    Ok(())
+}
+
+/// Decompress the cluster a compressed L2 entry describes into `out` (one cluster).
+pub(crate) fn read_compressed_entry(
+    q: &Qcow2,
+    entry: u64,
+    file_len: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    let desc = q.layout.compressed(entry);
+    if desc.host >= file_len {
         return Err(Error::corrupt(format!(
-            "Compressed cluster at host offset {:#x} lies beyond the end of the file (L2 offset: {l2_off:#x}, L2 index: {idx:#x})",
+            "Compressed cluster at host offset {:#x} lies beyond the end of the file",
             desc.host
         )));
     }
     // Data may end at EOF in the middle of a cluster; read what is there.
-    let avail = (q.file_len - desc.host).min(desc.len) as usize;
+    let avail = (file_len - desc.host).min(desc.len) as usize;
     let mut input = vec![0u8; avail];
     read_exact_or_zero(&**q.file(), &mut input, desc.host).map_err(|e| {
         Error::io(
@@ -258,17 +311,8 @@ pub(crate) fn read_compressed(q: &Qcow2, off: u64, buf: &mut [u8]) -> Result<()>
             e,
         )
     })?;
-    let mut out = vec![0u8; cs as usize];
-    compress::decompress(q.header.compression_type, &input, &mut out).map_err(|e| {
-        Error::corrupt(format!(
-            "{} (guest offset {:#x}, host offset {:#x})",
-            e.message(),
-            off & !(cs - 1),
-            desc.host
-        ))
-    })?;
-    buf.copy_from_slice(&out[in_cluster..in_cluster + buf.len()]);
-    Ok(())
+    compress::decompress(q.header.compression_type, &input, out)
+        .map_err(|e| Error::corrupt(format!("{} (host offset {:#x})", e.message(), desc.host)))
 }
 
 impl Qcow2 {

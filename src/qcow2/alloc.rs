@@ -1,0 +1,1248 @@
+//! The write side of the qcow2 driver: cluster allocation, copy-on-write, write-zeroes,
+//! discard, and the ordering that keeps the image consistent across a crash.
+//!
+//! Metadata changes are made in memory under the metadata lock (`Meta`) and reach the disk at
+//! `flush` (or when too many tables are dirty), in this order:
+//!
+//! 1. guest data (already written in place; the data file is synced first),
+//! 2. refcount blocks that gained references, then the refcount table (with an fsync between:
+//!    a table entry never points at a block that is not on disk),
+//! 3. L2 tables, then L1 entries,
+//! 4. only then the pending refcount decrements (clusters freed by COW, discard, zeroing), so a
+//!    cluster is never free on disk while a durable L2 entry still points at it; readers in
+//!    flight are drained first (`io_barrier`), so a freed cluster never changes under a read.
+//!
+//! A crash at any point leaves at worst leaked clusters, never a reference to a cluster with a
+//! too-low refcount. Writes that would land on metadata set the corrupt bit and fail.
+
+use super::compress;
+use super::spec::entries::{
+    SubclusterType, L2E_OFFSET_MASK, L2_BITMAP_ALL_ALLOC, OFLAG_COPIED, OFLAG_ZERO,
+    REFT_OFFSET_MASK,
+};
+use super::spec::header::{autoclear, incompat, Header};
+use super::spec::refblock;
+use super::tables::l2_for;
+use super::Qcow2;
+use crate::block::{Access, CowSource, ZeroMode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{read_exact_or_zero, Storage};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// All-zero subcluster bitmap: every subcluster reads as zero.
+const L2_BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
+/// Dirty tables kept in memory before an implicit metadata flush.
+const MAX_DIRTY_TABLES: usize = 512;
+
+/// Metadata that writes change. Guarded by `Qcow2::meta`.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    pub l1: Vec<u64>,
+    pub l1_offset: u64,
+    pub l1_dirty: BTreeSet<usize>,
+    pub dirty_l2: HashMap<u64, Arc<Vec<u64>>>,
+    pub reftable: Option<Vec<u64>>,
+    pub reftable_offset: u64,
+    pub reftable_clusters: u32,
+    pub reftable_dirty: bool,
+    pub dirty_refblocks: HashMap<u64, Arc<Vec<u8>>>,
+    /// Host cluster indexes whose refcount drops by one once the tables are durable.
+    pub pending_decrements: Vec<u64>,
+    pub free_hint: u64,
+    pub file_len: u64,
+    pub size: u64,
+    pub corrupt: bool,
+    prepared: bool,
+    /// Host clusters holding metadata (for overlap checks), built before the first write.
+    metadata: Option<HashSet<u64>>,
+}
+
+impl Meta {
+    pub(crate) fn new(h: &Header, l1: Vec<u64>, file_len: u64) -> Meta {
+        Meta {
+            l1,
+            l1_offset: h.l1_table_offset,
+            l1_dirty: BTreeSet::new(),
+            dirty_l2: HashMap::new(),
+            reftable: None,
+            reftable_offset: h.refcount_table_offset,
+            reftable_clusters: h.refcount_table_clusters,
+            reftable_dirty: false,
+            dirty_refblocks: HashMap::new(),
+            pending_decrements: Vec::new(),
+            free_hint: 0,
+            file_len,
+            size: h.size,
+            corrupt: h.is_corrupt(),
+            prepared: false,
+            metadata: None,
+        }
+    }
+
+    fn is_dirty(&self) -> bool {
+        !self.l1_dirty.is_empty()
+            || !self.dirty_l2.is_empty()
+            || self.reftable_dirty
+            || !self.dirty_refblocks.is_empty()
+            || !self.pending_decrements.is_empty()
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::io(what, e)
+}
+
+fn u64s_to_be(v: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 8);
+    for x in v {
+        out.extend_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+impl Qcow2 {
+    fn cs(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn data_st(&self) -> Result<&Arc<dyn Storage>> {
+        self.data_storage()
+    }
+
+    /// Write a header field in place and make it durable.
+    fn write_header_field(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_at(bytes, off)
+            .map_err(io_err("Could not update the qcow2 header"))?;
+        self.file
+            .sync()
+            .map_err(io_err("Could not flush the qcow2 header"))
+    }
+
+    /// Set the corrupt bit on disk (best effort) and refuse further writes.
+    fn mark_corrupt(&self, m: &mut Meta, why: String) -> Error {
+        if !m.corrupt {
+            m.corrupt = true;
+            let bits = self.header.incompatible_features | incompat::CORRUPT;
+            let _ = self.write_header_field(72, &bits.to_be_bytes());
+        }
+        Error::corrupt(format!(
+            "{why}; the image has been marked as corrupt and further writes are refused"
+        ))
+    }
+
+    /// Checks and header updates due before the first write of this open.
+    fn prepare(&self, m: &mut Meta) -> Result<()> {
+        if self.access != Access::ReadWrite {
+            return Err(Error::new(
+                ErrorKind::Denied,
+                "the image is opened read-only",
+            ));
+        }
+        if m.corrupt {
+            return Err(Error::corrupt(
+                "the image is marked corrupt; writes are refused (repair it with 'qnbd check -r all')",
+            ));
+        }
+        if m.prepared {
+            return Ok(());
+        }
+        self.ensure_reftable(m)?;
+        // A writer that does not maintain persistent bitmaps must clear the autoclear bitmaps
+        // bit, and unknown autoclear bits, before its first write (qcow2 spec, "Header").
+        if self.header.version >= 3 {
+            let keep = self.header.autoclear_features & autoclear::DATA_FILE_RAW;
+            if keep != self.header.autoclear_features {
+                self.write_header_field(88, &keep.to_be_bytes())?;
+            }
+        }
+        m.metadata = Some(self.metadata_clusters(m)?);
+        m.prepared = true;
+        Ok(())
+    }
+
+    /// Host clusters that hold metadata.
+    fn metadata_clusters(&self, m: &Meta) -> Result<HashSet<u64>> {
+        let cs = self.cs();
+        let mut set = HashSet::new();
+        let mut add_range = |off: u64, len: u64| {
+            if len == 0 {
+                return;
+            }
+            let first = off / cs;
+            let last = (off + len - 1) / cs;
+            for c in first..=last.min(first + (1 << 24)) {
+                set.insert(c);
+            }
+        };
+        add_range(0, cs);
+        add_range(m.l1_offset, m.l1.len() as u64 * 8);
+        add_range(m.reftable_offset, u64::from(m.reftable_clusters) * cs);
+        for &e in m.reftable.as_deref().unwrap_or(&[]) {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 {
+                add_range(off, cs);
+            }
+        }
+        for &e in &m.l1 {
+            let off = e & super::spec::entries::L1E_OFFSET_MASK;
+            if off != 0 {
+                add_range(off, cs);
+            }
+        }
+        for s in self.snapshots() {
+            add_range(s.l1_table_offset, u64::from(s.l1_size) * 8);
+        }
+        if let Some(b) = self.ext.bitmaps {
+            add_range(b.directory_offset, b.directory_size);
+        }
+        if let Ok(bms) = self.bitmaps() {
+            for b in bms {
+                add_range(b.table_offset, u64::from(b.table_size) * 8);
+            }
+        }
+        if let Some(c) = self.ext.crypto {
+            add_range(c.offset, c.length);
+        }
+        Ok(set)
+    }
+
+    // ---- refcounts -------------------------------------------------------------------------
+
+    /// Change the refcount of host cluster `idx` by `delta` (creating its refcount block when
+    /// needed).
+    fn adjust_refcount(&self, m: &mut Meta, idx: u64, delta: i64) -> Result<()> {
+        let per = self.refblock_entries();
+        let block_idx = idx / per;
+        let block_off = self.ensure_refblock(m, block_idx)?;
+        let mut block = (*self.refblock(m, block_off)?).clone();
+        let order = self.header.refcount_order;
+        let cur = refblock::get(&block, order, idx % per)
+            .ok_or_else(|| Error::corrupt("refcount index outside its block"))?;
+        let new = if delta >= 0 {
+            cur.checked_add(delta as u64)
+                .filter(|&v| v <= refblock::max_value(order))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "refcount of cluster {idx} would overflow its {}-bit width",
+                            1u32 << order
+                        ),
+                    )
+                })?
+        } else {
+            match cur.checked_sub(delta.unsigned_abs()) {
+                Some(v) => v,
+                None => {
+                    let why = format!("Refcount of cluster {idx} would drop below zero (is {cur})");
+                    return Err(self.mark_corrupt(m, why));
+                }
+            }
+        };
+        refblock::set(&mut block, order, idx % per, new);
+        m.dirty_refblocks.insert(block_off, Arc::new(block));
+        if new == 0 && idx < m.free_hint {
+            m.free_hint = idx;
+        }
+        Ok(())
+    }
+
+    /// Host offset of refcount block `block_idx`, allocating it (self-describing, inside the
+    /// range it covers) when the table has none yet.
+    fn ensure_refblock(&self, m: &mut Meta, block_idx: u64) -> Result<u64> {
+        let cs = self.cs();
+        let per = self.refblock_entries();
+        let have = m
+            .reftable
+            .as_ref()
+            .and_then(|t| t.get(block_idx as usize))
+            .copied()
+            .unwrap_or(0)
+            & REFT_OFFSET_MASK;
+        if have != 0 {
+            if have & (cs - 1) != 0 {
+                let why =
+                    format!("Refblock offset {have:#x} unaligned (reftable index: {block_idx:#x})");
+                return Err(self.mark_corrupt(m, why));
+            }
+            return Ok(have);
+        }
+        if block_idx as usize >= m.reftable.as_ref().map_or(0, |t| t.len()) {
+            self.grow_reftable(m, block_idx)?;
+        }
+        // Every cluster this block covers has refcount 0, so its first cluster not used as
+        // metadata is free: place the block there and let it count itself.
+        let mut at = block_idx * per;
+        while m.metadata.as_ref().is_some_and(|s| s.contains(&at)) {
+            at += 1;
+        }
+        let mut block = vec![0u8; cs as usize];
+        refblock::set(&mut block, self.header.refcount_order, at % per, 1);
+        let off = at * cs;
+        m.dirty_refblocks.insert(off, Arc::new(block));
+        if let Some(t) = m.reftable.as_mut() {
+            t[block_idx as usize] = off;
+        }
+        m.reftable_dirty = true;
+        if let Some(s) = m.metadata.as_mut() {
+            s.insert(at);
+        }
+        Ok(off)
+    }
+
+    /// Replace the refcount table by a bigger one that has room for `block_idx`. The new table
+    /// and the refcount blocks describing it are written and synced, then the header switches
+    /// to it, then the old table is freed.
+    fn grow_reftable(&self, m: &mut Meta, block_idx: u64) -> Result<()> {
+        // make the current refcounts durable first so the new table copies a consistent state
+        self.flush_refcounts(m)?;
+        let cs = self.cs();
+        let per = self.refblock_entries();
+        let old: Vec<u64> = m.reftable.clone().unwrap_or_default();
+        let end_cluster = self.end_cluster(m)?;
+        // new table + new blocks go at the end of the file; size them with a fixed point
+        let mut table_clusters = (old.len() as u64 * 8).div_ceil(cs).max(1);
+        let (new_len, nblocks) = loop {
+            let table_start = end_cluster;
+            let table_end = table_start + table_clusters;
+            // blocks needed for everything up to the new metadata, placed after the table
+            let mut nblocks = 0u64;
+            let mut covered_end;
+            loop {
+                covered_end = table_end + nblocks;
+                let need_blocks = covered_end.div_ceil(per).max(block_idx + 1);
+                let missing = (0..need_blocks)
+                    .filter(|&b| old.get(b as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK == 0)
+                    .count() as u64;
+                if missing <= nblocks {
+                    break;
+                }
+                nblocks = missing;
+            }
+            let need_entries = (table_end + nblocks).div_ceil(per).max(block_idx + 1) + 1;
+            let need_clusters = (need_entries * 8).div_ceil(cs);
+            if need_clusters <= table_clusters {
+                break (table_clusters * cs / 8, nblocks);
+            }
+            table_clusters = need_clusters;
+        };
+        if table_clusters * cs > super::spec::limits::MAX_REFTABLE_SIZE {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the refcount table would exceed its 8 MiB limit",
+            ));
+        }
+        let table_start = end_cluster;
+        let mut table = old.clone();
+        table.resize(new_len as usize, 0);
+        // place missing blocks after the table
+        let mut next_block_cluster = table_start + table_clusters;
+        let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (b, entry) in table.iter_mut().enumerate() {
+            if *entry & REFT_OFFSET_MASK == 0
+                && (b as u64) * per < table_start + table_clusters + nblocks
+            {
+                *entry = next_block_cluster * cs;
+                new_blocks.push((next_block_cluster * cs, vec![0u8; cs as usize]));
+                next_block_cluster += 1;
+            }
+        }
+        // count the new table and new blocks in the blocks that cover them
+        let order = self.header.refcount_order;
+        let mut dirty_existing: HashMap<u64, Vec<u8>> = HashMap::new();
+        for c in (table_start..table_start + table_clusters)
+            .chain(table_start + table_clusters..next_block_cluster)
+        {
+            let b = c / per;
+            let off = table[b as usize] & REFT_OFFSET_MASK;
+            if let Some((_, blk)) = new_blocks.iter_mut().find(|(o, _)| *o == off) {
+                refblock::set(blk, order, c % per, 1);
+            } else {
+                let blk = match dirty_existing.get_mut(&off) {
+                    Some(b) => b,
+                    None => {
+                        let cur = (*self.refblock(m, off)?).clone();
+                        dirty_existing.entry(off).or_insert(cur)
+                    }
+                };
+                refblock::set(blk, order, c % per, 1);
+            }
+        }
+        let file = &self.file;
+        for (off, blk) in new_blocks.iter() {
+            file.write_at(blk, *off)
+                .map_err(io_err("Could not write a refcount block"))?;
+        }
+        for (off, blk) in dirty_existing.iter() {
+            file.write_at(blk, *off)
+                .map_err(io_err("Could not write a refcount block"))?;
+        }
+        file.write_at(&u64s_to_be(&table), table_start * cs)
+            .map_err(io_err("Could not write the new refcount table"))?;
+        file.sync()
+            .map_err(io_err("Could not flush the new refcount table"))?;
+        let mut hdr = Vec::with_capacity(12);
+        hdr.extend_from_slice(&(table_start * cs).to_be_bytes());
+        hdr.extend_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.write_header_field(48, &hdr)?;
+        // switch in memory
+        for (off, blk) in new_blocks.into_iter().chain(dirty_existing) {
+            self.refblock_cache.insert(off, Arc::new(blk));
+            m.dirty_refblocks.remove(&off);
+        }
+        let old_off = m.reftable_offset;
+        let old_clusters = u64::from(m.reftable_clusters);
+        m.reftable = Some(table);
+        m.reftable_offset = table_start * cs;
+        m.reftable_clusters = table_clusters as u32;
+        m.file_len = m.file_len.max(next_block_cluster * cs);
+        if let Some(s) = m.metadata.as_mut() {
+            for c in table_start..next_block_cluster {
+                s.insert(c);
+            }
+            for c in 0..old_clusters {
+                s.remove(&(old_off / cs + c));
+            }
+        }
+        // the old table is unreferenced now: free it
+        for c in 0..old_clusters {
+            self.adjust_refcount(m, old_off / cs + c, -1)?;
+        }
+        m.reftable_dirty = false;
+        Ok(())
+    }
+
+    /// First cluster index past everything allocated (refcounts or file length).
+    fn end_cluster(&self, m: &Meta) -> Result<u64> {
+        let cs = self.cs();
+        let mut end = m.file_len.div_ceil(cs);
+        let per = self.refblock_entries();
+        if let Some(t) = &m.reftable {
+            if let Some(last) = t.iter().rposition(|&e| e & REFT_OFFSET_MASK != 0) {
+                let blk = self.refblock(m, t[last] & REFT_OFFSET_MASK)?;
+                let order = self.header.refcount_order;
+                for i in (0..per).rev() {
+                    if refblock::get(&blk, order, i).unwrap_or(0) != 0 {
+                        end = end.max(last as u64 * per + i + 1);
+                        break;
+                    }
+                }
+            }
+        }
+        for &off in m.dirty_refblocks.keys() {
+            end = end.max(off / cs + 1);
+        }
+        Ok(end)
+    }
+
+    /// Allocate `n` contiguous free host clusters (refcount set to 1); returns the host offset.
+    fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let cs = self.cs();
+        let per = self.refblock_entries();
+        let mut start = m.free_hint;
+        'search: loop {
+            // make sure the blocks covering the candidate run exist (creating one may take the
+            // first cluster of the run, hence the restart)
+            for b in start / per..=(start + n - 1) / per {
+                let exists = m
+                    .reftable
+                    .as_ref()
+                    .and_then(|t| t.get(b as usize))
+                    .is_some_and(|&e| e & REFT_OFFSET_MASK != 0);
+                if !exists {
+                    self.ensure_refblock(m, b)?;
+                    continue 'search;
+                }
+            }
+            for i in 0..n {
+                let c = start + i;
+                let used = self.refcount_in(m, c)? != 0
+                    || m.metadata.as_ref().is_some_and(|s| s.contains(&c));
+                if used {
+                    start = c + 1;
+                    continue 'search;
+                }
+            }
+            break;
+        }
+        for i in 0..n {
+            self.adjust_refcount(m, start + i, 1)?;
+        }
+        m.free_hint = start + n;
+        let end = (start + n) * cs;
+        if (start + n).checked_mul(cs).is_none() || end > (1u64 << 56) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "image file would grow beyond 64 PiB",
+            ));
+        }
+        Ok(start * cs)
+    }
+
+    /// Queue a decrement for every host cluster a (soon unreferenced) entry holds.
+    fn release_entry(&self, m: &mut Meta, entry: u64) {
+        if self.header.has_data_file() {
+            return; // data clusters in an external data file are not refcounted
+        }
+        if entry & super::spec::entries::OFLAG_COMPRESSED != 0 {
+            let d = self.layout.compressed(entry);
+            let first = (d.host & !511) / self.cs();
+            let last = (d.host + d.len - 1) / self.cs();
+            for c in first..=last {
+                m.pending_decrements.push(c);
+            }
+        } else {
+            let host = entry & L2E_OFFSET_MASK;
+            if host != 0 {
+                m.pending_decrements.push(host / self.cs());
+            }
+        }
+    }
+
+    // ---- L2 tables ---------------------------------------------------------------------------
+
+    /// The L2 table covering `guest`, ready to be modified: allocated if missing, copied if it is
+    /// shared with a snapshot. Returns (L1 index, L2 offset, table).
+    fn l2_for_write(&self, m: &mut Meta, guest: u64) -> Result<(usize, u64, Vec<u64>)> {
+        let cs = self.cs();
+        let l1_idx = (guest / self.header.l2_coverage()) as usize;
+        if l1_idx >= m.l1.len() {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("guest offset {guest:#x} beyond the L1 table"),
+            ));
+        }
+        let l1e = m.l1[l1_idx];
+        let words = (cs / 8) as usize;
+        if let Some((l2_off, table)) = l2_for(self, m, guest)? {
+            if l1e & OFLAG_COPIED != 0 {
+                return Ok((l1_idx, l2_off, (*table).clone()));
+            }
+            // shared with a snapshot: copy it
+            let new_off = self.alloc_clusters(m, 1)?;
+            if let Some(s) = m.metadata.as_mut() {
+                s.insert(new_off / cs);
+            }
+            m.pending_decrements.push(l2_off / cs);
+            m.l1[l1_idx] = new_off | OFLAG_COPIED;
+            m.l1_dirty.insert(l1_idx);
+            return Ok((l1_idx, new_off, (*table).clone()));
+        }
+        let new_off = self.alloc_clusters(m, 1)?;
+        if let Some(s) = m.metadata.as_mut() {
+            s.insert(new_off / cs);
+        }
+        m.l1[l1_idx] = new_off | OFLAG_COPIED;
+        m.l1_dirty.insert(l1_idx);
+        Ok((l1_idx, new_off, vec![0u64; words]))
+    }
+
+    fn store_l2(&self, m: &mut Meta, l2_off: u64, table: Vec<u64>) {
+        m.dirty_l2.insert(l2_off, Arc::new(table));
+    }
+
+    /// Check that an in-place write to host cluster `host` does not hit metadata.
+    fn check_overlap(&self, m: &mut Meta, host: u64) -> Result<()> {
+        let c = host / self.cs();
+        if m.metadata.as_ref().is_some_and(|s| s.contains(&c)) {
+            let why = format!("Preventing invalid write on metadata (host cluster {host:#x})");
+            return Err(self.mark_corrupt(m, why));
+        }
+        Ok(())
+    }
+
+    /// Current content of one guest cluster as this layer + `below` show it.
+    fn cluster_content(
+        &self,
+        m: &Meta,
+        guest_cluster: u64,
+        entry: u64,
+        bitmap: u64,
+        below: &dyn CowSource,
+    ) -> Result<Vec<u8>> {
+        let cs = self.cs() as usize;
+        let mut buf = vec![0u8; cs];
+        let size = m.size;
+        let valid = (size - guest_cluster).min(cs as u64) as usize;
+        let spc = if self.header.extended_l2() { 32 } else { 1 };
+        let sc = cs / spc;
+        for i in 0..spc {
+            let lo = i * sc;
+            if lo >= valid {
+                break;
+            }
+            let hi = (lo + sc).min(valid);
+            let dst = &mut buf[lo..hi];
+            match self.layout.classify(entry, bitmap, i as u32) {
+                SubclusterType::Normal => {
+                    let host = self.host_of(entry, guest_cluster) + lo as u64;
+                    read_exact_or_zero(&**self.data_st()?, dst, host)
+                        .map_err(io_err(format!("Could not read cluster data at {host:#x}")))?;
+                }
+                SubclusterType::Compressed => {
+                    let mut full = vec![0u8; cs];
+                    super::tables::read_compressed_entry(self, entry, m.file_len, &mut full)?;
+                    buf[..valid].copy_from_slice(&full[..valid]);
+                    return Ok(buf);
+                }
+                SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc => {}
+                SubclusterType::UnallocatedPlain | SubclusterType::UnallocatedAlloc => {
+                    below.read_below(guest_cluster + lo as u64, dst)?;
+                }
+                SubclusterType::Invalid => {
+                    return Err(Error::corrupt(format!(
+                        "Invalid cluster entry found (guest offset {guest_cluster:#x})"
+                    )))
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Host offset of the cluster an entry maps (guest offset for external data files).
+    fn host_of(&self, entry: u64, guest_cluster: u64) -> u64 {
+        let off = entry & L2E_OFFSET_MASK;
+        if self.header.has_data_file() && off == 0 {
+            guest_cluster
+        } else {
+            off
+        }
+    }
+
+    /// A host cluster for new data of `guest_cluster`.
+    fn new_data_cluster(&self, m: &mut Meta, guest_cluster: u64) -> Result<u64> {
+        if self.header.has_data_file() {
+            Ok(guest_cluster)
+        } else {
+            self.alloc_clusters(m, 1)
+        }
+    }
+
+    fn write_data(&self, m: &mut Meta, host: u64, buf: &[u8]) -> Result<()> {
+        self.data_st()?.write_at(buf, host).map_err(io_err(format!(
+            "Could not write guest data at host offset {host:#x}"
+        )))?;
+        if !self.header.has_data_file() {
+            m.file_len = m.file_len.max(host + buf.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `in_off` inside the guest cluster at `guest_cluster`.
+    fn write_in_cluster(
+        &self,
+        m: &mut Meta,
+        guest_cluster: u64,
+        in_off: usize,
+        data: &[u8],
+        below: &dyn CowSource,
+    ) -> Result<()> {
+        let cs = self.cs() as usize;
+        let (_, l2_off, mut table) = self.l2_for_write(m, guest_cluster)?;
+        let ext = self.header.extended_l2();
+        let w = if ext { 2 } else { 1 };
+        let idx = ((guest_cluster / cs as u64) % self.header.l2_entries()) as usize * w;
+        let entry = table[idx];
+        let bitmap = if ext { table[idx + 1] } else { 0 };
+        let host_off = entry & L2E_OFFSET_MASK;
+        if host_off != 0 && host_off & (cs as u64 - 1) != 0 {
+            let why = format!("Cluster allocation offset {host_off:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {:#x})", idx / w);
+            return Err(self.mark_corrupt(m, why));
+        }
+        let compressed = entry & super::spec::entries::OFLAG_COMPRESSED != 0;
+        let has_host = !compressed
+            && (host_off != 0 || (self.header.has_data_file() && entry & OFLAG_COPIED != 0));
+        let owned = has_host && entry & OFLAG_COPIED != 0;
+
+        if !ext {
+            let ty = self.layout.classify(entry, 0, 0);
+            if ty == SubclusterType::Normal && owned {
+                let host = self.host_of(entry, guest_cluster);
+                if !self.header.has_data_file() {
+                    self.check_overlap(m, host)?;
+                }
+                self.write_data(m, host + in_off as u64, data)?;
+                return Ok(());
+            }
+            let mut buf = if in_off == 0 && data.len() == cs {
+                Vec::new()
+            } else {
+                self.cluster_content(m, guest_cluster, entry, 0, below)?
+            };
+            if buf.is_empty() {
+                buf = data.to_vec();
+            } else {
+                buf[in_off..in_off + data.len()].copy_from_slice(data);
+            }
+            let host = if ty == SubclusterType::ZeroAlloc && owned {
+                let h = self.host_of(entry, guest_cluster);
+                if !self.header.has_data_file() {
+                    self.check_overlap(m, h)?;
+                }
+                h
+            } else {
+                let h = self.new_data_cluster(m, guest_cluster)?;
+                if has_host || compressed {
+                    self.release_entry(m, entry);
+                }
+                h
+            };
+            self.write_data(m, host, &buf)?;
+            table[idx] = host | OFLAG_COPIED;
+            self.store_l2(m, l2_off, table);
+            return Ok(());
+        }
+
+        // extended L2: subclusters
+        let sc = cs / 32;
+        let first_sc = in_off / sc;
+        let last_sc = (in_off + data.len() - 1) / sc;
+        let (host, mut new_bitmap) = if owned {
+            let h = self.host_of(entry, guest_cluster);
+            if !self.header.has_data_file() {
+                self.check_overlap(m, h)?;
+            }
+            (h, bitmap)
+        } else if has_host || compressed {
+            // shared or compressed: move every allocated subcluster to a new cluster
+            let content = self.cluster_content(m, guest_cluster, entry, bitmap, below)?;
+            let h = self.new_data_cluster(m, guest_cluster)?;
+            let bm = if compressed {
+                L2_BITMAP_ALL_ALLOC
+            } else {
+                bitmap
+            };
+            self.write_data(m, h, &content)?;
+            self.release_entry(m, entry);
+            (h, bm)
+        } else {
+            (self.new_data_cluster(m, guest_cluster)?, bitmap)
+        };
+        for s in first_sc..=last_sc {
+            let lo = s * sc;
+            let hi = lo + sc;
+            let wlo = in_off.max(lo);
+            let whi = (in_off + data.len()).min(hi);
+            let src = &data[wlo - in_off..whi - in_off];
+            let alloc_bit = 1u64 << s;
+            let zero_bit = 1u64 << (32 + s);
+            if new_bitmap & alloc_bit != 0 || (wlo == lo && whi == hi) {
+                self.write_data(m, host + wlo as u64, src)?;
+            } else {
+                // complete the subcluster from what it reads as now
+                let mut sub = vec![0u8; sc];
+                if new_bitmap & zero_bit == 0 {
+                    below.read_below(guest_cluster + lo as u64, &mut sub)?;
+                }
+                sub[wlo - lo..whi - lo].copy_from_slice(src);
+                self.write_data(m, host + lo as u64, &sub)?;
+            }
+            new_bitmap = (new_bitmap | alloc_bit) & !zero_bit;
+        }
+        table[idx] = host | OFLAG_COPIED;
+        table[idx + 1] = new_bitmap;
+        self.store_l2(m, l2_off, table);
+        Ok(())
+    }
+
+    /// Write-zeroes or discard over whole clusters `[first, first + n)` of one L2 table.
+    fn zero_clusters(
+        &self,
+        m: &mut Meta,
+        guest: u64,
+        n: u64,
+        how: ClearMode,
+        below: &dyn CowSource,
+    ) -> Result<()> {
+        let cs = self.cs();
+        let (_, l2_off, mut table) = match how {
+            // discarding creates a table only to hide a backing file (zero clusters, v3)
+            ClearMode::Discard
+                if l2_for(self, m, guest)?.is_none()
+                    && !(below.has_backing() && self.header.version >= 3) =>
+            {
+                return Ok(())
+            }
+            _ => self.l2_for_write(m, guest)?,
+        };
+        let ext = self.header.extended_l2();
+        let w = if ext { 2 } else { 1 };
+        let v3 = self.header.version >= 3;
+        for k in 0..n {
+            let g = guest + k * cs;
+            let idx = ((g / cs) % self.header.l2_entries()) as usize * w;
+            let entry = table[idx];
+            let bitmap = if ext { table[idx + 1] } else { 0 };
+            let host_off = entry & L2E_OFFSET_MASK;
+            let compressed = entry & super::spec::entries::OFLAG_COMPRESSED != 0;
+            let has_host = !compressed
+                && (host_off != 0 || (self.header.has_data_file() && entry & OFLAG_COPIED != 0));
+            let allocated =
+                compressed || has_host || (!ext && entry & OFLAG_ZERO != 0) || (ext && bitmap != 0);
+            let owned = has_host && entry & OFLAG_COPIED != 0;
+            let keep = matches!(how, ClearMode::Zero(ZeroMode::KeepAllocated)) && owned;
+            let (ne, nb) = match how {
+                ClearMode::Discard => {
+                    if !allocated && !below.has_backing() {
+                        continue;
+                    }
+                    if !allocated && below.has_backing() && !v3 {
+                        continue;
+                    }
+                    if ext {
+                        (0, L2_BITMAP_ALL_ZEROES)
+                    } else if v3 {
+                        (OFLAG_ZERO, 0)
+                    } else {
+                        (0, 0)
+                    }
+                }
+                ClearMode::Zero(_) => {
+                    if ext {
+                        if keep {
+                            (
+                                entry & (L2E_OFFSET_MASK | OFLAG_COPIED),
+                                L2_BITMAP_ALL_ZEROES,
+                            )
+                        } else {
+                            (0, L2_BITMAP_ALL_ZEROES)
+                        }
+                    } else if v3 {
+                        if keep {
+                            ((entry & (L2E_OFFSET_MASK | OFLAG_COPIED)) | OFLAG_ZERO, 0)
+                        } else {
+                            (OFLAG_ZERO, 0)
+                        }
+                    } else if !below.has_backing() {
+                        if keep {
+                            // v2 without zero flag: zero the data in place
+                            let host = self.host_of(entry, g);
+                            self.check_overlap(m, host)?;
+                            let zeros = vec![0u8; cs as usize];
+                            self.write_data(m, host, &zeros)?;
+                            continue;
+                        }
+                        (0, 0)
+                    } else {
+                        unreachable_v2()?
+                    }
+                }
+            };
+            if (has_host || compressed) && !keep {
+                self.release_entry(m, entry);
+            }
+            table[idx] = ne;
+            if ext {
+                table[idx + 1] = nb;
+            }
+        }
+        self.store_l2(m, l2_off, table);
+        Ok(())
+    }
+
+    /// Bytes of data the writer is allowed to have dirty before an implicit flush.
+    fn maybe_flush(&self, m: &mut Meta) -> Result<()> {
+        if m.dirty_l2.len() + m.dirty_refblocks.len() > MAX_DIRTY_TABLES
+            || m.pending_decrements.len() > 65536
+        {
+            self.flush_tables(m)?;
+        }
+        Ok(())
+    }
+
+    // ---- flush -------------------------------------------------------------------------------
+
+    /// Write refcount blocks and the refcount table (steps 1-2 of the module doc).
+    fn flush_refcounts(&self, m: &mut Meta) -> Result<()> {
+        if self.header.has_data_file() {
+            self.data_st()?
+                .sync()
+                .map_err(io_err("Could not flush the data file"))?;
+        }
+        if m.dirty_refblocks.is_empty() && !m.reftable_dirty {
+            return Ok(());
+        }
+        let blocks: Vec<(u64, Arc<Vec<u8>>)> = m
+            .dirty_refblocks
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (off, b) in &blocks {
+            self.file.write_at(b, *off).map_err(io_err(format!(
+                "Could not write refcount block at {off:#x}"
+            )))?;
+            m.file_len = m.file_len.max(off + b.len() as u64);
+        }
+        self.file
+            .sync()
+            .map_err(io_err("Could not flush refcount blocks"))?;
+        for (off, b) in blocks {
+            self.refblock_cache.insert(off, b);
+            m.dirty_refblocks.remove(&off);
+        }
+        if m.reftable_dirty {
+            let t = u64s_to_be(m.reftable.as_deref().unwrap_or(&[]));
+            self.file
+                .write_at(&t, m.reftable_offset)
+                .map_err(io_err("Could not write the refcount table"))?;
+            self.file
+                .sync()
+                .map_err(io_err("Could not flush the refcount table"))?;
+            m.reftable_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The whole ordered metadata flush (module doc, steps 1-4).
+    pub(crate) fn flush_tables(&self, m: &mut Meta) -> Result<()> {
+        self.flush_refcounts(m)?;
+        if !m.dirty_l2.is_empty() || !m.l1_dirty.is_empty() {
+            let tables: Vec<(u64, Arc<Vec<u64>>)> =
+                m.dirty_l2.iter().map(|(k, v)| (*k, v.clone())).collect();
+            for (off, t) in &tables {
+                self.file
+                    .write_at(&u64s_to_be(t), *off)
+                    .map_err(io_err(format!("Could not write L2 table at {off:#x}")))?;
+                m.file_len = m.file_len.max(off + t.len() as u64 * 8);
+            }
+            for &i in &m.l1_dirty {
+                self.file
+                    .write_at(&m.l1[i].to_be_bytes(), m.l1_offset + 8 * i as u64)
+                    .map_err(io_err("Could not write the L1 table"))?;
+            }
+            self.file
+                .sync()
+                .map_err(io_err("Could not flush L2/L1 tables"))?;
+            for (off, t) in tables {
+                self.l2_cache.insert(off, t);
+                m.dirty_l2.remove(&off);
+            }
+            m.l1_dirty.clear();
+        }
+        if !m.pending_decrements.is_empty() {
+            let dec = std::mem::take(&mut m.pending_decrements);
+            for (i, c) in dec.iter().enumerate() {
+                if let Err(e) = self.adjust_refcount(m, *c, -1) {
+                    m.pending_decrements.extend_from_slice(&dec[i + 1..]);
+                    return Err(e);
+                }
+                if self.refcount_in(m, *c).unwrap_or(1) == 0 {
+                    if let Some(s) = m.metadata.as_mut() {
+                        s.remove(c);
+                    }
+                }
+            }
+            self.flush_refcounts(m)?;
+        }
+        Ok(())
+    }
+}
+
+enum ClearMode {
+    Zero(ZeroMode),
+    Discard,
+}
+
+fn unreachable_v2() -> Result<(u64, u64)> {
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        "zero clusters need qcow2 version 3",
+    ))
+}
+
+/// Guest write.
+pub(crate) fn write(q: &Qcow2, off: u64, buf: &[u8], below: &dyn CowSource) -> Result<()> {
+    let cs = q.cs();
+    let mut m = q.meta_write();
+    q.prepare(&mut m)?;
+    check_range(&m, off, buf.len() as u64)?;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = off + done as u64;
+        let gc = pos & !(cs - 1);
+        let in_off = (pos - gc) as usize;
+        let n = (cs as usize - in_off).min(buf.len() - done);
+        q.write_in_cluster(&mut m, gc, in_off, &buf[done..done + n], below)?;
+        done += n;
+        q.maybe_flush(&mut m)?;
+    }
+    Ok(())
+}
+
+fn check_range(m: &Meta, off: u64, len: u64) -> Result<()> {
+    match off.checked_add(len) {
+        Some(end) if end <= m.size => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::OutOfRange,
+            format!(
+                "write at {off:#x}+{len:#x} beyond the end of the image ({:#x})",
+                m.size
+            ),
+        )),
+    }
+}
+
+/// Whether a whole guest cluster already reads as zeros without looking below.
+fn cluster_reads_zero(q: &Qcow2, m: &Meta, gc: u64, below: &dyn CowSource) -> Result<bool> {
+    let run = super::tables::map_in(q, m, gc, q.cs().min(m.size - gc), false)?;
+    Ok(match run.mapping {
+        crate::block::Mapping::Zero { .. } => run.len >= q.cs().min(m.size - gc),
+        crate::block::Mapping::Backing { .. } => {
+            !below.has_backing() && run.len >= q.cs().min(m.size - gc)
+        }
+        _ => false,
+    })
+}
+
+/// Make `[off, off+len)` read as zeros.
+pub(crate) fn write_zeroes(
+    q: &Qcow2,
+    off: u64,
+    len: u64,
+    mode: ZeroMode,
+    below: &dyn CowSource,
+) -> Result<()> {
+    let cs = q.cs();
+    let mut m = q.meta_write();
+    q.prepare(&mut m)?;
+    check_range(&m, off, len)?;
+    let end = off + len;
+    let raw_data_file = q.header.data_file_raw();
+    let v2_backed = q.header.version < 3 && below.has_backing();
+    let mut pos = off;
+    while pos < end {
+        let gc = pos & !(cs - 1);
+        let cluster_end = (gc + cs).min(m.size);
+        let whole = pos == gc && end >= cluster_end;
+        if whole && !raw_data_file && !v2_backed {
+            // whole clusters up to the end of this L2 table (or of the request)
+            let cov = q.header.l2_coverage();
+            let table_end = (gc / cov + 1) * cov;
+            let mut n = ((end.min(table_end) - gc) / cs).max(1);
+            if gc + n * cs > end && gc + n * cs > m.size {
+                // the image's partial last cluster counts as whole
+                n = n.max(1);
+            }
+            while n > 0 && gc + n * cs > end && gc + n * cs <= m.size {
+                n -= 1;
+            }
+            if n > 0 {
+                q.zero_clusters(&mut m, gc, n, ClearMode::Zero(mode), below)?;
+                pos = (gc + n * cs).min(end);
+                q.maybe_flush(&mut m)?;
+                continue;
+            }
+        }
+        let piece_end = cluster_end.min(end);
+        if !raw_data_file && cluster_reads_zero(q, &m, gc, below)? {
+            pos = piece_end;
+            continue;
+        }
+        let zeros = vec![0u8; (piece_end - pos) as usize];
+        q.write_in_cluster(&mut m, gc, (pos - gc) as usize, &zeros, below)?;
+        pos = piece_end;
+        q.maybe_flush(&mut m)?;
+    }
+    Ok(())
+}
+
+/// Release whole clusters of `[off, off+len)`; partial clusters are left alone.
+pub(crate) fn discard(q: &Qcow2, off: u64, len: u64, below: &dyn CowSource) -> Result<()> {
+    let cs = q.cs();
+    let mut m = q.meta_write();
+    q.prepare(&mut m)?;
+    check_range(&m, off, len)?;
+    if q.header.data_file_raw() {
+        return Ok(());
+    }
+    let size = m.size;
+    let first = off.div_ceil(cs) * cs;
+    // the partial last cluster of the image counts as whole when the range reaches the end
+    let end = if off + len == size {
+        size.div_ceil(cs) * cs
+    } else {
+        (off + len) / cs * cs
+    };
+    let mut pos = first;
+    let cov = q.header.l2_coverage();
+    while pos < end {
+        let table_end = (pos / cov + 1) * cov;
+        let n = (end.min(table_end) - pos) / cs;
+        q.zero_clusters(&mut m, pos, n, ClearMode::Discard, below)?;
+        pos += n * cs;
+        q.maybe_flush(&mut m)?;
+    }
+    Ok(())
+}
+
+/// Make everything written so far durable, in the order of the module doc.
+pub(crate) fn flush(q: &Qcow2) -> Result<()> {
+    if q.access != Access::ReadWrite {
+        return Ok(());
+    }
+    // readers in flight must be done before freed clusters become reusable
+    let _barrier = q.io_barrier.write().unwrap_or_else(|e| e.into_inner());
+    let mut m = q.meta_write();
+    if m.is_dirty() {
+        q.flush_tables(&mut m)?;
+    } else {
+        q.file.sync().map_err(io_err("Could not flush the image"))?;
+        if q.header.has_data_file() {
+            q.data_st()?
+                .sync()
+                .map_err(io_err("Could not flush the data file"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Grow or shrink the guest size.
+pub(crate) fn resize(q: &Qcow2, new_size: u64, below: &dyn CowSource) -> Result<()> {
+    let cs = q.cs();
+    {
+        let mut m = q.meta_write();
+        q.prepare(&mut m)?;
+        if new_size < m.size {
+            // release clusters past the new end (whole clusters only)
+            let first = new_size.div_ceil(cs) * cs;
+            let old_end = m.size.div_ceil(cs) * cs;
+            let cov = q.header.l2_coverage();
+            let mut pos = first;
+            while pos < old_end {
+                let table_end = (pos / cov + 1) * cov;
+                let n = (old_end.min(table_end) - pos) / cs;
+                q.zero_clusters_free(&mut m, pos, n)?;
+                pos += n * cs;
+            }
+        }
+        let needed = {
+            let shift = q.header.cluster_bits as u64
+                + (q.header.cluster_bits as u64 - q.header.l2_entry_size().trailing_zeros() as u64);
+            new_size.div_ceil(1u64 << shift)
+        };
+        if needed as usize > m.l1.len() {
+            q.grow_l1(&mut m, needed as usize)?;
+        }
+        q.flush_tables(&mut m)?;
+        q.write_header_field(24, &new_size.to_be_bytes())?;
+        m.size = new_size;
+        q.size.store(new_size, Ordering::Release);
+    }
+    let _ = below;
+    Ok(())
+}
+
+impl Qcow2 {
+    /// Unmap whole clusters for good (shrinking): entries become unallocated.
+    fn zero_clusters_free(&self, m: &mut Meta, guest: u64, n: u64) -> Result<()> {
+        let cs = self.cs();
+        let Some((_, _)) = l2_for(self, m, guest)? else {
+            return Ok(());
+        };
+        let (_, l2_off, mut table) = self.l2_for_write(m, guest)?;
+        let ext = self.header.extended_l2();
+        let w = if ext { 2 } else { 1 };
+        for k in 0..n {
+            let idx = (((guest + k * cs) / cs) % self.header.l2_entries()) as usize * w;
+            let e = table[idx];
+            let compressed = e & super::spec::entries::OFLAG_COMPRESSED != 0;
+            if compressed || e & L2E_OFFSET_MASK != 0 {
+                self.release_entry(m, e);
+            }
+            table[idx] = 0;
+            if ext {
+                table[idx + 1] = 0;
+            }
+        }
+        self.store_l2(m, l2_off, table);
+        Ok(())
+    }
+
+    /// Move the L1 table to a bigger one (written and synced before the header points at it).
+    fn grow_l1(&self, m: &mut Meta, entries: usize) -> Result<()> {
+        let cs = self.cs();
+        if entries as u64 * 8 > super::spec::limits::MAX_L1_SIZE {
+            return Err(Error::new(ErrorKind::Unsupported, "Image is too big"));
+        }
+        self.flush_tables(m)?;
+        let clusters = (entries as u64 * 8).div_ceil(cs);
+        let new_off = self.alloc_clusters(m, clusters)?;
+        let mut l1 = m.l1.clone();
+        l1.resize(entries, 0);
+        self.flush_refcounts(m)?;
+        let mut raw = u64s_to_be(&l1);
+        raw.resize((clusters * cs) as usize, 0);
+        self.file
+            .write_at(&raw, new_off)
+            .map_err(io_err("Could not write the new L1 table"))?;
+        self.file
+            .sync()
+            .map_err(io_err("Could not flush the new L1 table"))?;
+        let mut hdr = Vec::with_capacity(12);
+        hdr.extend_from_slice(&(entries as u32).to_be_bytes());
+        hdr.extend_from_slice(&new_off.to_be_bytes());
+        self.write_header_field(36, &hdr)?;
+        let old_off = m.l1_offset;
+        let old_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
+        m.l1 = l1;
+        m.l1_offset = new_off;
+        m.file_len = m.file_len.max(new_off + clusters * cs);
+        if let Some(s) = m.metadata.as_mut() {
+            for c in 0..clusters {
+                s.insert(new_off / cs + c);
+            }
+        }
+        if !m.l1.is_empty() && old_clusters > 0 && old_off != 0 {
+            for c in 0..old_clusters {
+                m.pending_decrements.push(old_off / cs + c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Store a compressed cluster at guest cluster `guest` (`data` is one whole cluster).
+    /// Falls back to a normal write when the data does not compress.
+    pub fn write_compressed(&self, guest: u64, data: &[u8], below: &dyn CowSource) -> Result<()> {
+        let cs = self.cs();
+        if !guest.is_multiple_of(cs) || data.len() as u64 != cs.min(self.meta_read().size - guest) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "compressed writes take whole clusters",
+            ));
+        }
+        if self.header.has_data_file() {
+            return write(self, guest, data, below);
+        }
+        let mut full = data.to_vec();
+        full.resize(cs as usize, 0);
+        let Some(c) = compress::compress(self.header.compression_type, &full)? else {
+            return write(self, guest, data, below);
+        };
+        let mut m = self.meta_write();
+        self.prepare(&mut m)?;
+        let (_, l2_off, mut table) = self.l2_for_write(&mut m, guest)?;
+        let ext = self.header.extended_l2();
+        let w = if ext { 2 } else { 1 };
+        let idx = ((guest / cs) % self.header.l2_entries()) as usize * w;
+        let old = table[idx];
+        let nclusters = (c.len() as u64).div_ceil(cs);
+        let host = self.alloc_clusters(&mut m, nclusters)?;
+        self.write_data(&mut m, host, &c)?;
+        let sectors = (c.len() as u64).div_ceil(512);
+        let csize_shift = 62 - (self.header.cluster_bits - 8);
+        let entry = super::spec::entries::OFLAG_COMPRESSED | ((sectors - 1) << csize_shift) | host;
+        if old & super::spec::entries::OFLAG_COMPRESSED != 0 || old & L2E_OFFSET_MASK != 0 {
+            self.release_entry(&mut m, old);
+        }
+        table[idx] = entry;
+        if ext {
+            table[idx + 1] = 0;
+        }
+        self.store_l2(&mut m, l2_off, table);
+        self.maybe_flush(&mut m)
+    }
+}
