@@ -82,3 +82,196 @@ impl Storage for MemStorage {
         "mem"
     }
 }
+
+/// A crash-simulating storage: writes land in a volatile layer, `sync` makes them durable.
+/// `on_sync` sees (durable bytes, pending writes) just before each sync applies them, which is
+/// every point at which a crash can cut the write stream.
+pub struct CrashStorage {
+    inner: std::sync::Mutex<CrashState>,
+    on_sync: SyncHook,
+}
+
+/// Called with (durable bytes, pending writes) before each sync.
+pub type SyncHook = Box<dyn Fn(&[u8], &[(u64, Vec<u8>)]) + Send + Sync>;
+
+struct CrashState {
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order.
+    pending: Vec<(u64, Vec<u8>)>,
+    /// What reads see: durable + pending.
+    live: Vec<u8>,
+}
+
+impl std::fmt::Debug for CrashStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CrashStorage")
+    }
+}
+
+impl CrashStorage {
+    pub fn new(
+        data: Vec<u8>,
+        on_sync: impl Fn(&[u8], &[(u64, Vec<u8>)]) + Send + Sync + 'static,
+    ) -> Self {
+        CrashStorage {
+            inner: std::sync::Mutex::new(CrashState {
+                durable: data.clone(),
+                pending: Vec::new(),
+                live: data,
+            }),
+            on_sync: Box::new(on_sync),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CrashState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The durable image after a crash now.
+    pub fn durable(&self) -> Vec<u8> {
+        self.state().durable.clone()
+    }
+
+    /// Apply writes to an image buffer (extending it as files do).
+    pub fn apply(base: &mut Vec<u8>, writes: &[(u64, Vec<u8>)]) {
+        for (off, d) in writes {
+            let off = *off as usize;
+            if base.len() < off + d.len() {
+                base.resize(off + d.len(), 0);
+            }
+            base[off..off + d.len()].copy_from_slice(d);
+        }
+    }
+}
+
+impl Storage for CrashStorage {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state().live.len() as u64)
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let s = self.state();
+        let Ok(off) = usize::try_from(off) else {
+            return Ok(0);
+        };
+        if off >= s.live.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(s.live.len() - off);
+        buf[..n].copy_from_slice(&s.live[off..off + n]);
+        Ok(n)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let mut s = self.state();
+        let w = vec![(off, buf.to_vec())];
+        CrashStorage::apply(&mut s.live, &w);
+        s.pending.push((off, buf.to_vec()));
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut s = self.state();
+        s.live.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut s = self.state();
+        (self.on_sync)(&s.durable, &s.pending);
+        let pending = std::mem::take(&mut s.pending);
+        CrashStorage::apply(&mut s.durable, &pending);
+        let live_len = s.live.len();
+        s.durable.resize(live_len, 0);
+        Ok(())
+    }
+
+    fn engine_name(&self) -> &'static str {
+        "crash"
+    }
+}
+
+/// Which fault a `FaultStorage` injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Writes fail with EIO after `n` successful ones.
+    WriteEio { after: u64 },
+    /// Writes fail with ENOSPC once the file would grow past `limit` bytes.
+    Enospc { limit: u64 },
+    /// Every sync fails after `n` successful ones (and keeps failing: sticky).
+    SyncEio { after: u64 },
+    /// Reads fail with EIO.
+    ReadEio,
+}
+
+/// A storage that injects one kind of fault.
+#[derive(Debug)]
+pub struct FaultStorage {
+    inner: MemStorage,
+    fault: Fault,
+    writes: std::sync::atomic::AtomicU64,
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+impl FaultStorage {
+    pub fn new(data: Vec<u8>, fault: Fault) -> Self {
+        FaultStorage {
+            inner: MemStorage::new(data),
+            fault,
+            writes: 0.into(),
+            syncs: 0.into(),
+        }
+    }
+
+    pub fn into_inner(self) -> Vec<u8> {
+        self.inner.into_inner()
+    }
+}
+
+impl Storage for FaultStorage {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        if self.fault == Fault::ReadEio {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let fail = match self.fault {
+            Fault::WriteEio { after } => {
+                (self.writes.fetch_add(1, Ordering::SeqCst) >= after).then_some(libc::EIO)
+            }
+            Fault::Enospc { limit } => {
+                (off + buf.len() as u64 > limit.max(self.inner.len()?)).then_some(libc::ENOSPC)
+            }
+            _ => None,
+        };
+        if let Some(errno) = fail {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        self.inner.write_at(buf, off)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if let Fault::SyncEio { after } = self.fault {
+            if self.syncs.fetch_add(1, Ordering::SeqCst) >= after {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+        Ok(())
+    }
+
+    fn engine_name(&self) -> &'static str {
+        "fault"
+    }
+}

@@ -899,8 +899,16 @@ impl Qcow2 {
 
     /// The whole ordered metadata flush (module doc, steps 1-4).
     pub(crate) fn flush_tables(&self, m: &mut Meta) -> Result<()> {
+        let tables_dirty = !m.dirty_l2.is_empty() || !m.l1_dirty.is_empty();
+        if tables_dirty && m.dirty_refblocks.is_empty() && !m.reftable_dirty {
+            // guest data before the tables that point at it
+            self.file
+                .sync()
+                .map_err(io_err("Could not flush guest data"))?;
+        }
+        // (flush_refcounts syncs data and refcount blocks together)
         self.flush_refcounts(m)?;
-        if !m.dirty_l2.is_empty() || !m.l1_dirty.is_empty() {
+        if !m.dirty_l2.is_empty() {
             let tables: Vec<(u64, Arc<Vec<u64>>)> =
                 m.dirty_l2.iter().map(|(k, v)| (*k, v.clone())).collect();
             for (off, t) in &tables {
@@ -909,6 +917,16 @@ impl Qcow2 {
                     .map_err(io_err(format!("Could not write L2 table at {off:#x}")))?;
                 m.file_len = m.file_len.max(off + t.len() as u64 * 8);
             }
+            // L2 tables before the L1 entries that point at them
+            self.file
+                .sync()
+                .map_err(io_err("Could not flush L2 tables"))?;
+            for (off, t) in tables {
+                self.l2_cache.insert(off, t);
+                m.dirty_l2.remove(&off);
+            }
+        }
+        if !m.l1_dirty.is_empty() {
             for &i in &m.l1_dirty {
                 self.file
                     .write_at(&m.l1[i].to_be_bytes(), m.l1_offset + 8 * i as u64)
@@ -916,11 +934,7 @@ impl Qcow2 {
             }
             self.file
                 .sync()
-                .map_err(io_err("Could not flush L2/L1 tables"))?;
-            for (off, t) in tables {
-                self.l2_cache.insert(off, t);
-                m.dirty_l2.remove(&off);
-            }
+                .map_err(io_err("Could not flush the L1 table"))?;
             m.l1_dirty.clear();
         }
         if !m.pending_decrements.is_empty() {
