@@ -47,6 +47,7 @@ struct Layout {
     ext_l2: bool,
     backing: bool,
     data_file_raw: bool,
+    snapshot: bool,
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
@@ -144,6 +145,13 @@ fn one_sequence(l: &Layout, engine: Engine, seed: u64, dir: &Path) {
             shadow[o..o + l.cluster as usize].fill(0x33);
         }
     }
+    let snap_content = if l.snapshot {
+        let o = qemu_img(&["snapshot", "-c", "s1", &img_s]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Some(shadow.clone())
+    } else {
+        None
+    };
     let opts = OpenOptions {
         engine,
         writable: true,
@@ -228,7 +236,68 @@ fn one_sequence(l: &Layout, engine: Engine, seed: u64, dir: &Path) {
     }
     let shadow_path = dir.join(format!("{}-{seed}.shadow", l.name));
     std::fs::write(&shadow_path, &shadow).unwrap();
-    let o = qemu_img(&["check", "--output=json", &img_s]);
+    verify(l, engine, seed, &img_s, &shadow_path, &log);
+    if let Some(snap) = snap_content {
+        let out = dir.join(format!("{}-{seed}.snap.raw", l.name));
+        let o = qemu_img(&[
+            "convert",
+            "-l",
+            "snapshot.name=s1",
+            "-O",
+            "raw",
+            &img_s,
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = std::fs::read(&out).unwrap();
+        assert!(
+            got[..snap.len()] == snap[..],
+            "{}: snapshot s1 content changed",
+            l.name
+        );
+    }
+    // the other direction: QEMU writes after us, then we read and write again
+    let a = l.cluster + 777;
+    let b = (size / 2) & !511;
+    qemu_io(
+        &img,
+        "qcow2",
+        &[
+            format!("write -P 0x5a {a} 4096"),
+            format!("write -z {b} {}", 2 * l.cluster),
+        ],
+    );
+    shadow[a as usize..a as usize + 4096].fill(0x5a);
+    shadow[b as usize..(b + 2 * l.cluster) as usize].fill(0);
+    {
+        let image = open_image(&img_s, &opts).expect("reopen after qemu");
+        let mut all = vec![0u8; size as usize];
+        image.chain.read(0, &mut all).expect("read after qemu");
+        assert!(
+            all == shadow,
+            "{}: our read differs after QEMU wrote",
+            l.name
+        );
+        let c = 3 * l.cluster + 5;
+        image
+            .chain
+            .write(c, &[0xc3; 10000], false)
+            .expect("write after qemu");
+        shadow[c as usize..c as usize + 10000].fill(0xc3);
+    }
+    std::fs::write(&shadow_path, &shadow).unwrap();
+    verify(
+        l,
+        engine,
+        seed,
+        &img_s,
+        &shadow_path,
+        &["after qemu".to_string()],
+    );
+}
+
+fn verify(l: &Layout, engine: Engine, seed: u64, img_s: &str, shadow_path: &Path, log: &[String]) {
+    let o = qemu_img(&["check", "--output=json", img_s]);
     let js = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         o.status.success(),
@@ -264,6 +333,11 @@ fn layouts() -> Vec<Layout> {
         ext_l2,
         backing,
         data_file_raw: raw,
+        snapshot: false,
+    };
+    let snap = |name, opts: &str, cluster, ext_l2| Layout {
+        snapshot: true,
+        ..mk(name, opts, cluster, true, ext_l2, false, false)
     };
     vec![
         mk(
@@ -417,6 +491,7 @@ fn external_data_file_images_stay_valid() {
             ext_l2: false,
             backing: false,
             data_file_raw: raw,
+            snapshot: false,
         };
         for seed in 1..=2 {
             one_sequence(&l, Engine::Sync, seed, dir.path());
