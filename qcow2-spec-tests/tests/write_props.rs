@@ -449,6 +449,14 @@ fn layouts() -> Vec<Layout> {
             false,
             false,
         ),
+        snap("snapshot-64k", "cluster_size=64k", 65536, false),
+        snap(
+            "snapshot-512-rc4",
+            "cluster_size=512,refcount_bits=4",
+            512,
+            false,
+        ),
+        snap("snapshot-extl2", "extended_l2=on", 65536, true),
     ]
 }
 
