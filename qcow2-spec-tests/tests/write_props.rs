@@ -312,7 +312,7 @@ fn verify(l: &Layout, engine: Engine, seed: u64, img_s: &str, shadow_path: &Path
         "qcow2",
         "-F",
         "raw",
-        &img_s,
+        img_s,
         shadow_path.to_str().unwrap(),
     ]);
     assert!(
