@@ -567,8 +567,52 @@ pub enum Expect<T> {
     Refusal(String),
 }
 
+/// How to compare two programs' standard output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Parsed JSON values must be equal (key order free); differences listed by path.
+    Json,
+    /// A `map --output=json` extent list: equal values, differences shown extent by extent.
+    MapJson,
+    /// Text, line for line.
+    Text,
+}
+
+/// qnbd's `ours` against what qemu-img did with the same arguments (`qemu`): both refuse, or both
+/// succeed with equal output.
+pub fn compare_runs(qemu: &Run, ours: &Run, output: Output) -> Result<(), String> {
+    if !qemu.success() {
+        let msg = qemu.stderr.lines().find(|l| !l.trim().is_empty());
+        return check_refusal(ours, msg.unwrap_or("qemu-img failed without a message"));
+    }
+    if output == Output::Text {
+        if !ours.success() {
+            return Err(format!("qnbd failed: {}", ours.outcome()));
+        }
+        let lines =
+            |r: &Run| -> Vec<String> { r.stdout_text().lines().map(String::from).collect() };
+        let diff = line_diff(&lines(qemu), &lines(ours), 2);
+        return if diff.is_empty() {
+            Ok(())
+        } else {
+            Err(diff.join("\n"))
+        };
+    }
+    let expected: Value = serde_json::from_slice(&qemu.stdout)
+        .map_err(|e| format!("qemu-img printed no valid JSON ({e}): {}", qemu.command))?;
+    let actual = parse_json_output(ours)?;
+    if expected == actual {
+        return Ok(());
+    }
+    Err(match output {
+        Output::MapJson => line_diff(&extent_lines(&expected), &extent_lines(&actual), 2),
+        _ => json_diff(&expected, &actual),
+    }
+    .join("\n"))
+}
+
 /// qnbd must refuse the way the CLI contract says: exit 1, message starting with `qnbd: `.
-fn check_refusal(run: &Run, qemu_message: &str) -> Result<(), String> {
+pub fn check_refusal(run: &Run, qemu_message: &str) -> Result<(), String> {
     if run.code == Some(1) && run.stderr.starts_with("qnbd: ") {
         return Ok(());
     }
