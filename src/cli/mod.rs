@@ -5,6 +5,7 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod qjson;
+pub mod resize;
 
 use crate::error::Error;
 use crate::io::Engine;
@@ -38,6 +39,8 @@ pub enum Command {
     Map(map::MapArgs),
     /// Convert an image (qemu-img convert).
     Convert(convert::ConvertArgs),
+    /// Change the virtual size of an image (qemu-img resize).
+    Resize(resize::ResizeArgs),
 }
 
 /// Options every image-opening command shares.
@@ -68,6 +71,7 @@ pub fn main() -> i32 {
         Command::Info(a) => info::run(&a),
         Command::Map(a) => map::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::Resize(a) => resize::run(&a),
     };
     match res {
         Ok(code) => code,

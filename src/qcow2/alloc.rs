@@ -273,6 +273,9 @@ impl Qcow2 {
         }
         if block_idx as usize >= m.reftable.as_ref().map_or(0, |t| t.len()) {
             self.grow_reftable(m, block_idx)?;
+            if Self::block_exists(m, block_idx) {
+                return self.ensure_refblock(m, block_idx);
+            }
         }
         // Every cluster this block covers has refcount 0, so its first cluster not used as
         // metadata is free: place the block there and let it count itself.
@@ -439,48 +442,86 @@ impl Qcow2 {
         Ok(end)
     }
 
+    fn block_exists(m: &Meta, b: u64) -> bool {
+        m.reftable
+            .as_ref()
+            .and_then(|t| t.get(b as usize))
+            .is_some_and(|&e| e & REFT_OFFSET_MASK != 0)
+    }
+
+    /// Whether host cluster `c` can be handed out.
+    fn cluster_free(&self, m: &Meta, c: u64) -> Result<bool> {
+        Ok(!m.metadata.as_ref().is_some_and(|s| s.contains(&c)) && self.refcount_in(m, c)? == 0)
+    }
+
     /// Allocate `n` contiguous free host clusters (refcount set to 1); returns the host offset.
+    /// Refcount blocks missing for the run are created right after it (so a run may be longer
+    /// than one block covers) and counted in whichever block covers them.
     fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.cs();
         let per = self.refblock_entries();
         let mut start = m.free_hint;
         'search: loop {
-            // make sure the blocks covering the candidate run exist (creating one may take the
-            // first cluster of the run, hence the restart)
-            for b in start / per..=(start + n - 1) / per {
-                let exists = m
-                    .reftable
-                    .as_ref()
-                    .and_then(|t| t.get(b as usize))
-                    .is_some_and(|&e| e & REFT_OFFSET_MASK != 0);
-                if !exists {
-                    self.ensure_refblock(m, b)?;
-                    continue 'search;
-                }
+            if start.saturating_add(n).saturating_mul(cs) > (1u64 << 56) {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "image file would grow beyond 64 PiB",
+                ));
             }
-            for i in 0..n {
-                let c = start + i;
-                let used = self.refcount_in(m, c)? != 0
-                    || m.metadata.as_ref().is_some_and(|s| s.contains(&c));
-                if used {
+            for c in start..start + n {
+                if !self.cluster_free(m, c)? {
                     start = c + 1;
                     continue 'search;
                 }
             }
-            break;
+            // blocks missing for [start, start + n + k), k being their number (fixed point)
+            let mut k = 0u64;
+            let missing: Vec<u64> = loop {
+                let last = (start + n + k - 1) / per;
+                let miss: Vec<u64> = (start / per..=last)
+                    .filter(|&b| !Self::block_exists(m, b))
+                    .collect();
+                if miss.len() as u64 == k {
+                    break miss;
+                }
+                k = miss.len() as u64;
+            };
+            for c in start + n..start + n + k {
+                if !self.cluster_free(m, c)? {
+                    start = c + 1;
+                    continue 'search;
+                }
+            }
+            if let Some(&maxb) = missing.last() {
+                if maxb as usize >= m.reftable.as_ref().map_or(0, |t| t.len()) {
+                    self.grow_reftable(m, maxb)?;
+                    continue 'search;
+                }
+            }
+            let order = self.header.refcount_order;
+            for (j, &b) in missing.iter().enumerate() {
+                let at = start + n + j as u64;
+                m.dirty_refblocks
+                    .insert(at * cs, Arc::new(vec![0u8; cs as usize]));
+                if let Some(t) = m.reftable.as_mut() {
+                    t[b as usize] = at * cs;
+                }
+                m.reftable_dirty = true;
+                if let Some(s) = m.metadata.as_mut() {
+                    s.insert(at);
+                }
+            }
+            // count the new blocks, then the run
+            for j in 0..k {
+                self.adjust_refcount(m, start + n + j, 1)?;
+            }
+            for i in 0..n {
+                self.adjust_refcount(m, start + i, 1)?;
+            }
+            let _ = order;
+            m.free_hint = start + n + k;
+            return Ok(start * cs);
         }
-        for i in 0..n {
-            self.adjust_refcount(m, start + i, 1)?;
-        }
-        m.free_hint = start + n;
-        let end = (start + n) * cs;
-        if (start + n).checked_mul(cs).is_none() || end > (1u64 << 56) {
-            return Err(Error::new(
-                ErrorKind::Io,
-                "image file would grow beyond 64 PiB",
-            ));
-        }
-        Ok(start * cs)
     }
 
     /// Queue a decrement for every host cluster a (soon unreferenced) entry holds.

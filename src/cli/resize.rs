@@ -1,0 +1,82 @@
+//! `qnbd resize`: qemu-img resize (grow, or shrink with `--shrink`).
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::open::{open_image, Format};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// Image format (qcow2, raw); probed when omitted.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Allow making the image smaller (data past the new end is lost).
+    #[arg(long = "shrink")]
+    pub shrink: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    pub image: String,
+    /// New size, or +SIZE / -SIZE relative to the current one (suffixes k, M, G, T).
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
+}
+
+pub fn run(a: &ResizeArgs) -> Result<i32> {
+    let mut opts = super::open_options(a.format.as_deref())?;
+    opts.writable = true;
+    opts.no_backing = true;
+    let img = open_image(&a.image, &opts)?;
+    let layer = &img.layers[0];
+    let cur = img.chain.size();
+    let (rel, num) = match a.size.as_bytes().first() {
+        Some(b'+') => (1i8, &a.size[1..]),
+        Some(b'-') => (-1, &a.size[1..]),
+        _ => (0, a.size.as_str()),
+    };
+    let n = crate::units::parse_size(num).ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+        )
+    })?;
+    let new = match rel {
+        1 => cur.checked_add(n),
+        -1 => cur.checked_sub(n),
+        _ => Some(n),
+    }
+    .ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            "New image size must be positive",
+        )
+    })?;
+    if new < cur && !a.shrink {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "Use the --shrink option to perform a shrink operation.",
+        ));
+    }
+    match layer.format {
+        Format::Qcow2 => {
+            let q = layer
+                .qcow2
+                .as_ref()
+                .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "not a qcow2 image"))?;
+            q.resize(new)?;
+        }
+        Format::Raw => {
+            layer
+                .storage
+                .set_len(new)
+                .map_err(|e| Error::io("Could not resize the image", e))?;
+            layer
+                .storage
+                .sync()
+                .map_err(|e| Error::io("Could not flush the image", e))?;
+        }
+    }
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
