@@ -1,6 +1,7 @@
 //! Command line: clap structures turned into library options, and output formatting in
 //! qemu-img's formats. Only this module and `open.rs` name concrete formats and I/O engines.
 
+pub mod check;
 pub mod convert;
 pub mod info;
 pub mod map;
@@ -38,6 +39,8 @@ pub enum Command {
     Map(map::MapArgs),
     /// Convert an image (qemu-img convert).
     Convert(convert::ConvertArgs),
+    /// Check an image for consistency and optionally repair it (qemu-img check).
+    Check(check::CheckArgs),
 }
 
 /// Options every image-opening command shares.
@@ -68,6 +71,7 @@ pub fn main() -> i32 {
         Command::Info(a) => info::run(&a),
         Command::Map(a) => map::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::Check(a) => check::run(&a),
     };
     match res {
         Ok(code) => code,
