@@ -315,7 +315,9 @@ fn read_snapshots(file: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<S
             return Err(Error::invalid("Snapshot table exceeds the maximum size"));
         }
         let mut buf = vec![0u8; len];
-        read_exact(file, &mut buf, off).map_err(read_err("the snapshot table", off))?;
+        // the padding of the last entry may lie past EOF (QEMU does not write it)
+        crate::io::read_exact_or_zero(file, &mut buf, off)
+            .map_err(read_err("the snapshot table", off))?;
         out.push(snapshot::parse_entry(&buf, h.version, i)?);
         off += len as u64;
     }
