@@ -1,6 +1,7 @@
 //! Command line: clap structures turned into library options, and output formatting in
 //! qemu-img's formats. Only this module and `open.rs` name concrete formats and I/O engines.
 
+pub mod check;
 pub mod convert;
 pub mod info;
 pub mod map;
@@ -41,6 +42,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Change the virtual size of an image (qemu-img resize).
     Resize(resize::ResizeArgs),
+    /// Check an image for consistency and optionally repair it (qemu-img check).
+    Check(check::CheckArgs),
 }
 
 /// Options every image-opening command shares.
@@ -72,6 +75,7 @@ pub fn main() -> i32 {
         Command::Map(a) => map::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Resize(a) => resize::run(&a),
+        Command::Check(a) => check::run(&a),
     };
     match res {
         Ok(code) => code,

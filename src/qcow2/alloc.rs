@@ -454,6 +454,16 @@ impl Qcow2 {
         Ok(!m.metadata.as_ref().is_some_and(|s| s.contains(&c)) && self.refcount_in(m, c)? == 0)
     }
 
+    /// First cluster of `[from, to)` that cannot be handed out.
+    fn first_used(&self, m: &Meta, from: u64, to: u64) -> Result<Option<u64>> {
+        for c in from..to {
+            if !self.cluster_free(m, c)? {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+
     /// Allocate `n` contiguous free host clusters (refcount set to 1); returns the host offset.
     /// Refcount blocks missing for the run are created right after it (so a run may be longer
     /// than one block covers) and counted in whichever block covers them.
@@ -468,11 +478,9 @@ impl Qcow2 {
                     "image file would grow beyond 64 PiB",
                 ));
             }
-            for c in start..start + n {
-                if !self.cluster_free(m, c)? {
-                    start = c + 1;
-                    continue 'search;
-                }
+            if let Some(c) = self.first_used(m, start, start + n)? {
+                start = c + 1;
+                continue 'search;
             }
             // blocks missing for [start, start + n + k), k being their number (fixed point)
             let mut k = 0u64;
@@ -486,11 +494,9 @@ impl Qcow2 {
                 }
                 k = miss.len() as u64;
             };
-            for c in start + n..start + n + k {
-                if !self.cluster_free(m, c)? {
-                    start = c + 1;
-                    continue 'search;
-                }
+            if let Some(c) = self.first_used(m, start + n, start + n + k)? {
+                start = c + 1;
+                continue 'search;
             }
             if let Some(&maxb) = missing.last() {
                 if maxb as usize >= m.reftable.as_ref().map_or(0, |t| t.len()) {

@@ -7,11 +7,13 @@
 //! | `tables.rs` | L2 tables through the bounded cache; the mapping of one guest range |
 //! | `refcount.rs` | refcount table and blocks (read side) |
 //! | `compress.rs` | deflate / zstd clusters |
+//! | `check.rs` | consistency check and repair (qemu-img check) |
 //!
 //! This module never opens other files: backing and data files are opened by `open.rs` under
 //! the open policy and handed in.
 
 pub mod alloc;
+pub mod check;
 pub mod compress;
 pub mod luks;
 pub mod refcount;
