@@ -9,9 +9,11 @@
 # Every image is described in a comment block ("IMAGE: ...") right above the
 # commands that build it, and in OUTDIR/MANIFEST.tsv (name, expected
 # `qemu-img check` exit code, description).  Contents are deterministic (fixed
-# patterns, a seeded PRNG); host-level details (file layout, LUKS salts,
-# snapshot dates) are not, so truth is always regenerated together with the
-# images, never mixed across runs.
+# patterns, a seeded PRNG) and so is the host file layout (see "Host file
+# layout" below): two runs give byte-identical truth files except for
+# snapshot dates and LUKS key material (uuid, iteration counts) in info.json.
+# Still, truth belongs to the images it was recorded from: regenerate both
+# together, never mix runs.
 #
 # Unless TRUTH=0, QEMU's ground truth for every image goes to OUTDIR/truth/:
 #   NAME.info.json        qemu-img info --output=json --backing-chain -U -f FMT

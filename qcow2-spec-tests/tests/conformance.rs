@@ -17,8 +17,8 @@
 //! cache). Tests that ask qemu-img live run it right before qnbd, on the same file.
 
 use qcow2_spec_tests::{
-    check_convert, check_info, check_map, compare_runs, qnbd, reference_set, tool, IoEngine,
-    Mismatches, Output, ReferenceSet,
+    check_convert, check_info, check_map, compare_runs, qnbd, reference_set, sha256_file, tool,
+    Expect, IoEngine, Mismatches, Output, ReferenceSet,
 };
 
 #[test]
@@ -113,7 +113,11 @@ fn info_human_output_matches_qemu_img() {
             args.push("--backing-chain".into());
         }
         args.push(name.into());
-        let label = args[1..].join(" ");
+        let label = if chain {
+            format!("{name} --backing-chain")
+        } else {
+            name.to_string()
+        };
         compare_live(set, &mut found, &label, &args, Output::Text);
     }
     found.assert_none();
@@ -232,4 +236,81 @@ fn reference_set_is_complete() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// `convert -p` prints qemu-img's progress lines: `    (P.PP/100%)` separated by `\r`, from
+/// 0.00 to 100.00 without going back, then a newline; the output file is unchanged by `-p`.
+#[test]
+fn convert_progress_has_qemu_img_shape() {
+    let Some(set) = reference_set() else { return };
+    let mut found = Mismatches::new("qnbd convert -p progress output");
+    for name in ["v3-basic.qcow2", "chain-top.qcow2", "large-sparse.qcow2"] {
+        let image = set.image(name);
+        let expect = set.expected_sha256(name);
+        for engine in IoEngine::ALL {
+            let scratch = qcow2_spec_tests::scratch_dir();
+            let dst = scratch.path().join("out.raw");
+            let dst = dst.to_str().expect("scratch path is UTF-8");
+            let run = qnbd(
+                engine,
+                &set.dir,
+                [
+                    "convert",
+                    "-p",
+                    "-f",
+                    image.format(),
+                    "-O",
+                    "raw",
+                    name,
+                    dst,
+                ],
+            );
+            let result = if run.success() {
+                check_progress(&run.stdout_text()).and_then(|()| {
+                    let sum = sha256_file(std::path::Path::new(dst)).map_err(|e| e.to_string())?;
+                    match &expect {
+                        Expect::Value(want) if *want == sum => Ok(()),
+                        _ => Err(format!("with -p the output's sha256 is {sum}")),
+                    }
+                })
+            } else {
+                Err(format!("qnbd convert -p failed: {}", run.outcome()))
+            };
+            found.record(name, engine, result);
+        }
+    }
+    found.assert_none();
+}
+
+fn check_progress(out: &str) -> Result<(), String> {
+    let body = out.strip_suffix("\r\n").ok_or_else(|| {
+        let tail: String = out
+            .chars()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("qemu-img ends with \"    (100.00/100%)\\r\\n\", qnbd with {tail:?}")
+    })?;
+    let mut last = -1.0f64;
+    let mut values = Vec::new();
+    for seg in body.split('\r') {
+        let value = seg
+            .strip_prefix("    (")
+            .and_then(|s| s.strip_suffix("/100%)"))
+            .filter(|v| v.len() >= 4 && v.as_bytes()[v.len() - 3] == b'.')
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("segment {seg:?} is not \"    (P.PP/100%)\""))?;
+        if value < last {
+            return Err(format!("progress went back from {last:.2} to {value:.2}"));
+        }
+        last = value;
+        values.push(value);
+    }
+    match (values.first(), values.last()) {
+        (Some(&first), Some(&last)) if first == 0.0 && last == 100.0 => Ok(()),
+        _ => Err(format!("progress runs {values:?}, not 0.00 .. 100.00")),
+    }
 }
