@@ -310,3 +310,61 @@ fn injected_faults_are_errors_and_the_image_stays_valid() {
     assert!(open_storage_image(st, Some(Format::Qcow2), &Qcow2Options::default()).is_err());
     let _ = MemStorage::default().len();
 }
+
+#[test]
+fn dirty_lazy_refcount_image_is_repaired_on_read_write_open() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dirty.qcow2");
+    let o = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,cluster_size=4k",
+        ])
+        .arg(&img)
+        .arg("4M")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    // a writer killed with unwritten lazy refcounts
+    let _ = Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "flush",
+            "-c",
+            "write -P 2 1M 512k",
+            "-c",
+            "sigraise 9",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let (rc, out) = qemu_check(&img);
+    assert_eq!(rc, 2, "the crash should have left stale refcounts: {out}");
+    {
+        let opts = qnbd::open::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let image = qnbd::open::open_image(img.to_str().unwrap(), &opts).expect("open rw");
+        let h = image.layers[0].qcow2.as_ref().unwrap().header().clone();
+        assert!(
+            !h.is_dirty(),
+            "dirty bit still set after the read-write open"
+        );
+        image.chain.write(2 << 20, &[3u8; 8192], false).unwrap();
+    }
+    let (rc, out) = qemu_check(&img);
+    assert_eq!(rc, 0, "{out}");
+    let content = guest_content(&img, &dir.path().join("out.raw")).unwrap();
+    assert!(content[..1 << 20].iter().all(|&b| b == 1));
+    assert!(content[2 << 20..(2 << 20) + 8192].iter().all(|&b| b == 3));
+}

@@ -212,10 +212,35 @@ impl Qcow2 {
                 ));
             }
             if header.is_dirty() {
-                return Err(Error::new(
-                    crate::ErrorKind::Denied,
-                    "Image was not closed cleanly (lazy refcounts); repair it with 'qnbd check -r all' before opening it read/write",
-                ));
+                // Lazy refcounts were not written back before a crash: rebuild them before the
+                // first allocation, as QEMU does on a read-write open.
+                drop(first);
+                let ro = Qcow2::open(
+                    file.clone(),
+                    &Qcow2Options {
+                        access: crate::block::Access::ReadOnly,
+                        ..opts.clone()
+                    },
+                )?;
+                let out = check::check(&ro, check::Repair::All);
+                drop(ro);
+                if let Some(f) = out.failure {
+                    return Err(Error::corrupt(format!("Could not repair dirty image: {f}")));
+                }
+                let again = Qcow2::open(
+                    file.clone(),
+                    &Qcow2Options {
+                        access: crate::block::Access::ReadOnly,
+                        ..opts.clone()
+                    },
+                )?;
+                if again.header().is_dirty() {
+                    return Err(Error::corrupt(
+                        "Could not repair dirty image: refcount errors remain (see 'qnbd check')",
+                    ));
+                }
+                drop(again);
+                return Qcow2::open(file, opts);
             }
         }
         let meta = alloc::Meta::new(&header, l1, file_len);
