@@ -1,6 +1,7 @@
 //! Command line: clap structures turned into library options, and output formatting in
 //! qemu-img's formats. Only this module and `open.rs` name concrete formats and I/O engines.
 
+pub mod bench;
 pub mod check;
 pub mod convert;
 pub mod info;
@@ -42,6 +43,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Change the virtual size of an image (qemu-img resize).
     Resize(resize::ResizeArgs),
+    /// Measure request throughput and latency on an image (qemu-img bench).
+    Bench(bench::BenchArgs),
     /// Check an image for consistency and optionally repair it (qemu-img check).
     Check(check::CheckArgs),
 }
@@ -75,6 +78,7 @@ pub fn main() -> i32 {
         Command::Map(a) => map::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Resize(a) => resize::run(&a),
+        Command::Bench(a) => bench::run(&a),
         Command::Check(a) => check::run(&a),
     };
     match res {

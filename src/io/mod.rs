@@ -9,6 +9,7 @@
 use std::fmt;
 use std::io;
 
+pub mod buf;
 pub mod mem;
 pub mod sync;
 #[cfg(feature = "uring")]
