@@ -2,6 +2,7 @@
 //! qemu-img's formats. Only this module and `open.rs` name concrete formats and I/O engines.
 
 pub mod convert;
+pub mod create;
 pub mod info;
 pub mod map;
 pub mod qjson;
@@ -38,6 +39,8 @@ pub enum Command {
     Map(map::MapArgs),
     /// Convert an image (qemu-img convert).
     Convert(convert::ConvertArgs),
+    /// Create a new image (qemu-img create).
+    Create(create::CreateArgs),
 }
 
 /// Options every image-opening command shares.
@@ -68,6 +71,7 @@ pub fn main() -> i32 {
         Command::Info(a) => info::run(&a),
         Command::Map(a) => map::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::Create(a) => create::run(&a),
     };
     match res {
         Ok(code) => code,

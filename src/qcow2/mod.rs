@@ -12,6 +12,7 @@
 //! the open policy and handed in.
 
 pub mod compress;
+pub mod create;
 pub mod luks;
 pub mod refcount;
 pub mod spec;
