@@ -11,6 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub mod chain;
+pub mod create_raw;
 pub mod raw;
 
 pub use chain::{Chain, Resolved};

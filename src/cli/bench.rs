@@ -148,7 +148,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
                     let r = if a.write {
                         let r = chain.write(off, &buf, false);
                         let n = writes_done.fetch_add(1, Ordering::Relaxed) + 1;
-                        if r.is_ok() && a.flush_interval > 0 && n % a.flush_interval == 0 {
+                        if r.is_ok() && a.flush_interval > 0 && n.is_multiple_of(a.flush_interval) {
                             chain.flush()
                         } else {
                             r

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod check;
 pub mod convert;
+pub mod create;
 pub mod info;
 pub mod map;
 pub mod qjson;
@@ -47,6 +48,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Check an image for consistency and optionally repair it (qemu-img check).
     Check(check::CheckArgs),
+    /// Create a new image (qemu-img create).
+    Create(create::CreateArgs),
 }
 
 /// Options every image-opening command shares.
@@ -80,6 +83,7 @@ pub fn main() -> i32 {
         Command::Resize(a) => resize::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Create(a) => create::run(&a),
     };
     match res {
         Ok(code) => code,

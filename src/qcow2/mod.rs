@@ -15,6 +15,7 @@
 pub mod alloc;
 pub mod check;
 pub mod compress;
+pub mod create;
 pub mod luks;
 pub mod refcount;
 pub mod spec;
