@@ -5,6 +5,7 @@ pub mod convert;
 pub mod info;
 pub mod map;
 pub mod qjson;
+pub mod serve;
 
 use crate::error::Error;
 use crate::io::Engine;
@@ -38,6 +39,8 @@ pub enum Command {
     Map(map::MapArgs),
     /// Convert an image (qemu-img convert).
     Convert(convert::ConvertArgs),
+    /// Export images over NBD (qemu-nbd).
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Options every image-opening command shares.
@@ -68,6 +71,7 @@ pub fn main() -> i32 {
         Command::Info(a) => info::run(&a),
         Command::Map(a) => map::run(&a),
         Command::Convert(a) => convert::run(&a),
+        Command::Serve(a) => serve::run(&a),
     };
     match res {
         Ok(code) => code,

@@ -11,9 +11,11 @@
 //!
 //! This module never imports `qcow2`: it sees images through `block::Chain` only.
 
+pub mod client;
 pub mod export;
 pub mod extents;
 pub mod handshake;
 pub mod meta;
+pub mod server;
 pub mod transmission;
 pub mod wire;
