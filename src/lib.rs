@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod io;
+pub mod nbd;
 pub mod open;
 pub mod qcow2;
 pub mod testing;

@@ -9,6 +9,7 @@ pub mod info;
 pub mod map;
 pub mod qjson;
 pub mod resize;
+pub mod serve;
 
 use crate::error::Error;
 use crate::io::Engine;
@@ -50,6 +51,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Create a new image (qemu-img create).
     Create(create::CreateArgs),
+    /// Export images over NBD (qemu-nbd).
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Options every image-opening command shares.
@@ -84,6 +87,7 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(&a),
         Command::Check(a) => check::run(&a),
         Command::Create(a) => create::run(&a),
+        Command::Serve(a) => serve::run(&a),
     };
     match res {
         Ok(code) => code,

@@ -1,0 +1,490 @@
+//! `qnbd serve`: the NBD server with qemu-nbd's command line.
+//!
+//! Flags keep qemu-nbd's names and defaults (`-p 10809`, `-b 0.0.0.0`, `-e 1`,
+//! `--handshake-limit 10`, exit after the last client unless `-t`). What this build cannot do
+//! yet is refused with a clear message instead of being silently ignored: writable exports are
+//! served read-only with a warning, `-B`, `-s`, `-l`, `-c`/`-d` and TLS fail at startup.
+//! See `docs/serve.md`.
+
+use super::open_options;
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::Engine;
+use crate::nbd::export::{ChainBackend, Export, ExportBackend, ExportSet, Status};
+use crate::nbd::meta::Available;
+use crate::nbd::server::{self, ConnConfig, Server, ServerConfig, Stop};
+use crate::open::open_image;
+use clap::Args;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Image to export (qemu-nbd's FILE).
+    pub image: Option<String>,
+    /// Image format (qcow2, raw); probed when omitted.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Export read-only (the only mode of this build; without it a warning is printed).
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// Export name (default: the empty name).
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    pub export_name: String,
+    /// Export description (NBD_INFO_DESCRIPTION).
+    #[arg(short = 'D', long = "description")]
+    pub description: Option<String>,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    pub persistent: bool,
+    /// Maximum simultaneous clients (0 = unlimited); multi-conn is advertised when not 1.
+    #[arg(short = 'e', long = "shared", default_value_t = 1)]
+    pub shared: usize,
+    /// Export a persistent dirty bitmap as qemu:dirty-bitmap:NAME (not available yet).
+    #[arg(short = 'B', long = "bitmap")]
+    pub bitmaps: Vec<String>,
+    /// Expose the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    pub allocation_depth: bool,
+    /// Expose the image from this byte offset.
+    #[arg(short = 'o', long = "offset", value_parser = super::parse_size_arg)]
+    pub offset: Option<u64>,
+    /// Host cache mode (none, writeback, writethrough, directsync, unsafe); read-only exports
+    /// read through the page cache whatever the mode.
+    #[arg(long = "cache")]
+    pub cache: Option<String>,
+    /// Same as --cache=none.
+    #[arg(short = 'n', long = "nocache")]
+    pub nocache: bool,
+    /// I/O backend: threads (positioned I/O), native (positioned I/O), io_uring.
+    #[arg(long = "aio")]
+    pub aio: Option<String>,
+    /// Discard mode (ignore/off, unmap/on); no effect on a read-only export.
+    #[arg(long = "discard")]
+    pub discard: Option<String>,
+    /// Zero detection (off, on, unmap); no effect on a read-only export.
+    #[arg(long = "detect-zeroes")]
+    pub detect_zeroes: Option<String>,
+    /// Fork into the background once the server listens.
+    #[arg(long = "fork")]
+    pub fork: bool,
+    /// Write the server's pid to this file (mode 0600, locked while the server runs).
+    #[arg(long = "pid-file")]
+    pub pid_file: Option<String>,
+    /// Drop clients that have not finished negotiation within N seconds (0 = no limit).
+    #[arg(long = "handshake-limit", default_value_t = 10)]
+    pub handshake_limit: u64,
+    /// List the exports of a running server (at -k, or -b/-p) and exit.
+    #[arg(short = 'L', long = "list")]
+    pub list: bool,
+    /// Interface to bind (or the host to query with -L).
+    #[arg(short = 'b', long = "bind")]
+    pub bind: Option<String>,
+    /// TCP port.
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// Unix socket path (absolute).
+    #[arg(short = 'k', long = "socket")]
+    pub socket: Option<String>,
+    /// Temporary overlay (not available yet).
+    #[arg(short = 's', long = "snapshot")]
+    pub snapshot: bool,
+    /// Export an internal snapshot (not available yet).
+    #[arg(short = 'l', long = "load-snapshot")]
+    pub load_snapshot: Option<String>,
+    /// TLS credentials (not available yet).
+    #[arg(long = "tls-creds")]
+    pub tls_creds: Option<String>,
+    /// Log every refused client and request.
+    #[arg(short = 'v', long = "verbose")]
+    pub verbose: bool,
+    /// Serve one client on stdin/stdout, then exit.
+    #[arg(long = "stdio")]
+    pub stdio: bool,
+    /// Additional export: name=NAME,file=PATH[,format=FMT][,readonly=on][,description=TEXT]
+    /// [,allocation-depth=on]. Repeatable.
+    #[arg(long = "export")]
+    pub exports: Vec<String>,
+    /// Worker threads executing requests (default: one per CPU, at least 2).
+    #[arg(long = "workers")]
+    pub workers: Option<usize>,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+/// An export shifted by `-o OFFSET`.
+#[derive(Debug)]
+struct Offset {
+    inner: Arc<dyn ExportBackend>,
+    offset: u64,
+}
+
+impl ExportBackend for Offset {
+    fn size(&self) -> u64 {
+        self.inner.size().saturating_sub(self.offset)
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(off + self.offset, buf)
+    }
+    fn block_status(&self, off: u64, len: u64) -> Result<Status> {
+        self.inner.block_status(off + self.offset, len)
+    }
+}
+
+struct ExportSpec {
+    name: String,
+    file: String,
+    format: Option<String>,
+    description: Option<String>,
+    depth: bool,
+}
+
+fn parse_export(s: &str) -> Result<ExportSpec> {
+    let mut spec = ExportSpec {
+        name: String::new(),
+        file: String::new(),
+        format: None,
+        description: None,
+        depth: false,
+    };
+    let mut have_name = false;
+    for kv in s.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--export: expected key=value, got '{kv}'")))?;
+        let on = |v: &str| -> Result<bool> {
+            match v {
+                "on" | "true" | "yes" => Ok(true),
+                "off" | "false" | "no" => Ok(false),
+                _ => Err(bad(format!("--export: {k} expects on or off"))),
+            }
+        };
+        match k {
+            "name" => {
+                spec.name = v.to_string();
+                have_name = true;
+            }
+            "file" => spec.file = v.to_string(),
+            "format" => spec.format = Some(v.to_string()),
+            "description" => spec.description = Some(v.to_string()),
+            "allocation-depth" => spec.depth = on(v)?,
+            "readonly" => {
+                if !on(v)? {
+                    eprintln!("qnbd: warning: export '{}': writable exports are not available yet; serving read-only", spec.name);
+                }
+            }
+            _ => return Err(bad(format!("--export: unknown key '{k}'"))),
+        }
+    }
+    if !have_name || spec.file.is_empty() {
+        return Err(bad("--export needs name=... and file=..."));
+    }
+    Ok(spec)
+}
+
+fn build_export(
+    spec: &ExportSpec,
+    engine: Engine,
+    offset: u64,
+    multi_conn: bool,
+) -> Result<Arc<Export>> {
+    if spec.name.len() > crate::nbd::wire::NBD_MAX_STRING {
+        return Err(bad(format!("export name '{}' too long", spec.name)));
+    }
+    if spec
+        .description
+        .as_ref()
+        .is_some_and(|d| d.len() > crate::nbd::wire::NBD_MAX_STRING)
+    {
+        return Err(bad("description too long"));
+    }
+    let mut opts = open_options(spec.format.as_deref())?;
+    opts.engine = engine;
+    let image = open_image(&spec.file, &opts)
+        .map_err(|e| e.context(format!("Failed to blk_new_open '{}'", spec.file)))?;
+    let mut backend: Arc<dyn ExportBackend> = Arc::new(ChainBackend::new(image.chain));
+    if offset > 0 {
+        if offset > backend.size() {
+            return Err(bad(format!(
+                "Offset ({offset}) is past the end of the image"
+            )));
+        }
+        backend = Arc::new(Offset {
+            inner: backend,
+            offset,
+        });
+    }
+    Ok(Arc::new(Export {
+        name: spec.name.clone(),
+        description: spec.description.clone(),
+        backend,
+        contexts: Available {
+            allocation_depth: spec.depth,
+            bitmaps: Vec::new(),
+        },
+        multi_conn,
+    }))
+}
+
+fn list(a: &ServeArgs) -> Result<i32> {
+    if a.image.is_some() || !a.exports.is_empty() || a.fork {
+        return Err(bad(
+            "List mode is incompatible with a file name, --export and --fork",
+        ));
+    }
+    let (ext, exports) = if let Some(k) = &a.socket {
+        let s = std::os::unix::net::UnixStream::connect(k)
+            .map_err(|e| Error::io(format!("Failed to connect to '{k}'"), e))?;
+        crate::nbd::client::list_exports(s)?
+    } else {
+        let host = a.bind.clone().unwrap_or_else(|| "localhost".into());
+        let port = a.port.unwrap_or(10809);
+        let s = std::net::TcpStream::connect((host.as_str(), port))
+            .map_err(|e| Error::io(format!("Failed to connect to '{host}:{port}'"), e))?;
+        crate::nbd::client::list_exports(s)?
+    };
+    print!("{}", crate::nbd::client::format_list(ext, &exports));
+    Ok(0)
+}
+
+/// The pipe a forked child reports readiness (or an error) through.
+struct ForkPipe(RawFd);
+
+impl ForkPipe {
+    fn send(&mut self, msg: &[u8]) {
+        // SAFETY: the fd is the write end we own; `msg` is a valid buffer.
+        let _ = unsafe { libc::write(self.0, msg.as_ptr() as *const libc::c_void, msg.len()) };
+    }
+}
+
+/// Fork; the parent waits for the child's report and exits; the child returns its pipe.
+fn daemonize() -> Result<ForkPipe> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is valid for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: no threads have been started yet (fork runs before the image is opened and
+    // before any worker or connection thread exists).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Error::io("fork", std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        // SAFETY: closing our copy of the write end; reading the read end we own.
+        unsafe { libc::close(fds[1]) };
+        // SAFETY: fds[0] is an open fd owned by nobody else in this process.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        let mut msg = Vec::new();
+        let _ = f.read_to_end(&mut msg);
+        if msg.starts_with(b"OK") {
+            std::process::exit(0);
+        }
+        let _ = std::io::stderr().write_all(&msg);
+        std::process::exit(1);
+    }
+    // SAFETY: closing the read end in the child; setsid has no memory-safety preconditions.
+    unsafe {
+        libc::close(fds[0]);
+        libc::setsid();
+    }
+    Ok(ForkPipe(fds[1]))
+}
+
+fn write_pid_file(path: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("Cannot open pid file '{path}'"), e))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::io(
+            "Cannot lock pid file",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    f.set_len(0)
+        .and_then(|_| (&f).write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(|e| Error::io(format!("Failed to write pid file '{path}'"), e))?;
+    // the lock lives as long as the process
+    std::mem::forget(f);
+    Ok(())
+}
+
+pub fn run(a: &ServeArgs) -> Result<i32> {
+    if a.list {
+        return list(a);
+    }
+    if a.snapshot {
+        return Err(Error::unsupported(
+            "-s/--snapshot is not available yet (needs the write path)",
+        ));
+    }
+    if a.load_snapshot.is_some() {
+        return Err(Error::unsupported(
+            "-l/--load-snapshot is not available yet",
+        ));
+    }
+    if a.tls_creds.is_some() {
+        return Err(Error::unsupported("TLS is not available yet"));
+    }
+    if !a.bitmaps.is_empty() {
+        return Err(Error::unsupported(format!(
+            "Bitmap '{}' cannot be exported: bitmap support not available yet",
+            a.bitmaps[0]
+        )));
+    }
+    if a.nocache && a.cache.is_some() {
+        return Err(bad("-n and --cache can only be specified once"));
+    }
+    if let Some(c) = &a.cache {
+        if !matches!(
+            c.as_str(),
+            "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
+        ) {
+            return Err(bad(format!("Invalid cache mode '{c}'")));
+        }
+    }
+    if let Some(d) = &a.discard {
+        if !matches!(d.as_str(), "ignore" | "off" | "unmap" | "on") {
+            return Err(bad(format!("Invalid discard mode '{d}'")));
+        }
+    }
+    if let Some(d) = &a.detect_zeroes {
+        if !matches!(d.as_str(), "off" | "on" | "unmap") {
+            return Err(bad(format!("Invalid detect-zeroes mode '{d}'")));
+        }
+    }
+    let engine = match a.aio.as_deref() {
+        None => Engine::from_env(),
+        Some("threads") | Some("native") => Engine::Sync,
+        Some("io_uring") => Engine::Uring,
+        Some(o) => return Err(bad(format!("Invalid aio mode '{o}'"))),
+    };
+    if a.image.is_none() && a.exports.is_empty() {
+        return Err(bad("Expected exactly one file name argument (or --export)"));
+    }
+    if !a.read_only && a.image.is_some() {
+        eprintln!("qnbd: warning: writable exports are not available yet; serving read-only");
+    }
+    if a.stdio && (a.fork || a.socket.is_some() || a.port.is_some() || a.bind.is_some()) {
+        return Err(bad("--stdio is incompatible with --fork, -k, -b and -p"));
+    }
+    let specs: Vec<ExportSpec> = a
+        .exports
+        .iter()
+        .map(|s| parse_export(s))
+        .collect::<Result<_>>()?;
+
+    let mut fork_pipe = if a.fork { Some(daemonize()?) } else { None };
+    let res = serve(a, engine, specs, &mut fork_pipe);
+    if let (Err(e), Some(p)) = (&res, fork_pipe.as_mut()) {
+        p.send(format!("qnbd: {e}\n").as_bytes());
+        std::process::exit(1);
+    }
+    res
+}
+
+fn serve(
+    a: &ServeArgs,
+    engine: Engine,
+    specs: Vec<ExportSpec>,
+    fork_pipe: &mut Option<ForkPipe>,
+) -> Result<i32> {
+    let multi_conn = a.shared != 1;
+    let mut exports = Vec::new();
+    if let Some(img) = &a.image {
+        let spec = ExportSpec {
+            name: a.export_name.clone(),
+            file: img.clone(),
+            format: a.format.clone(),
+            description: a.description.clone(),
+            depth: a.allocation_depth,
+        };
+        exports.push(build_export(
+            &spec,
+            engine,
+            a.offset.unwrap_or(0),
+            multi_conn,
+        )?);
+    }
+    for s in &specs {
+        if exports.iter().any(|e: &Arc<Export>| e.name == s.name) {
+            return Err(bad(format!("export name '{}' given twice", s.name)));
+        }
+        exports.push(build_export(s, engine, 0, multi_conn)?);
+    }
+    let conn = ConnConfig {
+        exports: Arc::new(ExportSet::new(exports)),
+        handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
+        verbose: a.verbose,
+    };
+    let workers = a.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2)
+    });
+    if a.stdio {
+        server::serve_stdio(&conn, workers);
+        return Ok(0);
+    }
+    let listeners = match server::socket_activation()? {
+        Some(l) => {
+            if a.socket.is_some() || a.bind.is_some() || a.port.is_some() {
+                return Err(bad("-k, -b and -p cannot be used with socket activation"));
+            }
+            vec![l]
+        }
+        None => match &a.socket {
+            Some(k) => {
+                if a.bind.is_some() || a.port.is_some() {
+                    return Err(bad("-k cannot be combined with -b or -p"));
+                }
+                vec![server::listen_unix(k)?]
+            }
+            None => vec![server::listen_tcp(
+                a.bind.as_deref().unwrap_or("0.0.0.0"),
+                a.port.unwrap_or(10809),
+            )?],
+        },
+    };
+    let srv = Server::new(
+        ServerConfig {
+            conn,
+            shared: a.shared,
+            persistent: a.persistent,
+            workers,
+        },
+        listeners,
+    )?;
+    if let Some(p) = &a.pid_file {
+        write_pid_file(p)?;
+    }
+    if let Some(mut p) = fork_pipe.take() {
+        p.send(b"OK");
+        // SAFETY: closing the write end we own; dup2 onto the standard fds of this process.
+        unsafe {
+            libc::close(p.0);
+            if !a.verbose {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::dup2(null, 2);
+                    libc::close(null);
+                }
+            }
+        }
+    }
+    match srv.run()? {
+        Stop::Signal | Stop::LastClient => Ok(0),
+    }
+}

@@ -1,0 +1,675 @@
+//! Exports: what a client can connect to, and the execution of validated commands.
+//!
+//! An [`Export`] pairs a name and description with an [`ExportBackend`], the narrow interface
+//! the NBD server needs from the block layer. The backend answers for data, block status and
+//! (later) writes and dirty bitmaps; this module turns its answers into reply bytes. It never
+//! names an image format: [`ChainBackend`] serves any [`Chain`].
+//!
+//! READ with structured replies sends `NBD_REPLY_TYPE_OFFSET_HOLE` for ranges that read as
+//! zeros (unless the client set DF); BLOCK_STATUS is answered from block status only, never by
+//! reading data.
+
+use super::extents::{Extent, ExtentBuilder, MAX_EXTENTS};
+use super::handshake::Session;
+use super::meta::{Available, MetaContext};
+use super::transmission::{self, Command, HeaderMode, MAX_PAYLOAD};
+use super::wire::*;
+use crate::block::Chain;
+use crate::error::{Error, ErrorKind, Result};
+use std::fmt;
+use std::sync::Arc;
+
+/// Whether an export accepts writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Block status of a run starting at the queried offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Length of the run (non-zero, at most the queried length).
+    pub len: u64,
+    /// `base:allocation` flags (`NBD_STATE_HOLE`, `NBD_STATE_ZERO`).
+    pub allocation: u32,
+    /// `qemu:allocation-depth`: 0 allocated nowhere, 1 top layer, 2 first backing file, ...
+    pub depth: u32,
+}
+
+/// Options of `NBD_CMD_WRITE_ZEROES`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZeroFlags {
+    pub no_hole: bool,
+    pub fast: bool,
+    pub fua: bool,
+}
+
+fn denied() -> Error {
+    Error::new(ErrorKind::Denied, "export is read-only")
+}
+
+/// What the NBD server needs from the storage behind an export. Required: size, read, status.
+/// Writes, trims, zeroing and dirty bitmaps have defaults that refuse, so a read-only backend
+/// implements only the first three.
+pub trait ExportBackend: Send + Sync + fmt::Debug {
+    /// Guest size in bytes.
+    fn size(&self) -> u64;
+
+    /// Read `buf.len()` bytes at `off` (the range is inside the export).
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Status of the run at `off` (at most `len` bytes, `len > 0`).
+    fn block_status(&self, off: u64, len: u64) -> Result<Status>;
+
+    fn access(&self) -> Access {
+        Access::ReadOnly
+    }
+
+    fn can_trim(&self) -> bool {
+        false
+    }
+
+    fn can_zero(&self) -> bool {
+        false
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+
+    fn write(&self, _off: u64, _data: &[u8], _fua: bool) -> Result<()> {
+        Err(denied())
+    }
+
+    fn write_zeroes(&self, _off: u64, _len: u64, _flags: ZeroFlags) -> Result<()> {
+        Err(denied())
+    }
+
+    fn trim(&self, _off: u64, _len: u64, _fua: bool) -> Result<()> {
+        Err(denied())
+    }
+
+    /// Make every completed write durable (a no-op for a read-only backend).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Prefetch hint (`NBD_CMD_CACHE`); success means nothing more than "no error".
+    fn cache(&self, _off: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Names of the dirty bitmaps this backend can export.
+    fn bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The run of bitmap `name` at `off`: (length, dirty).
+    fn dirty_bitmap(&self, name: &str, _off: u64, _len: u64) -> Result<(u64, bool)> {
+        Err(Error::unsupported(format!(
+            "Bitmap '{name}' is not found (bitmap support not available yet)"
+        )))
+    }
+}
+
+/// A read-only backend over an image chain.
+#[derive(Debug, Clone)]
+pub struct ChainBackend {
+    chain: Chain,
+}
+
+impl ChainBackend {
+    pub fn new(chain: Chain) -> Self {
+        ChainBackend { chain }
+    }
+}
+
+impl ExportBackend for ChainBackend {
+    fn size(&self) -> u64 {
+        self.chain.size()
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.chain.read(off, buf)
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> Result<Status> {
+        let r = self.chain.resolve(off, len)?;
+        let mut allocation = 0;
+        if !r.is_data() {
+            allocation |= NBD_STATE_HOLE;
+        }
+        if r.reads_zero() {
+            allocation |= NBD_STATE_ZERO;
+        }
+        Ok(Status {
+            len: r.len.clamp(1, len),
+            allocation,
+            depth: u32::try_from(r.depth).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// One export of the server.
+#[derive(Debug)]
+pub struct Export {
+    pub name: String,
+    pub description: Option<String>,
+    pub backend: Arc<dyn ExportBackend>,
+    pub contexts: Available,
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (qemu-nbd does when more than one client may
+    /// connect).
+    pub multi_conn: bool,
+}
+
+impl Export {
+    /// Transmission flags for a session in `mode`, set exactly for what this export supports.
+    pub fn transmission_flags(&self, mode: HeaderMode) -> u16 {
+        let mut f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA;
+        f |= NBD_FLAG_SEND_CACHE;
+        match self.backend.access() {
+            Access::ReadOnly => f |= NBD_FLAG_READ_ONLY,
+            Access::ReadWrite => {
+                if self.backend.can_trim() {
+                    f |= NBD_FLAG_SEND_TRIM;
+                }
+                if self.backend.can_zero() {
+                    f |= NBD_FLAG_SEND_WRITE_ZEROES;
+                    if self.backend.can_fast_zero() {
+                        f |= NBD_FLAG_SEND_FAST_ZERO;
+                    }
+                }
+            }
+        }
+        if mode >= HeaderMode::Structured {
+            f |= NBD_FLAG_SEND_DF;
+        }
+        if self.multi_conn {
+            f |= NBD_FLAG_CAN_MULTI_CONN;
+        }
+        if mode == HeaderMode::Extended {
+            f |= NBD_FLAG_BLOCK_STATUS_PAYLOAD;
+        }
+        f
+    }
+
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    /// Execute a validated command and return the encoded reply (empty for `NBD_CMD_DISC`).
+    pub fn execute(&self, s: &Session, cookie: u64, req_offset: u64, cmd: Command) -> Vec<u8> {
+        let mode = s.mode;
+        let mut out = Vec::new();
+        let res = match cmd {
+            Command::Disc => return out,
+            Command::Read { offset, length, df } => {
+                return self.read(mode, cookie, req_offset, offset, length, df);
+            }
+            Command::BlockStatus {
+                offset,
+                length,
+                req_one,
+                ids,
+            } => return self.block_status(s, cookie, req_offset, offset, length, req_one, ids),
+            Command::Write { offset, data, fua } => self.backend.write(offset, &data, fua),
+            Command::Flush => self.backend.flush(),
+            Command::Trim {
+                offset,
+                length,
+                fua,
+            } => self.backend.trim(offset, length, fua),
+            Command::Cache { offset, length } => self.backend.cache(offset, length),
+            Command::WriteZeroes {
+                offset,
+                length,
+                no_hole,
+                fast,
+                fua,
+            } => self
+                .backend
+                .write_zeroes(offset, length, ZeroFlags { no_hole, fast, fua }),
+        };
+        match res {
+            Ok(()) => transmission::encode_ok(&mut out, mode, cookie, req_offset),
+            Err(e) => encode_failure(&mut out, mode, cookie, req_offset, &e),
+        }
+        out
+    }
+
+    fn read(
+        &self,
+        mode: HeaderMode,
+        cookie: u64,
+        req_offset: u64,
+        offset: u64,
+        length: u32,
+        df: bool,
+    ) -> Vec<u8> {
+        let len = length as usize;
+        let mut out = Vec::new();
+        if mode == HeaderMode::Simple {
+            out.reserve(16 + len);
+            transmission::encode_simple(&mut out, cookie, 0);
+            out.resize(16 + len, 0);
+            if let Err(e) = self.backend.read(offset, &mut out[16..]) {
+                out.clear();
+                encode_failure(&mut out, mode, cookie, req_offset, &e);
+            }
+            return out;
+        }
+        if len == 0 {
+            transmission::encode_ok(&mut out, HeaderMode::Extended, cookie, req_offset);
+            if mode == HeaderMode::Structured {
+                // a structured reply is required for READ: a lone NONE chunk
+                out.clear();
+                transmission::encode_chunk_header(
+                    &mut out,
+                    mode,
+                    cookie,
+                    req_offset,
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_NONE,
+                    0,
+                );
+            }
+            return out;
+        }
+        match self.read_chunks(mode, cookie, req_offset, offset, len, df) {
+            Ok(o) => o,
+            Err(e) => {
+                out.clear();
+                encode_failure(&mut out, mode, cookie, req_offset, &e);
+                out
+            }
+        }
+    }
+
+    /// Structured READ: content chunks in offset order, the last one flagged DONE.
+    fn read_chunks(
+        &self,
+        mode: HeaderMode,
+        cookie: u64,
+        req_offset: u64,
+        offset: u64,
+        len: usize,
+        df: bool,
+    ) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        if df {
+            transmission::encode_data_header(
+                &mut out,
+                mode,
+                cookie,
+                req_offset,
+                NBD_REPLY_FLAG_DONE,
+                offset,
+                len,
+            );
+            let at = out.len();
+            out.resize(at + len, 0);
+            self.backend.read(offset, &mut out[at..])?;
+            return Ok(out);
+        }
+        // Runs of (zero?, len), merged; holes become OFFSET_HOLE chunks.
+        let mut runs: Vec<(bool, u64)> = Vec::new();
+        let end = offset + len as u64;
+        let mut pos = offset;
+        while pos < end {
+            let st = self.backend.block_status(pos, end - pos)?;
+            let n = st.len.clamp(1, end - pos);
+            let zero = st.allocation & NBD_STATE_ZERO != 0;
+            match runs.last_mut() {
+                Some((z, l)) if *z == zero => *l += n,
+                _ => runs.push((zero, n)),
+            }
+            pos += n;
+        }
+        out.reserve(len + 32 * runs.len());
+        let mut pos = offset;
+        let last = runs.len() - 1;
+        for (i, (zero, n)) in runs.into_iter().enumerate() {
+            let flags = if i == last { NBD_REPLY_FLAG_DONE } else { 0 };
+            if zero {
+                // n <= 32 MiB fits the 32-bit hole size
+                transmission::encode_hole(&mut out, mode, cookie, req_offset, flags, pos, n as u32);
+            } else {
+                transmission::encode_data_header(
+                    &mut out, mode, cookie, req_offset, flags, pos, n as usize,
+                );
+                let at = out.len();
+                out.resize(at + n as usize, 0);
+                self.backend.read(pos, &mut out[at..])?;
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_status(
+        &self,
+        s: &Session,
+        cookie: u64,
+        req_offset: u64,
+        offset: u64,
+        length: u64,
+        req_one: bool,
+        ids: Option<Vec<u32>>,
+    ) -> Vec<u8> {
+        let mode = s.mode;
+        let mut out = Vec::new();
+        let selected: Vec<&(u32, MetaContext)> = match &ids {
+            None => s.contexts.iter().collect(),
+            Some(list) => {
+                let mut sel = Vec::new();
+                for id in list {
+                    match s.contexts.iter().find(|(i, _)| i == id) {
+                        Some(c) if !sel.iter().any(|x: &&(u32, MetaContext)| x.0 == *id) => {
+                            sel.push(c)
+                        }
+                        _ => {
+                            transmission::encode_error(
+                                &mut out,
+                                mode,
+                                cookie,
+                                req_offset,
+                                NBD_EINVAL,
+                                "unknown or duplicate metadata context id",
+                            );
+                            return out;
+                        }
+                    }
+                }
+                sel
+            }
+        };
+        if selected.is_empty() {
+            transmission::encode_error(
+                &mut out,
+                mode,
+                cookie,
+                req_offset,
+                NBD_EINVAL,
+                "no metadata context selected",
+            );
+            return out;
+        }
+        // Compact replies carry 32-bit lengths; a compact request never exceeds them.
+        let cap = MAX_EXTENTS;
+        let res = (|| -> Result<Vec<(u32, Vec<Extent>)>> {
+            let mut alloc: Option<ExtentBuilder> = None;
+            let mut depth: Option<ExtentBuilder> = None;
+            let mut result = Vec::new();
+            for (id, ctx) in &selected {
+                match ctx {
+                    MetaContext::BaseAllocation => {
+                        alloc = Some(ExtentBuilder::new(offset, length, req_one, cap))
+                    }
+                    MetaContext::AllocationDepth => {
+                        depth = Some(ExtentBuilder::new(offset, length, req_one, cap))
+                    }
+                    MetaContext::DirtyBitmap(name) => {
+                        let mut b = ExtentBuilder::new(offset, length, req_one, cap);
+                        let mut pos = offset;
+                        while !b.is_done() {
+                            let (n, dirty) =
+                                self.backend
+                                    .dirty_bitmap(name, pos, offset + length - pos)?;
+                            let n = n.max(1);
+                            b.push(n, if dirty { NBD_STATE_DIRTY.into() } else { 0 });
+                            pos = pos.saturating_add(n);
+                        }
+                        result.push((*id, b.finish()));
+                    }
+                }
+            }
+            // One chain walk feeds both chain-derived contexts.
+            let end = offset + length;
+            let mut pos = offset;
+            let busy = |b: &Option<ExtentBuilder>| b.as_ref().is_some_and(|b| !b.is_done());
+            while pos < end && (busy(&alloc) || busy(&depth)) {
+                let st = self.backend.block_status(pos, end - pos)?;
+                let n = st.len.clamp(1, end - pos);
+                if let Some(b) = alloc.as_mut() {
+                    b.push(n, st.allocation.into());
+                }
+                if let Some(b) = depth.as_mut() {
+                    b.push(n, st.depth.into());
+                }
+                pos += n;
+            }
+            for (id, ctx) in &selected {
+                match ctx {
+                    MetaContext::BaseAllocation => {
+                        result.push((*id, alloc.take().map(|b| b.finish()).unwrap_or_default()))
+                    }
+                    MetaContext::AllocationDepth => {
+                        result.push((*id, depth.take().map(|b| b.finish()).unwrap_or_default()))
+                    }
+                    MetaContext::DirtyBitmap(_) => {}
+                }
+            }
+            Ok(result)
+        })();
+        match res {
+            Ok(chunks) => {
+                let last = chunks.len().saturating_sub(1);
+                for (i, (id, ext)) in chunks.iter().enumerate() {
+                    let flags = if i == last { NBD_REPLY_FLAG_DONE } else { 0 };
+                    transmission::encode_block_status(
+                        &mut out, mode, cookie, req_offset, flags, *id, ext,
+                    );
+                }
+            }
+            Err(e) => encode_failure(&mut out, mode, cookie, req_offset, &e),
+        }
+        out
+    }
+}
+
+fn encode_failure(out: &mut Vec<u8>, mode: HeaderMode, cookie: u64, req_offset: u64, e: &Error) {
+    transmission::encode_error(
+        out,
+        mode,
+        cookie,
+        req_offset,
+        errno_to_nbd(e.errno()),
+        &e.to_string(),
+    );
+}
+
+/// Advertised block sizes: minimum, preferred, maximum (qemu-nbd's values).
+pub const BLOCK_SIZES: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD);
+
+/// The exports of a server, looked up by exact name.
+#[derive(Debug, Default)]
+pub struct ExportSet {
+    exports: Vec<Arc<Export>>,
+}
+
+impl ExportSet {
+    pub fn new(exports: Vec<Arc<Export>>) -> Self {
+        ExportSet { exports }
+    }
+
+    pub fn find(&self, name: &[u8]) -> Option<&Arc<Export>> {
+        self.exports.iter().find(|e| e.name.as_bytes() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.exports.iter()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::nbd::transmission::Limits;
+
+    /// A scripted backend: `runs` of (len, allocation, depth); data bytes are `fill` where the
+    /// run is data, zero elsewhere.
+    #[derive(Debug)]
+    pub(crate) struct Scripted {
+        pub runs: Vec<(u64, u32, u32)>,
+        pub fill: u8,
+    }
+
+    impl Scripted {
+        fn at(&self, off: u64) -> (u64, u64, u32, u32) {
+            let mut start = 0;
+            for &(len, a, d) in &self.runs {
+                if off < start + len {
+                    return (start, len, a, d);
+                }
+                start += len;
+            }
+            (start, 1, 3, 0)
+        }
+    }
+
+    impl ExportBackend for Scripted {
+        fn size(&self) -> u64 {
+            self.runs.iter().map(|r| r.0).sum()
+        }
+        fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let (_, _, a, _) = self.at(off + i as u64);
+                *b = if a & NBD_STATE_ZERO != 0 {
+                    0
+                } else {
+                    self.fill
+                };
+            }
+            Ok(())
+        }
+        fn block_status(&self, off: u64, len: u64) -> Result<Status> {
+            let (start, rl, allocation, depth) = self.at(off);
+            Ok(Status {
+                len: (start + rl - off).min(len),
+                allocation,
+                depth,
+            })
+        }
+    }
+
+    pub(crate) fn export(depth: bool) -> Export {
+        Export {
+            name: String::new(),
+            description: None,
+            backend: Arc::new(Scripted {
+                runs: vec![(4096, 0, 1), (61440, 3, 1), (65536, 3, 0), (4096, 0, 2)],
+                fill: 0xab,
+            }),
+            contexts: Available {
+                allocation_depth: depth,
+                bitmaps: vec![],
+            },
+            multi_conn: false,
+        }
+    }
+
+    fn session(mode: HeaderMode) -> Session {
+        let e = Arc::new(export(true));
+        let contexts = e.contexts.all();
+        Session {
+            flags: e.transmission_flags(mode),
+            export: e,
+            mode,
+            contexts,
+        }
+    }
+
+    #[test]
+    fn read_only_flags_match_qemu_nbd_r() {
+        let e = export(false);
+        assert_eq!(e.transmission_flags(HeaderMode::Extended), 0x148f);
+        assert_eq!(e.transmission_flags(HeaderMode::Simple), 0x040f);
+    }
+
+    #[test]
+    fn structured_read_sends_holes() {
+        let s = session(HeaderMode::Structured);
+        let out = s.export.execute(
+            &s,
+            9,
+            0,
+            Command::Read {
+                offset: 0,
+                length: 131072 + 4096,
+                df: false,
+            },
+        );
+        // data chunk (4096), hole chunk, data chunk (4096 of the last run)
+        let first_len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+        assert_eq!(first_len, 8 + 4096);
+        let second = 20 + first_len;
+        assert_eq!(
+            &out[second + 6..second + 8],
+            &NBD_REPLY_TYPE_OFFSET_HOLE.to_be_bytes()
+        );
+        assert_eq!(&out[second + 20 + 8..second + 32], &126976u32.to_be_bytes());
+        // DF: one data chunk with the zeros inline
+        let out = s.export.execute(
+            &s,
+            9,
+            0,
+            Command::Read {
+                offset: 0,
+                length: 8192,
+                df: true,
+            },
+        );
+        assert_eq!(out.len(), 20 + 8 + 8192);
+        assert_eq!(&out[4..6], &NBD_REPLY_FLAG_DONE.to_be_bytes());
+    }
+
+    #[test]
+    fn block_status_reports_every_context_clamped() {
+        let s = session(HeaderMode::Structured);
+        let lim = Limits {
+            size: s.export.size(),
+            mode: s.mode,
+            flags: s.flags,
+            contexts: s.contexts.len(),
+        };
+        let req = transmission::RawRequest {
+            flags: 0,
+            cmd: NBD_CMD_BLOCK_STATUS,
+            cookie: 1,
+            offset: 1000,
+            length: 70000,
+        };
+        let cmd = transmission::validate(&req, None, false, &lim).unwrap();
+        let out = s.export.execute(&s, 1, 1000, cmd);
+        // chunk 1: base:allocation: 3096 data, 66904 hole|zero
+        assert_eq!(&out[16..20], &(4 + 16u32).to_be_bytes());
+        assert_eq!(&out[20..24], &0u32.to_be_bytes());
+        assert_eq!(&out[24..28], &3096u32.to_be_bytes());
+        assert_eq!(&out[32..36], &66904u32.to_be_bytes());
+        assert_eq!(&out[36..40], &3u32.to_be_bytes());
+        // chunk 2: depth: 64536 at depth 1, 5464 at depth 0; DONE
+        let c2 = 40;
+        assert_eq!(&out[c2 + 4..c2 + 6], &NBD_REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&out[c2 + 20..c2 + 24], &1u32.to_be_bytes());
+        assert_eq!(&out[c2 + 24..c2 + 28], &64536u32.to_be_bytes());
+        assert_eq!(&out[c2 + 32..c2 + 36], &5464u32.to_be_bytes());
+    }
+
+    #[test]
+    fn write_on_read_only_backend_is_eperm() {
+        let s = session(HeaderMode::Simple);
+        let out = s.export.execute(
+            &s,
+            3,
+            0,
+            Command::Write {
+                offset: 0,
+                data: vec![1],
+                fua: false,
+            },
+        );
+        assert_eq!(&out[4..8], &NBD_EPERM.to_be_bytes());
+    }
+}

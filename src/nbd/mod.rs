@@ -1,0 +1,21 @@
+//! The NBD server: protocol code (sans-I/O) and the listeners that drive it.
+//!
+//! * [`wire`] — constants and fixed headers in the specification's names.
+//! * [`meta`] — metadata contexts and query matching.
+//! * [`handshake`] — fixed-newstyle negotiation as a byte-in/byte-out state machine.
+//! * [`transmission`] — request decoding and validation, reply encoding.
+//! * [`extents`] — block-status descriptor building.
+//! * [`export`] — exports, the [`export::ExportBackend`] trait, command execution.
+//! * [`server`] — sockets, connections, worker threads; the only module doing I/O.
+//! * [`client`] — the small client behind `serve -L` (listing a server's exports).
+//!
+//! This module never imports `qcow2`: it sees images through `block::Chain` only.
+
+pub mod client;
+pub mod export;
+pub mod extents;
+pub mod handshake;
+pub mod meta;
+pub mod server;
+pub mod transmission;
+pub mod wire;

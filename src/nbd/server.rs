@@ -1,0 +1,739 @@
+//! Sockets and threads: the only part of `nbd/` that does I/O.
+//!
+//! A [`Server`] owns its listeners (TCP, Unix, a socket-activation fd) and a small worker pool
+//! shared by every connection. Each connection has a reader thread that runs the handshake
+//! (under a time limit), then decodes requests as they arrive and hands each one to the pool;
+//! workers execute it against the shared export and write the reply under the connection's
+//! writer lock as soon as it is ready, so replies leave in completion order (clients match them
+//! by cookie). Per connection, the number of requests in flight and the bytes they may hold are
+//! bounded; the reader stops reading while the bound is reached.
+//!
+//! Process behaviour follows qemu-nbd: at most `shared` clients at once (0 = no limit; further
+//! clients wait in the listen backlog), the server exits when the last client that completed
+//! negotiation disconnects unless `persistent`, and SIGTERM/SIGINT end it cleanly (Unix socket
+//! files are removed).
+
+use super::export::ExportSet;
+use super::handshake::{self, Handshake, Outcome, Session};
+use super::transmission::{self, Command, Decoded, Limits, Payload};
+use crate::error::{Error, Result};
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Requests in flight per connection at most.
+pub const MAX_INFLIGHT: usize = 64;
+/// Bytes of request payload and reply data held per connection at most (one request may exceed
+/// it when nothing else is in flight).
+pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed when the server stops (when set).
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+impl Listener {
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Box<dyn Transport>> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+                Ok(Box::new(s))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(Box::new(s))
+            }
+        }
+    }
+}
+
+/// Bind a TCP listener (qemu-nbd's `-b`/`-p`).
+pub fn listen_tcp(addr: &str, port: u16) -> Result<Listener> {
+    let host = if addr.contains(':') && !addr.starts_with('[') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    };
+    let l = TcpListener::bind(&host)
+        .map_err(|e| Error::io(format!("Failed to bind socket to {host}"), e))?;
+    Ok(Listener::Tcp(l))
+}
+
+/// Bind a Unix socket listener (qemu-nbd's `-k`); an existing socket file is replaced.
+pub fn listen_unix(path: &str) -> Result<Listener> {
+    if !path.starts_with('/') {
+        return Err(Error::new(
+            crate::ErrorKind::InvalidArgument,
+            "socket path must be absolute",
+        ));
+    }
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if md.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("Failed to bind socket to {path}"), e))?;
+    Ok(Listener::Unix(l, Some(PathBuf::from(path))))
+}
+
+/// The listener passed by systemd-style socket activation (`LISTEN_PID` equal to our pid,
+/// `LISTEN_FDS` = 1, fd 3), if any. The variables are removed from the environment.
+pub fn socket_activation() -> Result<Option<Listener>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    let n: u32 = fds
+        .trim()
+        .parse()
+        .map_err(|_| Error::new(crate::ErrorKind::InvalidArgument, "invalid LISTEN_FDS"))?;
+    if n != 1 {
+        return Err(Error::unsupported(format!(
+            "qnbd does not support socket activation with LISTEN_FDS > 1 (got {n})"
+        )));
+    }
+    let fd: RawFd = 3;
+    let mut ss: libc::sockaddr_storage =
+        // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+        unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `ss` and `len` are valid for writes of the sizes given.
+    let rc = unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) };
+    if rc != 0 {
+        return Err(Error::new(
+            crate::ErrorKind::InvalidArgument,
+            format!("Socket activation failed: invalid file descriptor fd = {fd}"),
+        ));
+    }
+    // SAFETY: fcntl on an fd we just checked is open; FD_CLOEXEC is a valid flag.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if i32::from(ss.ss_family) == libc::AF_UNIX {
+        // SAFETY: fd 3 is an open socket handed to us by the activator and owned by nobody else.
+        let l = unsafe { UnixListener::from_raw_fd(fd) };
+        Ok(Some(Listener::Unix(l, None)))
+    } else {
+        // SAFETY: as above, an open inet socket owned by nobody else.
+        let l = unsafe { TcpListener::from_raw_fd(fd) };
+        Ok(Some(Listener::Tcp(l)))
+    }
+}
+
+/// A connected byte stream.
+pub trait Transport: Read + Write + Send + Sync + 'static {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>>;
+    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    fn shutdown(&self);
+}
+
+impl Transport for TcpStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(d)?;
+        self.set_write_timeout(d)
+    }
+    fn shutdown(&self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+impl Transport for UnixStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(d)?;
+        self.set_write_timeout(d)
+    }
+    fn shutdown(&self) {
+        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The worker threads shared by all connections.
+#[derive(Clone)]
+pub struct Pool {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Pool {
+    pub fn new(workers: usize) -> Pool {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers.max(1) {
+            let rx = rx.clone();
+            let _ = thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(j) => j(),
+                        Err(_) => return,
+                    }
+                });
+        }
+        Pool { tx }
+    }
+
+    fn run(&self, job: Job) {
+        if let Err(mpsc::SendError(job)) = self.tx.send(job) {
+            // no worker left: run inline rather than drop the request
+            job();
+        }
+    }
+}
+
+/// Requests in flight on one connection.
+#[derive(Default)]
+struct Inflight {
+    state: Mutex<(usize, usize)>,
+    cv: Condvar,
+}
+
+impl Inflight {
+    fn acquire(&self, bytes: usize) {
+        let Ok(mut g) = self.state.lock() else { return };
+        while g.0 >= MAX_INFLIGHT || (g.0 > 0 && g.1 + bytes > MAX_INFLIGHT_BYTES) {
+            g = match self.cv.wait(g) {
+                Ok(g) => g,
+                Err(_) => return,
+            };
+        }
+        g.0 += 1;
+        g.1 += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        if let Ok(mut g) = self.state.lock() {
+            g.0 = g.0.saturating_sub(1);
+            g.1 = g.1.saturating_sub(bytes);
+        }
+        self.cv.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let Ok(mut g) = self.state.lock() else { return };
+        while g.0 > 0 {
+            g = match self.cv.wait(g) {
+                Ok(g) => g,
+                Err(_) => return,
+            };
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnEnd {
+    /// Closed before entering transmission.
+    NotNegotiated,
+    /// Entered transmission, then closed.
+    Negotiated,
+}
+
+/// Options of one connection.
+#[derive(Clone)]
+pub struct ConnConfig {
+    pub exports: Arc<ExportSet>,
+    pub handshake_limit: Option<Duration>,
+    pub verbose: bool,
+}
+
+fn log(msg: &str) {
+    eprintln!("qnbd: {msg}");
+}
+
+/// Serve one client over `reader` / `writer`. `ctl` sets timeouts and shuts the stream down.
+pub fn serve_connection(
+    mut reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    ctl: Option<Box<dyn Transport>>,
+    cfg: &ConnConfig,
+    pool: &Pool,
+) -> ConnEnd {
+    let writer = Arc::new(Mutex::new(writer));
+    let ctl: Option<Arc<dyn Transport>> = ctl.map(Arc::from);
+    let shutdown = |ctl: &Option<Arc<dyn Transport>>| {
+        if let Some(c) = ctl {
+            c.shutdown();
+        }
+    };
+    let send = |w: &Arc<Mutex<Box<dyn Write + Send>>>, bytes: &[u8]| -> io::Result<()> {
+        let mut g = w
+            .lock()
+            .map_err(|_| io::Error::other("writer lock poisoned"))?;
+        g.write_all(bytes)?;
+        g.flush()
+    };
+
+    // ---- handshake ----
+    let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
+    let mut hs = Handshake::new(cfg.exports.clone());
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pending: Vec<u8> = Vec::new();
+    if let Some(c) = &ctl {
+        let _ = c.set_timeout(cfg.handshake_limit);
+    }
+    if send(&writer, &handshake::greeting()).is_err() {
+        shutdown(&ctl);
+        return ConnEnd::NotNegotiated;
+    }
+    let session: Session = loop {
+        if let (Some(d), Some(c)) = (deadline, &ctl) {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log("option negotiation failed: handshake timed out");
+                shutdown(&ctl);
+                return ConnEnd::NotNegotiated;
+            }
+            let _ = c.set_timeout(Some(left));
+        }
+        let n = match reader.read(&mut buf) {
+            Ok(0) => {
+                if cfg.verbose {
+                    log("client closed the connection during negotiation");
+                }
+                shutdown(&ctl);
+                return ConnEnd::NotNegotiated;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let why = if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    "handshake timed out".to_string()
+                } else {
+                    e.to_string()
+                };
+                log(&format!("option negotiation failed: {why}"));
+                shutdown(&ctl);
+                return ConnEnd::NotNegotiated;
+            }
+        };
+        let mut out = Vec::new();
+        let (used, outcome) = hs.feed(&buf[..n], &mut out);
+        let sent = out.is_empty() || send(&writer, &out).is_ok();
+        match outcome {
+            Outcome::Continue if sent => {}
+            Outcome::Continue => {
+                shutdown(&ctl);
+                return ConnEnd::NotNegotiated;
+            }
+            Outcome::Ready(s) => {
+                pending.extend_from_slice(&buf[used..n]);
+                if !sent {
+                    shutdown(&ctl);
+                    return ConnEnd::NotNegotiated;
+                }
+                break s;
+            }
+            Outcome::Close(why) => {
+                if cfg.verbose || !why.contains("aborted") {
+                    log(&format!("option negotiation failed: {why}"));
+                }
+                shutdown(&ctl);
+                return ConnEnd::NotNegotiated;
+            }
+        }
+    };
+    if let Some(c) = &ctl {
+        let _ = c.set_timeout(None);
+    }
+
+    // ---- transmission ----
+    let session = Arc::new(session);
+    let inflight = Arc::new(Inflight::default());
+    let broken = Arc::new(AtomicBool::new(false));
+    let lim = Limits {
+        size: session.export.size(),
+        mode: session.mode,
+        flags: session.flags,
+        contexts: session.contexts.len(),
+    };
+    let mut inbuf = pending;
+    let mut start = 0usize;
+    loop {
+        if broken.load(Ordering::Relaxed) {
+            break;
+        }
+        let (req, header_len, payload) =
+            match transmission::decode_header(session.mode, &inbuf[start..]) {
+                Decoded::NeedMore(n) => {
+                    if !fill(&mut *reader, &mut inbuf, &mut start, n) {
+                        break;
+                    }
+                    continue;
+                }
+                Decoded::Fatal(why) => {
+                    log(&format!(
+                        "Request handling failed: {why}; closing the connection"
+                    ));
+                    break;
+                }
+                Decoded::Request {
+                    req,
+                    header_len,
+                    payload,
+                } => (req, header_len, payload),
+            };
+        start += header_len;
+        let mut data = None;
+        let mut drained = false;
+        match payload {
+            Payload::None => {}
+            Payload::Take(n) => {
+                if !fill(&mut *reader, &mut inbuf, &mut start, n) {
+                    break;
+                }
+                data = Some(inbuf[start..start + n].to_vec());
+                start += n;
+            }
+            Payload::Drain(mut n) => {
+                drained = true;
+                let avail = ((inbuf.len() - start) as u64).min(n);
+                start += avail as usize;
+                n -= avail;
+                let mut ok = true;
+                while n > 0 {
+                    let k = (n as usize).min(buf.len());
+                    match reader.read(&mut buf[..k]) {
+                        Ok(0) | Err(_) => {
+                            ok = false;
+                            break;
+                        }
+                        Ok(r) => n -= r as u64,
+                    }
+                }
+                if !ok {
+                    break;
+                }
+            }
+        }
+        if start == inbuf.len() {
+            inbuf.clear();
+            start = 0;
+        }
+        let cmd = match transmission::validate(&req, data, drained, &lim) {
+            Ok(c) => c,
+            Err(rej) => {
+                if cfg.verbose {
+                    log(&format!("request {:#x} refused: {}", req.cookie, rej.msg));
+                }
+                let mut out = Vec::new();
+                // a READ error must be structured once structured replies are on
+                transmission::encode_error(
+                    &mut out,
+                    session.mode,
+                    req.cookie,
+                    req.offset,
+                    rej.errno,
+                    &rej.msg,
+                );
+                if send(&writer, &out).is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        if cmd == Command::Disc {
+            break;
+        }
+        let cost = match &cmd {
+            Command::Read { length, .. } => *length as usize,
+            Command::Write { data, .. } => data.len(),
+            Command::BlockStatus { .. } => 1 << 20,
+            _ => 0,
+        } + 64;
+        inflight.acquire(cost);
+        let (s, w, inf, br, c2) = (
+            session.clone(),
+            writer.clone(),
+            inflight.clone(),
+            broken.clone(),
+            ctl.clone(),
+        );
+        let cookie = req.cookie;
+        let req_offset = req.offset;
+        pool.run(Box::new(move || {
+            let out = s.export.execute(&s, cookie, req_offset, cmd);
+            if !out.is_empty() && send(&w, &out).is_err() {
+                br.store(true, Ordering::Relaxed);
+                if let Some(c) = &c2 {
+                    c.shutdown();
+                }
+            }
+            inf.release(cost);
+        }));
+    }
+    inflight.wait_idle();
+    shutdown(&ctl);
+    ConnEnd::Negotiated
+}
+
+/// Make sure `inbuf[start..]` holds at least `need` bytes; false on EOF or error.
+fn fill(
+    reader: &mut (dyn Read + Send),
+    inbuf: &mut Vec<u8>,
+    start: &mut usize,
+    need: usize,
+) -> bool {
+    if *start > 0 && (inbuf.len() - *start < need) {
+        inbuf.drain(..*start);
+        *start = 0;
+    }
+    while inbuf.len() - *start < need {
+        let want = (need - (inbuf.len() - *start)).max(64 << 10);
+        let old = inbuf.len();
+        inbuf.resize(old + want, 0);
+        match reader.read(&mut inbuf[old..]) {
+            Ok(0) => {
+                inbuf.truncate(old);
+                return false;
+            }
+            Ok(n) => inbuf.truncate(old + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => inbuf.truncate(old),
+            Err(_) => {
+                inbuf.truncate(old);
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Server-wide options.
+pub struct ServerConfig {
+    pub conn: ConnConfig,
+    /// Maximum simultaneous clients; 0 = unlimited.
+    pub shared: usize,
+    /// Keep running after the last client disconnects.
+    pub persistent: bool,
+    pub workers: usize,
+}
+
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    let fd = WAKE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = b'S';
+        // SAFETY: write(2) is async-signal-safe; the buffer is a valid 1-byte local.
+        unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
+    }
+}
+
+fn pipe() -> Result<(RawFd, RawFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if rc != 0 {
+        return Err(Error::io(
+            "creating the wake-up pipe",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok((fds[0], fds[1]))
+}
+
+fn install_signal_handlers(wake_w: RawFd) {
+    WAKE_FD.store(wake_w, Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction with a valid handler and empty mask is well-formed; the
+        // handler only calls write(2).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Why [`Server::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM / SIGINT / SIGHUP.
+    Signal,
+    /// The last client left (not persistent).
+    LastClient,
+}
+
+pub struct Server {
+    cfg: ServerConfig,
+    listeners: Vec<Listener>,
+    pool: Pool,
+}
+
+impl Server {
+    pub fn new(cfg: ServerConfig, listeners: Vec<Listener>) -> Result<Server> {
+        for l in &listeners {
+            let r = match l {
+                Listener::Tcp(t) => t.set_nonblocking(true),
+                Listener::Unix(u, _) => u.set_nonblocking(true),
+            };
+            r.map_err(|e| Error::io("setting the listener non-blocking", e))?;
+        }
+        let pool = Pool::new(cfg.workers);
+        Ok(Server {
+            cfg,
+            listeners,
+            pool,
+        })
+    }
+
+    /// Accept and serve clients until a signal, or until the last negotiated client leaves
+    /// (unless persistent).
+    pub fn run(self) -> Result<Stop> {
+        let (wake_r, wake_w) = pipe()?;
+        install_signal_handlers(wake_w);
+        let active = Arc::new(Mutex::new(0usize));
+        let stop = loop {
+            let n_active = active.lock().map(|g| *g).unwrap_or(0);
+            let accepting = self.cfg.shared == 0 || n_active < self.cfg.shared;
+            let mut pfds = vec![libc::pollfd {
+                fd: wake_r,
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if accepting {
+                for l in &self.listeners {
+                    pfds.push(libc::pollfd {
+                        fd: l.fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            // SAFETY: `pfds` is a valid, initialised array of pollfd of the given length.
+            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io("poll", e));
+            }
+            if pfds[0].revents != 0 {
+                let mut b = [0u8; 64];
+                // SAFETY: reading into a valid local buffer from our own non-blocking pipe.
+                let n = unsafe { libc::read(wake_r, b.as_mut_ptr() as *mut libc::c_void, b.len()) };
+                let got = &b[..n.max(0) as usize];
+                if got.contains(&b'S') {
+                    break Stop::Signal;
+                }
+                if got.contains(&b'L') && !self.cfg.persistent {
+                    let n_active = active.lock().map(|g| *g).unwrap_or(0);
+                    if n_active == 0 {
+                        break Stop::LastClient;
+                    }
+                }
+            }
+            if !accepting {
+                continue;
+            }
+            for (i, l) in self.listeners.iter().enumerate() {
+                if pfds.get(i + 1).is_none_or(|p| p.revents == 0) {
+                    continue;
+                }
+                let conn = match l.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => {
+                        log(&format!("accept failed: {e}"));
+                        continue;
+                    }
+                };
+                if let Ok(mut g) = active.lock() {
+                    *g += 1;
+                }
+                let (cfg, pool, act) = (self.cfg.conn.clone(), self.pool.clone(), active.clone());
+                let spawned = thread::Builder::new()
+                    .name("nbd-conn".into())
+                    .spawn(move || {
+                        let end = match (conn.try_clone_box(), conn.try_clone_box()) {
+                            (Ok(r), Ok(c)) => serve_connection(
+                                Box::new(r) as Box<dyn Read + Send>,
+                                Box::new(conn) as Box<dyn Write + Send>,
+                                Some(c),
+                                &cfg,
+                                &pool,
+                            ),
+                            _ => ConnEnd::NotNegotiated,
+                        };
+                        if let Ok(mut g) = act.lock() {
+                            *g = g.saturating_sub(1);
+                        }
+                        let b = if end == ConnEnd::Negotiated {
+                            b'L'
+                        } else {
+                            b'C'
+                        };
+                        // SAFETY: writing one byte from a valid local to our own pipe.
+                        unsafe { libc::write(wake_w, &b as *const u8 as *const libc::c_void, 1) };
+                    });
+                if spawned.is_err() {
+                    log("could not start a connection thread");
+                    if let Ok(mut g) = active.lock() {
+                        *g = g.saturating_sub(1);
+                    }
+                }
+            }
+        };
+        for l in &self.listeners {
+            if let Listener::Unix(_, Some(p)) = l {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        Ok(stop)
+    }
+}
+
+/// Serve exactly one client on stdin/stdout (tests, fuzzing, inetd-style use).
+pub fn serve_stdio(cfg: &ConnConfig, workers: usize) -> ConnEnd {
+    let pool = Pool::new(workers);
+    serve_connection(
+        Box::new(io::stdin()),
+        Box::new(io::stdout()),
+        None,
+        cfg,
+        &pool,
+    )
+}
