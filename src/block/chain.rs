@@ -145,6 +145,11 @@ impl Chain {
         self.layers[0].discard(off, len, &Below(&self.layers[1..]))
     }
 
+    /// Whether zeroing this range touches metadata only.
+    pub fn zero_is_fast(&self, off: u64, len: u64) -> bool {
+        self.layers[0].zero_is_fast(off, len)
+    }
+
     /// Make completed writes durable.
     pub fn flush(&self) -> Result<()> {
         self.layers[0].flush()

@@ -174,4 +174,11 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     fn flush(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Whether `write_zeroes` of this range works on metadata only (no zero data written):
+    /// NBD's FAST_ZERO.
+    fn zero_is_fast(&self, off: u64, len: u64) -> bool {
+        let _ = (off, len);
+        false
+    }
 }

@@ -9,7 +9,7 @@
 use super::open_options;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Engine;
-use crate::nbd::export::{ChainBackend, Export, ExportBackend, ExportSet, Status};
+use crate::nbd::export::{ChainBackend, DiscardMode, Export, ExportBackend, ExportSet, Status};
 use crate::nbd::meta::Available;
 use crate::nbd::server::{self, ConnConfig, Server, ServerConfig, Stop};
 use crate::open::open_image;
@@ -132,6 +132,33 @@ impl ExportBackend for Offset {
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {
         self.inner.block_status(off + self.offset, len)
     }
+    fn access(&self) -> crate::nbd::export::Access {
+        self.inner.access()
+    }
+    fn can_trim(&self) -> bool {
+        self.inner.can_trim()
+    }
+    fn can_zero(&self) -> bool {
+        self.inner.can_zero()
+    }
+    fn can_fast_zero(&self) -> bool {
+        self.inner.can_fast_zero()
+    }
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.inner.write(off + self.offset, data, fua)
+    }
+    fn write_zeroes(&self, off: u64, len: u64, flags: crate::nbd::export::ZeroFlags) -> Result<()> {
+        self.inner.write_zeroes(off + self.offset, len, flags)
+    }
+    fn trim(&self, off: u64, len: u64, fua: bool) -> Result<()> {
+        self.inner.trim(off + self.offset, len, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn cache(&self, off: u64, len: u64) -> Result<()> {
+        self.inner.cache(off + self.offset, len)
+    }
 }
 
 struct ExportSpec {
@@ -140,6 +167,8 @@ struct ExportSpec {
     format: Option<String>,
     description: Option<String>,
     depth: bool,
+    readonly: bool,
+    discard: DiscardMode,
 }
 
 fn parse_export(s: &str) -> Result<ExportSpec> {
@@ -149,6 +178,8 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         format: None,
         description: None,
         depth: false,
+        readonly: false,
+        discard: DiscardMode::Ignore,
     };
     let mut have_name = false;
     for kv in s.split(',') {
@@ -171,11 +202,8 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
             "format" => spec.format = Some(v.to_string()),
             "description" => spec.description = Some(v.to_string()),
             "allocation-depth" => spec.depth = on(v)?,
-            "readonly" => {
-                if !on(v)? {
-                    eprintln!("qnbd: warning: export '{}': writable exports are not available yet; serving read-only", spec.name);
-                }
-            }
+            "readonly" => spec.readonly = on(v)?,
+            "discard" => spec.discard = discard_mode(v)?,
             _ => return Err(bad(format!("--export: unknown key '{k}'"))),
         }
     }
@@ -183,6 +211,14 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         return Err(bad("--export needs name=... and file=..."));
     }
     Ok(spec)
+}
+
+fn discard_mode(v: &str) -> Result<DiscardMode> {
+    match v {
+        "ignore" | "off" => Ok(DiscardMode::Ignore),
+        "unmap" | "on" => Ok(DiscardMode::Unmap),
+        _ => Err(bad(format!("Invalid discard mode '{v}'"))),
+    }
 }
 
 fn build_export(
@@ -203,9 +239,11 @@ fn build_export(
     }
     let mut opts = open_options(spec.format.as_deref())?;
     opts.engine = engine;
+    opts.writable = !spec.readonly;
     let image = open_image(&spec.file, &opts)
         .map_err(|e| e.context(format!("Failed to blk_new_open '{}'", spec.file)))?;
-    let mut backend: Arc<dyn ExportBackend> = Arc::new(ChainBackend::new(image.chain));
+    let mut backend: Arc<dyn ExportBackend> =
+        Arc::new(ChainBackend::new(image.chain).with_discard(spec.discard));
     if offset > 0 {
         if offset > backend.size() {
             return Err(bad(format!(
@@ -371,9 +409,6 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     if a.image.is_none() && a.exports.is_empty() {
         return Err(bad("Expected exactly one file name argument (or --export)"));
     }
-    if !a.read_only && a.image.is_some() {
-        eprintln!("qnbd: warning: writable exports are not available yet; serving read-only");
-    }
     if a.stdio && (a.fork || a.socket.is_some() || a.port.is_some() || a.bind.is_some()) {
         return Err(bad("--stdio is incompatible with --fork, -k, -b and -p"));
     }
@@ -407,6 +442,11 @@ fn serve(
             format: a.format.clone(),
             description: a.description.clone(),
             depth: a.allocation_depth,
+            readonly: a.read_only,
+            discard: match a.discard.as_deref() {
+                Some(d) => discard_mode(d)?,
+                None => DiscardMode::Ignore,
+            },
         };
         exports.push(build_export(
             &spec,
@@ -421,6 +461,7 @@ fn serve(
         }
         exports.push(build_export(s, engine, 0, multi_conn)?);
     }
+    let to_flush: Vec<Arc<Export>> = exports.clone();
     let conn = ConnConfig {
         exports: Arc::new(ExportSet::new(exports)),
         handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
@@ -434,6 +475,9 @@ fn serve(
     });
     if a.stdio {
         server::serve_stdio(&conn, workers);
+        for e in &to_flush {
+            e.backend.flush()?;
+        }
         return Ok(0);
     }
     let listeners = match server::socket_activation()? {
@@ -484,7 +528,16 @@ fn serve(
             }
         }
     }
-    match srv.run()? {
-        Stop::Signal | Stop::LastClient => Ok(0),
+    let stop = srv.run()?;
+    // clean shutdown: every completed write and its metadata reach the disk before we exit
+    let mut rc = 0;
+    for e in &to_flush {
+        if let Err(err) = e.backend.flush() {
+            eprintln!("qnbd: export '{}': flush on shutdown failed: {err}", e.name);
+            rc = 1;
+        }
+    }
+    match stop {
+        Stop::Signal | Stop::LastClient => Ok(rc),
     }
 }

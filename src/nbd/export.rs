@@ -113,15 +113,41 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
     }
 }
 
-/// A read-only backend over an image chain.
+/// What TRIM and write-zeroes may do with host space (qemu-nbd's `--discard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiscardMode {
+    /// TRIM succeeds and does nothing; write-zeroes keeps allocation (qemu-nbd's default).
+    #[default]
+    Ignore,
+    /// TRIM releases clusters; write-zeroes may release them unless NO_HOLE.
+    Unmap,
+}
+
+/// A backend over an image chain; writable when the chain's top layer is.
 #[derive(Debug, Clone)]
 pub struct ChainBackend {
     chain: Chain,
+    discard: DiscardMode,
 }
 
 impl ChainBackend {
     pub fn new(chain: Chain) -> Self {
-        ChainBackend { chain }
+        ChainBackend {
+            chain,
+            discard: DiscardMode::Ignore,
+        }
+    }
+
+    pub fn with_discard(mut self, discard: DiscardMode) -> Self {
+        self.discard = discard;
+        self
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match self.access() {
+            Access::ReadWrite => Ok(()),
+            Access::ReadOnly => Err(denied()),
+        }
     }
 }
 
@@ -148,6 +174,66 @@ impl ExportBackend for ChainBackend {
             allocation,
             depth: u32::try_from(r.depth).unwrap_or(u32::MAX),
         })
+    }
+
+    fn access(&self) -> Access {
+        match self.chain.access() {
+            crate::block::Access::ReadWrite => Access::ReadWrite,
+            crate::block::Access::ReadOnly => Access::ReadOnly,
+        }
+    }
+
+    fn can_trim(&self) -> bool {
+        true
+    }
+
+    fn can_zero(&self) -> bool {
+        true
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check_writable()?;
+        self.chain.write(off, data, fua)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_writable()?;
+        if flags.fast && !self.chain.zero_is_fast(off, len) {
+            // NBD_CMD_FLAG_FAST_ZERO: fail at once rather than write zeros the slow way
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "fast zeroing is not possible for this range",
+            ));
+        }
+        let mode = if flags.no_hole || self.discard == DiscardMode::Ignore {
+            crate::block::ZeroMode::KeepAllocated
+        } else {
+            crate::block::ZeroMode::MayUnmap
+        };
+        self.chain.write_zeroes(off, len, mode)?;
+        if flags.fua {
+            self.chain.flush()?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, off: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_writable()?;
+        if self.discard == DiscardMode::Unmap {
+            self.chain.discard(off, len)?;
+        }
+        if fua {
+            self.chain.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.chain.flush()
     }
 }
 

@@ -94,7 +94,8 @@ pub fn decode_header(mode: HeaderMode, buf: &[u8]) -> Decoded {
             offset: h.offset.get(),
             length: h.length.get(),
         };
-        let payload = if req.flags & NBD_CMD_FLAG_PAYLOAD_LEN == 0 {
+        // a WRITE always carries `length` bytes, with or without NBD_CMD_FLAG_PAYLOAD_LEN
+        let payload = if req.flags & NBD_CMD_FLAG_PAYLOAD_LEN == 0 && req.cmd != NBD_CMD_WRITE {
             Payload::None
         } else if req.length > u64::from(MAX_PAYLOAD) {
             return Decoded::Fatal(format!(
@@ -265,15 +266,8 @@ pub fn validate(
     if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 && lim.flags & NBD_FLAG_SEND_FAST_ZERO == 0 {
         return Err(reject(NBD_EINVAL, "fast zero was not advertised"));
     }
-    if lim.mode == HeaderMode::Extended
-        && req.cmd == NBD_CMD_WRITE
-        && req.flags & NBD_CMD_FLAG_PAYLOAD_LEN == 0
-    {
-        return Err(reject(
-            NBD_EINVAL,
-            "extended write without a payload length",
-        ));
-    }
+    // (an extended WRITE carries `length` bytes whether or not NBD_CMD_FLAG_PAYLOAD_LEN is set;
+    // QEMU's client does not set it)
     let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
     let is_write = matches!(req.cmd, NBD_CMD_WRITE | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES);
     if is_write && read_only {

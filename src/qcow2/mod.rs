@@ -503,4 +503,19 @@ impl BlockDevice for Qcow2 {
     fn flush(&self) -> Result<()> {
         alloc::flush(self)
     }
+
+    fn zero_is_fast(&self, off: u64, len: u64) -> bool {
+        // zero flags exist in v3; a raw external data file needs real zeros; partial
+        // (sub)clusters at either end would need data writes
+        if self.header.version < 3 || self.header.data_file_raw() {
+            return false;
+        }
+        let unit = if self.header.extended_l2() {
+            self.cluster_size() / 32
+        } else {
+            self.cluster_size()
+        };
+        let end = off.saturating_add(len);
+        off % unit == 0 && (end % unit == 0 || end == self.size())
+    }
 }
