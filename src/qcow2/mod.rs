@@ -516,6 +516,6 @@ impl BlockDevice for Qcow2 {
             self.cluster_size()
         };
         let end = off.saturating_add(len);
-        off % unit == 0 && (end % unit == 0 || end == self.size())
+        off.is_multiple_of(unit) && (end.is_multiple_of(unit) || end == self.size())
     }
 }
