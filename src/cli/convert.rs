@@ -1,11 +1,12 @@
-//! `qnbd convert`: qemu-img convert to raw (sparse output, progress with `-p`).
+//! `qnbd convert`: qemu-img convert to raw or qcow2 (sparse output, `-c` compressed clusters,
+//! `-o` creation options, `-B` backing file, progress with `-p`).
 
 use super::open_options;
-use crate::block::Mapping;
+use crate::block::{Chain, Mapping, NoBacking};
 use crate::error::{Error, ErrorKind, Result};
-use crate::open::open_image;
+use crate::open::{open_image, Format, OpenOptions};
 use clap::Args;
-use std::fs::OpenOptions;
+use std::fs::OpenOptions as FsOpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
@@ -14,12 +15,27 @@ pub struct ConvertArgs {
     /// Source format (qcow2, raw); probed when omitted.
     #[arg(short = 'f')]
     pub format: Option<String>,
-    /// Output format.
+    /// Output format (raw or qcow2).
     #[arg(short = 'O', default_value = "raw")]
     pub out_format: String,
+    /// Creation options of the output (as qemu-img create -o); may be repeated.
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Write compressed clusters (qcow2 output).
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// Backing file of the output: only data allocated in the source's top image is copied.
+    #[arg(short = 'B')]
+    pub backing: Option<String>,
+    /// Format of the backing file given with -B.
+    #[arg(short = 'F')]
+    pub backing_format: Option<String>,
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// Open the source without taking locks (accepted for qemu-img compatibility).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -29,75 +45,253 @@ pub struct ConvertArgs {
 
 /// Zero blocks of this size inside data are skipped (qemu-img's default `-S 4k`).
 const SPARSE_BLOCK: usize = 4096;
-const CHUNK: u64 = 2 << 20;
 
-pub fn run(a: &ConvertArgs) -> Result<i32> {
-    if a.out_format != "raw" {
-        return Err(Error::unsupported(format!(
-            "output format '{}' is not supported by convert yet (use -O raw)",
-            a.out_format
-        )));
-    }
-    let opts = open_options(a.format.as_deref())?;
-    let img = open_image(&a.src, &opts)?;
-    let chain = &img.chain;
-    let size = chain.size();
-    let out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&a.dst)
-        .map_err(|e| Error::io(format!("Could not create '{}'", a.dst), e))?;
-    out.set_len(size)
-        .map_err(|e| Error::io(format!("Could not resize '{}'", a.dst), e))?;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut pos = 0u64;
-    let mut last_pct = -1.0f64;
-    let progress = |pos: u64, last: &mut f64| {
-        if !a.progress {
+struct Progress {
+    on: bool,
+    size: u64,
+    last: f64,
+}
+
+impl Progress {
+    fn show(&mut self, pos: u64) {
+        if !self.on {
             return;
         }
-        let pct = if size == 0 {
+        let pct = if self.size == 0 {
             100.0
         } else {
-            (pos as f64 * 100.0 / size as f64 * 100.0).floor() / 100.0
+            (pos as f64 * 100.0 / self.size as f64 * 100.0).floor() / 100.0
         };
-        if pct != *last {
-            *last = pct;
+        if pct != self.last {
+            self.last = pct;
             let mut e = std::io::stdout().lock();
             let _ = write!(e, "    ({pct:.2}/100%)\r");
             let _ = e.flush();
         }
-    };
-    progress(0, &mut last_pct);
+    }
+
+    fn done(&self) {
+        if self.on {
+            println!("    (100.00/100%)");
+        }
+    }
+}
+
+/// Where the copy goes.
+trait Sink {
+    /// Write `data` at `off` (only called for data that is not all zeros).
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
+    fn finish(&mut self) -> Result<()>;
+}
+
+struct RawSink {
+    file: std::fs::File,
+    path: String,
+}
+
+impl Sink for RawSink {
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, off)
+            .map_err(|e| Error::io(format!("Could not write to '{}' at {off:#x}", self.path), e))
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("Could not flush '{}'", self.path), e))
+    }
+}
+
+struct Qcow2Sink {
+    image: crate::open::Image,
+    compress: bool,
+    cluster: u64,
+}
+
+impl Sink for Qcow2Sink {
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        if self.compress {
+            if let Some(q) = &self.image.layers[0].qcow2 {
+                // whole clusters only: the copy loop hands out cluster-aligned chunks
+                let mut pos = 0usize;
+                while pos < data.len() {
+                    let n = (self.cluster as usize).min(data.len() - pos);
+                    q.write_compressed(off + pos as u64, &data[pos..pos + n], &NoBacking)?;
+                    pos += n;
+                }
+                return Ok(());
+            }
+        }
+        self.image.chain.write(off, data, false)
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.image.chain.flush()
+    }
+}
+
+/// Copy every range that does not read as zeros (or, with `top_only`, every range the source's
+/// top layer holds). `chunk` is the copy unit, aligned to it.
+fn copy(
+    src: &Chain,
+    sink: &mut dyn Sink,
+    chunk: u64,
+    top_only: bool,
+    whole_units: bool,
+    progress: &mut Progress,
+) -> Result<()> {
+    let size = src.size();
+    let mut buf = crate::io::buf::IoBuf::new(chunk as usize);
+    let mut pos = 0u64;
+    progress.show(0);
     while pos < size {
-        let r = chain.resolve(pos, (size - pos).min(CHUNK))?;
-        let n = r.len;
-        let reads_zero = match r.mapping {
-            Mapping::Zero { .. } | Mapping::Backing { .. } => true,
-            Mapping::Data { zero, .. } => zero,
-            Mapping::Compressed => false,
-        };
-        if !reads_zero {
-            let b = &mut buf[..n as usize];
-            chain.read(pos, b)?;
-            for (i, blk) in b.chunks(SPARSE_BLOCK).enumerate() {
-                if blk.iter().any(|&x| x != 0) {
-                    let at = pos + (i * SPARSE_BLOCK) as u64;
-                    out.write_all_at(blk, at).map_err(|e| {
-                        Error::io(format!("Could not write to '{}' at {at:#x}", a.dst), e)
-                    })?;
+        let unit_end = ((pos / chunk + 1) * chunk).min(size);
+        // does any part of this unit need copying?
+        let mut need = false;
+        let mut p = pos;
+        while p < unit_end {
+            let r = src.resolve(p, unit_end - p)?;
+            let zero = match r.mapping {
+                Mapping::Zero { .. } | Mapping::Backing { .. } => true,
+                Mapping::Data { zero, .. } => zero,
+                Mapping::Compressed => false,
+            };
+            if top_only {
+                if r.depth == 1 {
+                    need = true;
+                    break;
+                }
+            } else if !zero {
+                need = true;
+                break;
+            }
+            p += r.len;
+        }
+        if need {
+            let n = (unit_end - pos) as usize;
+            let b = &mut buf[..n];
+            src.read(pos, b)?;
+            if top_only || (whole_units && b.iter().any(|&x| x != 0)) {
+                sink.write(pos, b)?;
+            } else if !whole_units && b.iter().any(|&x| x != 0) {
+                // skip zero 4k blocks inside the unit (qemu-img's -S 4k), in runs
+                let mut i = 0usize;
+                while i < n {
+                    let blk_end = (i + SPARSE_BLOCK).min(n);
+                    if b[i..blk_end].iter().all(|&x| x == 0) {
+                        i = blk_end;
+                        continue;
+                    }
+                    let mut j = blk_end;
+                    while j < n {
+                        let e = (j + SPARSE_BLOCK).min(n);
+                        if b[j..e].iter().all(|&x| x == 0) {
+                            break;
+                        }
+                        j = e;
+                    }
+                    sink.write(pos + i as u64, &b[i..j])?;
+                    i = j;
                 }
             }
         }
-        pos += n;
-        progress(pos, &mut last_pct);
+        pos = unit_end;
+        progress.show(pos);
     }
-    out.sync_data()
-        .map_err(|e| Error::io(format!("Could not flush '{}'", a.dst), e))?;
-    if a.progress {
-        println!("    (100.00/100%)");
+    sink.finish()?;
+    progress.done();
+    Ok(())
+}
+
+pub fn run(a: &ConvertArgs) -> Result<i32> {
+    let out_fmt = match a.out_format.as_str() {
+        "raw" => Format::Raw,
+        "qcow2" => Format::Qcow2,
+        other => {
+            return Err(Error::unsupported(format!(
+                "Unknown file format '{other}' (supported: qcow2, raw)"
+            )))
+        }
+    };
+    if a.compress && out_fmt != Format::Qcow2 {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "Compression not supported for this file format",
+        ));
     }
-    let _ = ErrorKind::Io;
+    let opts = open_options(a.format.as_deref())?;
+    let img = open_image(&a.src, &opts)?;
+    let size = img.chain.size();
+    let mut progress = Progress {
+        on: a.progress && !a.quiet,
+        size,
+        last: -1.0,
+    };
+    match out_fmt {
+        Format::Raw => {
+            if a.backing.is_some() {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "Backing file not supported for file format 'raw'",
+                ));
+            }
+            let file = FsOpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&a.dst)
+                .map_err(|e| Error::io(format!("Could not create '{}'", a.dst), e))?;
+            file.set_len(size)
+                .map_err(|e| Error::io(format!("Could not resize '{}'", a.dst), e))?;
+            let mut sink = RawSink {
+                file,
+                path: a.dst.clone(),
+            };
+            copy(&img.chain, &mut sink, 2 << 20, false, false, &mut progress)?;
+        }
+        Format::Qcow2 => {
+            let mut g = super::create::parse_given(Format::Qcow2, &a.options)
+                .map_err(|e| e.context(&a.dst))?;
+            if let Some(b) = &a.backing {
+                g.backing_file = Some(b.clone());
+                g.backing_fmt = a.backing_format.clone().or(g.backing_fmt);
+            }
+            let copts = super::create::qcow2_options(&g, size)?;
+            if copts.backing_file.is_some() && copts.backing_format.is_none() {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "Backing file specified without backing format (use -F)",
+                ));
+            }
+            let cluster = copts.cluster_size;
+            let top_only = copts.backing_file.is_some();
+            crate::qcow2::create::create_qcow2(&a.dst, &copts)?;
+            let dopts = OpenOptions {
+                format: Some(Format::Qcow2),
+                writable: true,
+                engine: opts.engine,
+                ..OpenOptions::default()
+            };
+            let out = open_image(&a.dst, &dopts)?;
+            let mut sink = Qcow2Sink {
+                image: out,
+                compress: a.compress,
+                cluster,
+            };
+            // compressed clusters are written one whole cluster at a time
+            let chunk = if a.compress {
+                cluster
+            } else {
+                cluster.clamp(64 << 10, 2 << 20)
+            };
+            copy(
+                &img.chain,
+                &mut sink,
+                chunk,
+                top_only,
+                a.compress,
+                &mut progress,
+            )?;
+        }
+    }
     Ok(0)
 }

@@ -78,22 +78,22 @@ fn parse_size_opt(key: &str, v: &str) -> Result<u64> {
 
 /// One option as given: its printed form and the raw text.
 #[derive(Debug, Default, Clone)]
-struct Given {
+pub(crate) struct Given {
     cluster_size: Option<u64>,
     extended_l2: Option<(String, bool)>,
     preallocation: Option<String>,
     compression_type: Option<String>,
     size: Option<u64>,
     compat: Option<String>,
-    backing_file: Option<String>,
-    backing_fmt: Option<String>,
+    pub(crate) backing_file: Option<String>,
+    pub(crate) backing_fmt: Option<String>,
     data_file: Option<String>,
     data_file_raw: Option<(String, bool)>,
     lazy_refcounts: Option<(String, bool)>,
     refcount_bits: Option<u64>,
 }
 
-fn parse_given(fmt: Format, options: &[String]) -> Result<Given> {
+pub(crate) fn parse_given(fmt: Format, options: &[String]) -> Result<Given> {
     let mut g = Given::default();
     for o in options {
         for kv in split_opts(o) {
@@ -197,7 +197,7 @@ fn backing_path(image: &str, backing: &str) -> String {
 }
 
 /// QAPI's enum checks: they run before the format's own validation.
-fn qcow2_options(g: &Given, size: u64) -> Result<CreateOptions> {
+pub(crate) fn qcow2_options(g: &Given, size: u64) -> Result<CreateOptions> {
     let mut o = CreateOptions {
         size,
         ..CreateOptions::default()
