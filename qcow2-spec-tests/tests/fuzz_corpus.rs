@@ -1,0 +1,66 @@
+//! Replays the `open_map` fuzz corpus (and any kept crash reproducers) through the fuzz
+//! target's entry point, `qnbd::testing::open_and_map`, on stable Rust.
+//!
+//! Every input may fail to open or read; none may panic. Each input runs on its own thread so
+//! that a panic names the file that caused it and the other inputs still run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn inputs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            !name.starts_with('.') && !name.ends_with(".md")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn fuzz_corpus_replays_without_panic() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let corpus = inputs(&fuzz.join("corpus/open_map"));
+    assert!(
+        !corpus.is_empty(),
+        "no seeds in {}",
+        fuzz.join("corpus/open_map").display()
+    );
+    let all: Vec<PathBuf> = corpus
+        .into_iter()
+        .chain(inputs(&fuzz.join("artifacts/open_map")))
+        .collect();
+
+    let mut panicked = Vec::new();
+    let (mut opened, mut refused) = (0, 0);
+    for path in &all {
+        let data = fs::read(path).unwrap();
+        let outcome = std::thread::Builder::new()
+            .name(path.file_name().unwrap().to_string_lossy().into_owned())
+            .spawn(move || qnbd::testing::open_and_map(&data).is_ok())
+            .unwrap()
+            .join();
+        match outcome {
+            Ok(true) => opened += 1,
+            Ok(false) => refused += 1,
+            Err(_) => panicked.push(path.display().to_string()),
+        }
+    }
+    eprintln!(
+        "{} inputs: {opened} opened and mapped, {refused} refused, {} panicked",
+        all.len(),
+        panicked.len()
+    );
+    assert!(
+        panicked.is_empty(),
+        "panicked on:\n  {}",
+        panicked.join("\n  ")
+    );
+}
