@@ -8,6 +8,7 @@
 //! 5. [`open`] (probe, open policy, engine choice, chain building)
 //! 6. [`cli`] (argument structs, output formatting)
 
+pub mod bitmap;
 pub mod block;
 pub mod cache;
 pub mod cli;

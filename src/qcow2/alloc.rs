@@ -54,13 +54,22 @@ pub(crate) struct Meta {
     pub file_len: u64,
     pub size: u64,
     pub corrupt: bool,
+    /// Autoclear bits as on disk now.
+    pub autoclear: u64,
+    /// The trusted bitmaps extension as on disk now.
+    pub bitmaps_ext: Option<super::spec::extensions::BitmapsExt>,
     prepared: bool,
     /// Host clusters holding metadata (for overlap checks), built before the first write.
     metadata: Option<HashSet<u64>>,
 }
 
 impl Meta {
-    pub(crate) fn new(h: &Header, l1: Vec<u64>, file_len: u64) -> Meta {
+    pub(crate) fn new(
+        h: &Header,
+        bitmaps_ext: Option<super::spec::extensions::BitmapsExt>,
+        l1: Vec<u64>,
+        file_len: u64,
+    ) -> Meta {
         Meta {
             l1,
             l1_offset: h.l1_table_offset,
@@ -76,6 +85,8 @@ impl Meta {
             file_len,
             size: h.size,
             corrupt: h.is_corrupt(),
+            autoclear: h.autoclear_features,
+            bitmaps_ext,
             prepared: false,
             metadata: None,
         }
@@ -151,12 +162,13 @@ impl Qcow2 {
             return Ok(());
         }
         self.ensure_reftable(m)?;
-        // A writer that does not maintain persistent bitmaps must clear the autoclear bitmaps
-        // bit, and unknown autoclear bits, before its first write (qcow2 spec, "Header").
+        // Unknown autoclear bits must be cleared before the first write (qcow2 spec, "Header");
+        // the bitmaps bit stays: this writer maintains the bitmaps.
         if self.header.version >= 3 {
-            let keep = self.header.autoclear_features & autoclear::DATA_FILE_RAW;
-            if keep != self.header.autoclear_features {
+            let keep = m.autoclear & autoclear::MASK;
+            if keep != m.autoclear {
                 self.write_header_field(88, &keep.to_be_bytes())?;
+                m.autoclear = keep;
             }
         }
         m.metadata = Some(self.metadata_clusters(m)?);
@@ -462,6 +474,74 @@ impl Qcow2 {
             }
         }
         Ok(None)
+    }
+
+    /// Allocate `n` contiguous clusters for metadata (kept out of reach of data writes).
+    pub(crate) fn alloc_meta_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let off = self.alloc_clusters(m, n)?;
+        if let Some(s) = m.metadata.as_mut() {
+            for c in 0..n {
+                s.insert(off / self.cs() + c);
+            }
+        }
+        Ok(off)
+    }
+
+    /// `adjust_refcount` for sibling modules.
+    pub(crate) fn adjust_refcount_pub(&self, m: &mut Meta, idx: u64, delta: i64) -> Result<()> {
+        self.adjust_refcount(m, idx, delta)
+    }
+
+    /// Rewrite the header cluster (fixed header, extensions, backing file name) from the
+    /// current state, with `bitmaps` as the bitmaps extension; synced. Like QEMU's
+    /// `qcow2_update_header`, one write of the header area.
+    pub(crate) fn rewrite_header(
+        &self,
+        m: &mut Meta,
+        bitmaps: Option<super::spec::extensions::BitmapsExt>,
+    ) -> Result<()> {
+        let cs = self.cs();
+        let mut h = self.header.clone();
+        h.size = m.size;
+        h.l1_size = m.l1.len() as u32;
+        h.l1_table_offset = m.l1_offset;
+        h.refcount_table_offset = m.reftable_offset;
+        h.refcount_table_clusters = m.reftable_clusters;
+        if m.corrupt {
+            h.incompatible_features |= incompat::CORRUPT;
+        }
+        let mut autoclear_bits = m.autoclear & autoclear::MASK;
+        if bitmaps.is_some() {
+            autoclear_bits |= autoclear::BITMAPS;
+        }
+        h.autoclear_features = autoclear_bits;
+        let mut ext = self.ext.clone();
+        ext.bitmaps = bitmaps;
+        ext.bitmaps_untrusted = None;
+        let mut area = h.to_bytes();
+        area.extend_from_slice(&ext.encode());
+        if let Some(name) = self.backing_name() {
+            h.backing_file_offset = area.len() as u64;
+            h.backing_file_size = name.len() as u32;
+            let fixed = h.to_bytes();
+            area[..fixed.len()].copy_from_slice(&fixed);
+            area.extend_from_slice(name.as_bytes());
+        }
+        if area.len() as u64 > cs {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the header extensions do not fit in the first cluster",
+            ));
+        }
+        self.file
+            .write_at(&area, 0)
+            .map_err(io_err("Could not update the qcow2 header"))?;
+        self.file
+            .sync()
+            .map_err(io_err("Could not flush the qcow2 header"))?;
+        m.autoclear = autoclear_bits;
+        m.bitmaps_ext = bitmaps;
+        Ok(())
     }
 
     /// Allocate `n` contiguous free host clusters (refcount set to 1); returns the host offset.
@@ -1021,6 +1101,7 @@ pub(crate) fn write(q: &Qcow2, off: u64, buf: &[u8], below: &dyn CowSource) -> R
     let mut m = q.meta_write();
     q.prepare(&mut m)?;
     check_range(&m, off, buf.len() as u64)?;
+    q.mark_bitmaps(off, buf.len() as u64);
     let mut done = 0usize;
     while done < buf.len() {
         let pos = off + done as u64;
@@ -1071,6 +1152,7 @@ pub(crate) fn write_zeroes(
     let mut m = q.meta_write();
     q.prepare(&mut m)?;
     check_range(&m, off, len)?;
+    q.mark_bitmaps(off, len);
     let end = off + len;
     let raw_data_file = q.header.data_file_raw();
     let v2_backed = q.header.version < 3 && below.has_backing();
@@ -1117,6 +1199,7 @@ pub(crate) fn discard(q: &Qcow2, off: u64, len: u64, below: &dyn CowSource) -> R
     let mut m = q.meta_write();
     q.prepare(&mut m)?;
     check_range(&m, off, len)?;
+    q.mark_bitmaps(off, len);
     if q.header.data_file_raw() {
         return Ok(());
     }

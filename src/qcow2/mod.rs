@@ -13,6 +13,7 @@
 //! the open policy and handed in.
 
 pub mod alloc;
+pub mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod create;
@@ -60,6 +61,8 @@ pub struct Qcow2 {
     /// Held shared by reads from mapping to the end of their data I/O; taken exclusively before
     /// freed clusters become reusable, so a freed cluster never changes under a reader.
     io_barrier: RwLock<()>,
+    /// Persistent dirty bitmaps (see `bitmaps.rs`).
+    bitmaps_live: std::sync::Mutex<bitmaps::BitmapSet>,
     size: AtomicU64,
     l2_cache: MetaCache<Vec<u64>>,
     refblock_cache: MetaCache<Vec<u8>>,
@@ -244,8 +247,8 @@ impl Qcow2 {
                 return Qcow2::open(file, opts);
             }
         }
-        let meta = alloc::Meta::new(&header, l1, file_len);
-        Ok(Qcow2 {
+        let meta = alloc::Meta::new(&header, ext.bitmaps, l1, file_len);
+        let q = Qcow2 {
             file,
             data_file: None,
             l2_cache: MetaCache::new(l2_entries),
@@ -253,6 +256,7 @@ impl Qcow2 {
             size: AtomicU64::new(header.size),
             meta: RwLock::new(meta),
             io_barrier: RwLock::new(()),
+            bitmaps_live: std::sync::Mutex::new(bitmaps::BitmapSet::default()),
             access: if opts.no_io {
                 crate::block::Access::ReadOnly
             } else {
@@ -267,7 +271,13 @@ impl Qcow2 {
             metadata_prealloc: OnceLock::new(),
             no_io: opts.no_io,
             luks,
-        })
+        };
+        let set = q.init_bitmaps();
+        *q.bitmaps_lock() = set;
+        if q.access == crate::block::Access::ReadWrite {
+            q.bitmaps_open_rw()?;
+        }
+        Ok(q)
     }
 
     /// Attach the external data file (opened by `open.rs` under the open policy).
@@ -370,6 +380,11 @@ impl Drop for Qcow2 {
         if self.access == crate::block::Access::ReadWrite {
             if let Err(e) = alloc::flush(self) {
                 eprintln!("qnbd: could not flush the image on close: {e}");
+                return;
+            }
+            // bitmaps stay in-use (inconsistent) if storing them fails: never silently wrong
+            if let Err(e) = self.store_bitmaps() {
+                eprintln!("qnbd: could not store dirty bitmaps on close: {e}");
             }
         }
     }

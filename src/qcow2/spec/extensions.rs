@@ -46,6 +46,9 @@ pub struct Extensions {
     pub backing_format: Option<String>,
     pub feature_table: Vec<FeatureName>,
     pub bitmaps: Option<BitmapsExt>,
+    /// The bitmaps extension of an image whose autoclear `bitmaps` bit is clear: every bitmap
+    /// in it is inconsistent (a writer without bitmap support touched the image).
+    pub bitmaps_untrusted: Option<BitmapsExt>,
     pub crypto: Option<CryptoExt>,
     pub data_file: Option<String>,
     /// Extensions of unknown type, kept verbatim for header rewrites: (type, data).
@@ -68,6 +71,54 @@ fn ext_string(b: &[u8]) -> String {
 }
 
 impl Extensions {
+    /// Serialise the extension area (QEMU's order: crypto header, backing format, data file,
+    /// feature table, bitmaps, unknown extensions, end), each padded to 8 bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        fn put(out: &mut Vec<u8>, magic: u32, data: &[u8]) {
+            out.extend_from_slice(&magic.to_be_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(data);
+            while !out.len().is_multiple_of(8) {
+                out.push(0);
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(c) = self.crypto {
+            let mut d = c.offset.to_be_bytes().to_vec();
+            d.extend_from_slice(&c.length.to_be_bytes());
+            put(&mut out, EXT_CRYPTO, &d);
+        }
+        if let Some(f) = &self.backing_format {
+            put(&mut out, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        if let Some(f) = &self.data_file {
+            put(&mut out, EXT_DATA_FILE, f.as_bytes());
+        }
+        if !self.feature_table.is_empty() {
+            let mut d = Vec::new();
+            for f in &self.feature_table {
+                d.push(f.kind);
+                d.push(f.bit);
+                let mut name = f.name.as_bytes().to_vec();
+                name.resize(46, 0);
+                d.extend_from_slice(&name);
+            }
+            put(&mut out, EXT_FEATURE_TABLE, &d);
+        }
+        if let Some(b) = self.bitmaps {
+            let mut d = b.nb_bitmaps.to_be_bytes().to_vec();
+            d.extend_from_slice(&0u32.to_be_bytes());
+            d.extend_from_slice(&b.directory_size.to_be_bytes());
+            d.extend_from_slice(&b.directory_offset.to_be_bytes());
+            put(&mut out, EXT_BITMAPS, &d);
+        }
+        for (m, d) in &self.unknown {
+            put(&mut out, *m, d);
+        }
+        put(&mut out, EXT_END, &[]);
+        out
+    }
+
     /// Parse the extension area `area` (the bytes of the first cluster from `start` to `end`).
     /// `cluster_size` validates the bitmap directory offset; `autoclear_bitmaps` tells whether
     /// the bitmaps extension is to be trusted (QEMU skips its validation when the bit is clear).
@@ -126,6 +177,13 @@ impl Extensions {
                 EXT_BITMAPS => {
                     if len != 24 {
                         return Err(Error::invalid("bitmaps_ext: Invalid extension length"));
+                    }
+                    if !autoclear_bitmaps {
+                        ext.bitmaps_untrusted = Some(BitmapsExt {
+                            nb_bitmaps: be32(data),
+                            directory_size: be64(&data[8..]),
+                            directory_offset: be64(&data[16..]),
+                        });
                     }
                     if autoclear_bitmaps {
                         if be32(&data[4..]) != 0 {
