@@ -145,6 +145,29 @@ impl Chain {
         self.layers[0].discard(off, len, &Below(&self.layers[1..]))
     }
 
+    /// A persistent dirty bitmap, looked up from the top layer down (as qemu-nbd does).
+    pub fn dirty_bitmap(
+        &self,
+        name: &str,
+    ) -> Result<Arc<std::sync::RwLock<crate::bitmap::DirtyBitmap>>> {
+        let mut first_err = None;
+        for l in &self.layers {
+            match l.dirty_bitmap(name) {
+                Ok(b) => return Ok(b),
+                Err(e) if e.message().contains("not found") => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(first_err.unwrap_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Bitmap '{name}' is not found"),
+            )
+        }))
+    }
+
     /// Whether zeroing this range touches metadata only.
     pub fn zero_is_fast(&self, off: u64, len: u64) -> bool {
         self.layers[0].zero_is_fast(off, len)

@@ -175,6 +175,17 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// A persistent dirty bitmap of this layer.
+    fn dirty_bitmap(
+        &self,
+        name: &str,
+    ) -> Result<std::sync::Arc<std::sync::RwLock<crate::bitmap::DirtyBitmap>>> {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::InvalidArgument,
+            format!("Bitmap '{name}' is not found"),
+        ))
+    }
+
     /// Whether `write_zeroes` of this range works on metadata only (no zero data written):
     /// NBD's FAST_ZERO.
     fn zero_is_fast(&self, off: u64, len: u64) -> bool {

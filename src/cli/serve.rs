@@ -41,7 +41,7 @@ pub struct ServeArgs {
     /// Maximum simultaneous clients (0 = unlimited); multi-conn is advertised when not 1.
     #[arg(short = 'e', long = "shared", default_value_t = 1)]
     pub shared: usize,
-    /// Export a persistent dirty bitmap as qemu:dirty-bitmap:NAME (not available yet).
+    /// Export a persistent dirty bitmap as qemu:dirty-bitmap:NAME (repeatable).
     #[arg(short = 'B', long = "bitmap")]
     pub bitmaps: Vec<String>,
     /// Expose the qemu:allocation-depth metadata context.
@@ -169,6 +169,7 @@ struct ExportSpec {
     depth: bool,
     readonly: bool,
     discard: DiscardMode,
+    bitmaps: Vec<String>,
 }
 
 fn parse_export(s: &str) -> Result<ExportSpec> {
@@ -180,6 +181,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         depth: false,
         readonly: false,
         discard: DiscardMode::Ignore,
+        bitmaps: Vec::new(),
     };
     let mut have_name = false;
     for kv in s.split(',') {
@@ -203,6 +205,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
             "description" => spec.description = Some(v.to_string()),
             "allocation-depth" => spec.depth = on(v)?,
             "readonly" => spec.readonly = on(v)?,
+            "bitmap" => spec.bitmaps.push(v.to_string()),
             "discard" => spec.discard = discard_mode(v)?,
             _ => return Err(bad(format!("--export: unknown key '{k}'"))),
         }
@@ -242,8 +245,11 @@ fn build_export(
     opts.writable = !spec.readonly;
     let image = open_image(&spec.file, &opts)
         .map_err(|e| e.context(format!("Failed to blk_new_open '{}'", spec.file)))?;
-    let mut backend: Arc<dyn ExportBackend> =
-        Arc::new(ChainBackend::new(image.chain).with_discard(spec.discard));
+    let mut backend: Arc<dyn ExportBackend> = Arc::new(
+        ChainBackend::new(image.chain)
+            .with_discard(spec.discard)
+            .with_bitmaps(&spec.bitmaps)?,
+    );
     if offset > 0 {
         if offset > backend.size() {
             return Err(bad(format!(
@@ -261,7 +267,7 @@ fn build_export(
         backend,
         contexts: Available {
             allocation_depth: spec.depth,
-            bitmaps: Vec::new(),
+            bitmaps: spec.bitmaps.clone(),
         },
         multi_conn,
     }))
@@ -373,12 +379,6 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     if a.tls_creds.is_some() {
         return Err(Error::unsupported("TLS is not available yet"));
     }
-    if !a.bitmaps.is_empty() {
-        return Err(Error::unsupported(format!(
-            "Bitmap '{}' cannot be exported: bitmap support not available yet",
-            a.bitmaps[0]
-        )));
-    }
     if a.nocache && a.cache.is_some() {
         return Err(bad("-n and --cache can only be specified once"));
     }
@@ -447,6 +447,7 @@ fn serve(
                 Some(d) => discard_mode(d)?,
                 None => DiscardMode::Ignore,
             },
+            bitmaps: a.bitmaps.clone(),
         };
         exports.push(build_export(
             &spec,

@@ -128,6 +128,7 @@ pub enum DiscardMode {
 pub struct ChainBackend {
     chain: Chain,
     discard: DiscardMode,
+    bitmaps: Vec<(String, Arc<std::sync::RwLock<crate::bitmap::DirtyBitmap>>)>,
 }
 
 impl ChainBackend {
@@ -135,7 +136,18 @@ impl ChainBackend {
         ChainBackend {
             chain,
             discard: DiscardMode::Ignore,
+            bitmaps: Vec::new(),
         }
+    }
+
+    /// Export these persistent bitmaps as `qemu:dirty-bitmap:NAME` (live: writes through this
+    /// export keep marking the enabled ones).
+    pub fn with_bitmaps(mut self, names: &[String]) -> Result<Self> {
+        for n in names {
+            let b = self.chain.dirty_bitmap(n)?;
+            self.bitmaps.push((n.clone(), b));
+        }
+        Ok(self)
     }
 
     pub fn with_discard(mut self, discard: DiscardMode) -> Self {
@@ -234,6 +246,25 @@ impl ExportBackend for ChainBackend {
 
     fn flush(&self) -> Result<()> {
         self.chain.flush()
+    }
+
+    fn bitmaps(&self) -> Vec<String> {
+        self.bitmaps.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    fn dirty_bitmap(&self, name: &str, off: u64, len: u64) -> Result<(u64, bool)> {
+        let Some((_, b)) = self.bitmaps.iter().find(|(n, _)| n == name) else {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Bitmap '{name}' is not exported"),
+            ));
+        };
+        let g = b.read().unwrap_or_else(|e| e.into_inner());
+        if off >= g.size() {
+            return Ok((len.max(1), false));
+        }
+        let (n, dirty) = g.run_at(off, len);
+        Ok((n.max(1), dirty))
     }
 }
 

@@ -519,6 +519,16 @@ impl BlockDevice for Qcow2 {
         alloc::flush(self)
     }
 
+    fn dirty_bitmap(&self, name: &str) -> Result<Arc<RwLock<crate::bitmap::DirtyBitmap>>> {
+        self.bitmap(name).map_err(|e| {
+            if e.message().ends_with("not found") {
+                Error::new(e.kind(), format!("Bitmap '{name}' is not found"))
+            } else {
+                e
+            }
+        })
+    }
+
     fn zero_is_fast(&self, off: u64, len: u64) -> bool {
         // zero flags exist in v3; a raw external data file needs real zeros; partial
         // (sub)clusters at either end would need data writes
