@@ -2,6 +2,7 @@
 //! qemu-img's formats. Only this module and `open.rs` name concrete formats and I/O engines.
 
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod convert;
 pub mod create;
@@ -47,6 +48,8 @@ pub enum Command {
     Resize(resize::ResizeArgs),
     /// Measure request throughput and latency on an image (qemu-img bench).
     Bench(bench::BenchArgs),
+    /// Manage and inspect persistent dirty bitmaps (qemu-img bitmap).
+    Bitmap(bitmap::BitmapArgs),
     /// Check an image for consistency and optionally repair it (qemu-img check).
     Check(check::CheckArgs),
     /// Create a new image (qemu-img create).
@@ -85,6 +88,7 @@ pub fn main() -> i32 {
         Command::Convert(a) => convert::run(&a),
         Command::Resize(a) => resize::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Bitmap(a) => bitmap::run(&a),
         Command::Check(a) => check::run(&a),
         Command::Create(a) => create::run(&a),
         Command::Serve(a) => serve::run(&a),

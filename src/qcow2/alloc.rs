@@ -146,7 +146,7 @@ impl Qcow2 {
     }
 
     /// Checks and header updates due before the first write of this open.
-    fn prepare(&self, m: &mut Meta) -> Result<()> {
+    pub(crate) fn prepare(&self, m: &mut Meta) -> Result<()> {
         if self.access != Access::ReadWrite {
             return Err(Error::new(
                 ErrorKind::Denied,
@@ -548,6 +548,8 @@ impl Qcow2 {
     /// Refcount blocks missing for the run are created right after it (so a run may be longer
     /// than one block covers) and counted in whichever block covers them.
     fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        // allocation decisions need the refcount table (and the metadata map)
+        self.prepare(m)?;
         let cs = self.cs();
         let per = self.refblock_entries();
         let mut start = m.free_hint;

@@ -328,6 +328,7 @@ impl Qcow2 {
         }
         let _barrier = self.io_barrier.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.meta_write();
+        self.prepare(&mut m)?;
         self.flush_tables(&mut m)?;
         let cs = self.cluster_size();
         let list: Vec<LiveBitmap> = self.bitmaps_lock().list.clone();
