@@ -15,7 +15,6 @@
 //! that name, so `QNBD_BIN=/usr/bin/qemu-img` replays the same pokes against QEMU; the cases where this
 //! project deliberately refuses what QEMU tolerates (9, 25, 26, 28, 43, 44, ...) then fail there.
 //!
-//! Cases marked `#[ignore = "known engine gap: ..."]` fail today; run them with
 //! `cargo test -p qcow2-spec-tests --test bad_inputs -- --include-ignored` and drop the
 //! attribute once the engine handles them.
 //!
@@ -1263,7 +1262,6 @@ fn case_18_extension_past_cluster_refused() {
 }
 
 #[test]
-#[ignore = "known engine gap: qnbd accepts a duplicated header extension (bad-inputs.md 18)"]
 fn case_18_duplicate_extension_refused() {
     // QEMU takes the last backing-format extension; bad-inputs.md expects a refusal.
     let Some(mut c) = Case::new("case_18_duplicate_extension_refused") else {
@@ -1282,7 +1280,6 @@ fn case_18_duplicate_extension_refused() {
 }
 
 #[test]
-#[ignore = "known engine gap: qnbd accepts an end marker with a length followed by extensions (bad-inputs.md 18)"]
 fn case_18_end_marker_mid_area_refused() {
     // An end-of-extensions entry (type 0) with a non-zero length followed by another extension.
     // QEMU stops at type 0; bad-inputs.md expects a refusal.
@@ -1450,7 +1447,6 @@ fn case_24_entries_into_metadata_read_bounded() {
 }
 
 #[test]
-#[ignore = "known engine gap: qnbd ignores reserved bits in L2 entries on reads (bad-inputs.md 25)"]
 fn case_25_l2_reserved_bits_corrupt() {
     // QEMU ignores reserved bits on I/O; bad-inputs.md: treat as corruption.
     let Some(mut c) = Case::new("case_25_l2_reserved_bits_corrupt") else {
@@ -1466,7 +1462,6 @@ fn case_25_l2_reserved_bits_corrupt() {
 }
 
 #[test]
-#[ignore = "known engine gap: qnbd ignores reserved bits in L1 entries on reads (bad-inputs.md 25)"]
 fn case_25_l1_reserved_bits_corrupt() {
     let Some(mut c) = Case::new("case_25_l1_reserved_bits_corrupt") else {
         return;
@@ -1516,7 +1511,6 @@ fn case_27_garbage_compressed_data_eio() {
 }
 
 #[test]
-#[ignore = "known engine gap: qnbd map does not check compressed descriptors against EOF (bad-inputs.md 28)"]
 fn case_28_compressed_beyond_eof_eio() {
     let Some(mut c) = Case::new("case_28_compressed_beyond_eof_eio") else {
         return;
@@ -1790,7 +1784,6 @@ fn case_39_unaligned_bitmap_directory_refused() {
 }
 
 #[test]
-#[ignore = "known engine gap: qnbd map/convert open an image whose bitmap directory runs past EOF (bad-inputs.md 39)"]
 fn case_39_bitmap_directory_size_inconsistent_refused() {
     let Some(mut c) = Case::new("case_39_bitmap_directory_size_inconsistent_refused") else {
         return;

@@ -73,6 +73,21 @@ impl BlockDevice for RawDevice {
             ));
         }
         let want = end - off;
+        let flen = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("Could not get the image length", e))?;
+        if off >= flen {
+            // the partial last sector past the end of the file reads as zeros
+            return Ok(Run {
+                len: want,
+                mapping: Mapping::Zero {
+                    file: FileRole::Image,
+                    host: Some(off),
+                },
+            });
+        }
+        let want = want.min(flen - off).max(1);
         let ext = self
             .storage
             .extent_at(off)

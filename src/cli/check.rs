@@ -45,7 +45,9 @@ const EXIT_UNSUPPORTED: i32 = 63;
 
 /// Open `path` as a qcow2 image for checking; `Ok(None)` for a format without checks.
 fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Option<Qcow2>> {
-    let storage = open_storage(path, Engine::from_env(), writable)
+    let engine = Engine::from_env()
+        .map_err(|e| crate::error::Error::new(crate::error::ErrorKind::InvalidArgument, e))?;
+    let storage = open_storage(path, engine, writable)
         .map_err(|e| e.context(format!("Could not open '{path}'")))?;
     let format = match format {
         Some(f) => f,

@@ -72,7 +72,9 @@ impl Progress {
 
     fn done(&self) {
         if self.on {
-            println!("    (100.00/100%)");
+            // qemu-img ends with the 100% line once more, then a newline
+            print!("    (100.00/100%)\r\n");
+            let _ = std::io::stdout().flush();
         }
     }
 }

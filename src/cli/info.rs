@@ -176,11 +176,11 @@ fn human(l: &OpenedLayer, v: &Value) -> String {
         "disk size: {}\n",
         size_to_str(g("actual-size").as_u64().unwrap_or(0))
     ));
-    if let Some(cs) = v.get("cluster-size").and_then(Value::as_u64) {
-        s.push_str(&format!("cluster_size: {cs}\n"));
-    }
     if v.get("encrypted").and_then(Value::as_bool) == Some(true) {
         s.push_str("encrypted: yes\n");
+    }
+    if let Some(cs) = v.get("cluster-size").and_then(Value::as_u64) {
+        s.push_str(&format!("cluster_size: {cs}\n"));
     }
     if let Some(b) = v.get("backing-filename").and_then(Value::as_str) {
         let full = v
@@ -201,9 +201,10 @@ fn human(l: &OpenedLayer, v: &Value) -> String {
     }
     if let Some(snaps) = v.get("snapshots").and_then(Value::as_array) {
         s.push_str("Snapshot list:\n");
+        // block/qapi.c bdrv_snapshot_dump
         s.push_str(&format!(
-            "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}\n",
-            "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
         ));
         for sn in snaps {
             s.push_str(&snapshot_line(sn));
@@ -211,43 +212,7 @@ fn human(l: &OpenedLayer, v: &Value) -> String {
     }
     if let Some(fs) = v.get("format-specific").and_then(|f| f.get("data")) {
         s.push_str("Format specific information:\n");
-        for (k, label) in [
-            ("compat", "compat"),
-            ("compression-type", "compression type"),
-            ("lazy-refcounts", "lazy refcounts"),
-            ("bitmaps", "bitmaps"),
-            ("refcount-bits", "refcount bits"),
-            ("data-file", "data file"),
-            ("data-file-raw", "data file raw"),
-            ("corrupt", "corrupt"),
-            ("extended-l2", "extended l2"),
-        ] {
-            let Some(val) = fs.get(k) else { continue };
-            if k == "bitmaps" {
-                s.push_str("    bitmaps:\n");
-                for (i, b) in val.as_array().into_iter().flatten().enumerate() {
-                    s.push_str(&format!("        [{i}]:\n"));
-                    s.push_str("            flags:\n");
-                    for (j, f) in b["flags"].as_array().into_iter().flatten().enumerate() {
-                        s.push_str(&format!(
-                            "                [{j}]: {}\n",
-                            f.as_str().unwrap_or("")
-                        ));
-                    }
-                    s.push_str(&format!(
-                        "            name: {}\n",
-                        b["name"].as_str().unwrap_or("")
-                    ));
-                    s.push_str(&format!("            granularity: {}\n", b["granularity"]));
-                }
-                continue;
-            }
-            let text = match val {
-                Value::String(x) => x.clone(),
-                other => other.to_string(),
-            };
-            s.push_str(&format!("    {label}: {text}\n"));
-        }
+        super::qjson::dump_human(fs, 1, &mut s);
     }
     if let Some(child) = v
         .get("children")
@@ -276,11 +241,11 @@ fn snapshot_line(sn: &Value) -> String {
     let clock_sec = sn["vm-clock-sec"].as_u64().unwrap_or(0);
     let clock_nsec = sn["vm-clock-nsec"].as_u64().unwrap_or(0);
     let clock = format!(
-        "{:02}:{:02}:{:02}.{:03}",
+        "{:04}:{:02}:{:02}.{:03}",
         clock_sec / 3600,
         (clock_sec / 60) % 60,
         clock_sec % 60,
-        clock_nsec / 1_000_000
+        (clock_nsec / 1_000_000) % 1000
     );
     let icount = sn
         .get("icount")
@@ -288,7 +253,7 @@ fn snapshot_line(sn: &Value) -> String {
         .map(|i| i.to_string())
         .unwrap_or_default();
     format!(
-        "{:<9} {:<16} {:>8} {:>19} {:>12} {:>10}\n",
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
         sn["id"].as_str().unwrap_or(""),
         sn["name"].as_str().unwrap_or(""),
         size_to_str(sn["vm-state-size"].as_u64().unwrap_or(0)),

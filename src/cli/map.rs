@@ -48,7 +48,20 @@ pub fn entries(chain: &crate::block::Chain, start: u64, max: Option<u64>) -> Res
             None => curr = Some(next),
         }
     }
-    out.extend(curr);
+    match curr {
+        Some(c) => out.push(c),
+        // qemu-img prints one empty entry for an empty window
+        None => out.push(MapEntry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        }),
+    }
     Ok(out)
 }
 
@@ -106,10 +119,17 @@ pub fn format_human(ents: &[MapEntry], layers: &[crate::open::OpenedLayer]) -> R
             ));
         }
         if e.data && !e.zero {
+            // the file holding the data: the external data file when the layer has one
             let file = layers
                 .get(e.depth)
-                .map(|l| l.filename.as_str())
-                .unwrap_or("");
+                .map(|l| match &l.qcow2 {
+                    Some(q) if q.header().has_data_file() => q
+                        .data_file_name()
+                        .map(|df| crate::open::combine_path(&l.filename, df))
+                        .unwrap_or_else(|| l.filename.clone()),
+                    _ => l.filename.clone(),
+                })
+                .unwrap_or_default();
             s.push_str(&format!(
                 "{}{}{}{}\n",
                 hex16(e.start),

@@ -62,7 +62,8 @@ pub enum Command {
 pub(crate) fn open_options(format: Option<&str>) -> Result<OpenOptions, Error> {
     Ok(OpenOptions {
         format: format.map(Format::parse).transpose()?,
-        engine: Engine::from_env(),
+        engine: Engine::from_env()
+            .map_err(|e| Error::new(crate::error::ErrorKind::InvalidArgument, e))?,
         ..OpenOptions::default()
     })
 }

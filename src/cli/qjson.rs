@@ -28,6 +28,48 @@ pub fn to_qemu_pretty(v: &Value) -> String {
     out
 }
 
+/// Members of an object in QDict iteration order.
+pub fn qdict_order(m: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut members: Vec<(usize, &String, &Value)> =
+        m.iter().enumerate().map(|(i, (k, v))| (i, k, v)).collect();
+    members.sort_by_key(|(i, k, _)| (bucket(k), std::cmp::Reverse(*i)));
+    members.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
+/// QEMU's human dump of a QObject (block/qapi.c `dump_qdict` / `dump_qlist`): keys with
+/// dashes turned into spaces, composites on their own lines, 4 spaces per level.
+pub fn dump_human(v: &Value, indentation: usize, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in qdict_order(m) {
+                let composite = matches!(val, Value::Object(_) | Value::Array(_));
+                out.push_str(&" ".repeat(indentation * 4));
+                out.push_str(&k.replace('-', " "));
+                out.push(':');
+                out.push(if composite { '\n' } else { ' ' });
+                dump_human(val, indentation + 1, out);
+                if !composite {
+                    out.push('\n');
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, val) in a.iter().enumerate() {
+                let composite = matches!(val, Value::Object(_) | Value::Array(_));
+                out.push_str(&" ".repeat(indentation * 4));
+                out.push_str(&format!("[{i}]:"));
+                out.push(if composite { '\n' } else { ' ' });
+                dump_human(val, indentation + 1, out);
+                if !composite {
+                    out.push('\n');
+                }
+            }
+        }
+        Value::String(s) => out.push_str(s),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 fn indent(n: usize, out: &mut String) {
     for _ in 0..n {
         out.push_str("    ");

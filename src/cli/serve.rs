@@ -401,7 +401,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         }
     }
     let engine = match a.aio.as_deref() {
-        None => Engine::from_env(),
+        None => Engine::from_env().map_err(bad)?,
         Some("threads") | Some("native") => Engine::Sync,
         Some("io_uring") => Engine::Uring,
         Some(o) => return Err(bad(format!("Invalid aio mode '{o}'"))),

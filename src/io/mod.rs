@@ -38,12 +38,15 @@ impl Engine {
     }
 
     /// Engine named by the `QNBD_IO_ENGINE` environment variable (used by the test suite to run
-    /// everything over both engines), else `Auto`.
-    pub fn from_env() -> Engine {
-        std::env::var("QNBD_IO_ENGINE")
-            .ok()
-            .and_then(|s| Engine::parse(&s))
-            .unwrap_or_default()
+    /// everything over both engines), else `Auto`. An unknown name is an error, so a typo
+    /// never silently tests the wrong engine.
+    pub fn from_env() -> Result<Engine, String> {
+        match std::env::var("QNBD_IO_ENGINE") {
+            Ok(s) if !s.is_empty() => Engine::parse(&s).ok_or_else(|| {
+                format!("QNBD_IO_ENGINE: unknown I/O engine '{s}' (auto, sync, io_uring)")
+            }),
+            _ => Ok(Engine::Auto),
+        }
     }
 }
 

@@ -182,9 +182,14 @@ impl Qcow2 {
 
         let snapshots = read_snapshots(&*file, &header, file_len)?;
 
+        // A broken bitmap directory makes the image unusable, as in QEMU (its bitmaps could
+        // not be kept consistent by any writer).
         let bitmaps = match ext.bitmaps {
             None => Ok(Vec::new()),
-            Some(b) => load_bitmap_dir(&*file, &header, b, file_len).map_err(|e| e.to_string()),
+            Some(b) => match load_bitmap_dir(&*file, &header, b, file_len) {
+                Ok(v) => Ok(v),
+                Err(e) => return Err(e),
+            },
         };
 
         let luks = match (header.crypt_method, ext.crypto) {

@@ -48,6 +48,11 @@ pub(crate) fn l2_for(
         return Ok(None);
     };
     let l2_off = l1e & L1E_OFFSET_MASK;
+    if l1e & super::spec::entries::L1E_RESERVED_MASK != 0 {
+        return Err(Error::corrupt(format!(
+            "L1 entry {l1e:#x} has reserved bits set (L1 index: {l1_idx:#x})"
+        )));
+    }
     if l2_off == 0 {
         return Ok(None);
     }
@@ -123,6 +128,24 @@ pub(crate) fn map_in(
     let first_sc = ((off & (cs - 1)) / sc_size) as u32;
     let (e0, b0) = entry_at(first_l2_idx);
     let ty = q.layout.classify(e0, b0, first_sc);
+    // reserved bits of a standard descriptor: QEMU ignores them on I/O, `check` reports them;
+    // we refuse to interpret such an entry
+    if e0 & super::spec::entries::OFLAG_COMPRESSED == 0
+        && e0 & super::spec::entries::L2E_RESERVED_MASK != 0
+    {
+        return Err(Error::corrupt(format!(
+            "L2 entry {e0:#x} has reserved bits set (L2 offset: {l2_off:#x}, L2 index: {first_l2_idx:#x})"
+        )));
+    }
+    if ty == SubclusterType::Compressed {
+        let d = q.layout.compressed(e0);
+        if d.host >= m.file_len {
+            return Err(Error::corrupt(format!(
+                "Compressed cluster at host offset {:#x} lies beyond the end of the file (L2 offset: {l2_off:#x}, L2 index: {first_l2_idx:#x})",
+                d.host
+            )));
+        }
+    }
     let guest_cluster = off & !(cs - 1);
     let host_cluster = e0 & L2E_OFFSET_MASK;
     match ty {

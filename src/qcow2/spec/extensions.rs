@@ -124,6 +124,7 @@ impl Extensions {
     /// the bitmaps extension is to be trusted (QEMU skips its validation when the bit is clear).
     pub fn parse(area: &[u8], cluster_size: u64, autoclear_bitmaps: bool) -> Result<Extensions> {
         let mut ext = Extensions::default();
+        let mut seen: Vec<u32> = Vec::new();
         let mut off = 0usize;
         let end = area.len();
         while off < end {
@@ -137,6 +138,17 @@ impl Extensions {
                 return Err(Error::invalid("Header extension too large"));
             }
             let data = &area[off..off + len];
+            if magic == EXT_END && len != 0 {
+                return Err(Error::invalid(format!(
+                    "Header extension end marker with non-zero length {len}"
+                )));
+            }
+            if magic != EXT_END && seen.contains(&magic) {
+                return Err(Error::invalid(format!(
+                    "Header extension {magic:#010x} appears twice"
+                )));
+            }
+            seen.push(magic);
             match magic {
                 EXT_END => return Ok(ext),
                 EXT_BACKING_FORMAT => {
