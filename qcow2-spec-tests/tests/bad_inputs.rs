@@ -15,9 +15,6 @@
 //! that name, so `QNBD_BIN=/usr/bin/qemu-img` replays the same pokes against QEMU; the cases where this
 //! project deliberately refuses what QEMU tolerates (9, 25, 26, 28, 43, 44, ...) then fail there.
 //!
-//! `cargo test -p qcow2-spec-tests --test bad_inputs -- --include-ignored` and drop the
-//! attribute once the engine handles them.
-//!
 //! `BAD_INPUTS_VERBOSE=1` prints every run with its outcome and stderr.
 //!
 //! Out of scope here (write side or no CLI surface yet): 19 and 20 read-write opens, 22–24
