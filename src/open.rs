@@ -116,8 +116,17 @@ pub fn uring_available() -> bool {
     }
 }
 
-/// Open a host file with the chosen engine.
+/// Open a host file with the chosen engine; writable files get a sticky flush-failure state.
 pub fn open_storage(path: &str, engine: Engine, writable: bool) -> Result<Arc<dyn Storage>> {
+    let s = open_storage_raw(path, engine, writable)?;
+    Ok(if writable {
+        Arc::new(crate::io::StickySync::new(s))
+    } else {
+        s
+    })
+}
+
+fn open_storage_raw(path: &str, engine: Engine, writable: bool) -> Result<Arc<dyn Storage>> {
     let file = FsOpenOptions::new()
         .read(true)
         .write(writable)

@@ -368,3 +368,31 @@ fn dirty_lazy_refcount_image_is_repaired_on_read_write_open() {
     assert!(content[..1 << 20].iter().all(|&b| b == 1));
     assert!(content[2 << 20..(2 << 20) + 8192].iter().all(|&b| b == 3));
 }
+
+/// A flush that failed once keeps failing (the data written before it may be gone), also when
+/// the storage's next fsync would succeed.
+#[test]
+fn a_failed_flush_is_sticky() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = fresh_image(dir.path(), "cluster_size=4k", 1 << 20);
+    let inner = Arc::new(FaultStorage::new(image, Fault::SyncEioOnce { at: 1 }));
+    let st: Arc<dyn Storage> = Arc::new(qnbd::io::StickySync::new(inner));
+    let opts_q = Qcow2Options {
+        access: qnbd::block::Access::ReadWrite,
+        ..Qcow2Options::default()
+    };
+    let dev = open_storage_image(st, Some(Format::Qcow2), &opts_q).unwrap();
+    let chain = Chain::new(vec![dev]).unwrap();
+    let mut failed = false;
+    for i in 0..8u64 {
+        chain.write(i * 8192, &[1u8; 8192], false).unwrap_or(());
+        match chain.flush() {
+            Err(_) => failed = true,
+            Ok(()) => assert!(!failed, "flush {i} succeeded after an earlier flush failed"),
+        }
+    }
+    assert!(failed, "the injected fsync error never surfaced");
+}

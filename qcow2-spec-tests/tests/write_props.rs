@@ -48,6 +48,8 @@ struct Layout {
     backing: bool,
     data_file_raw: bool,
     snapshot: bool,
+    /// L2 cache of two tables (evictions on every step; bad-inputs 79).
+    tiny_cache: bool,
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
@@ -152,11 +154,14 @@ fn one_sequence(l: &Layout, engine: Engine, seed: u64, dir: &Path) {
     } else {
         None
     };
-    let opts = OpenOptions {
+    let mut opts = OpenOptions {
         engine,
         writable: true,
         ..OpenOptions::default()
     };
+    if l.tiny_cache {
+        opts.qcow2.l2_cache_size = Some(2 * l.cluster);
+    }
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut size = size0;
     let mut log = Vec::new();
@@ -334,6 +339,7 @@ fn layouts() -> Vec<Layout> {
         backing,
         data_file_raw: raw,
         snapshot: false,
+        tiny_cache: false,
     };
     let snap = |name, opts: &str, cluster, ext_l2| Layout {
         snapshot: true,
@@ -457,6 +463,18 @@ fn layouts() -> Vec<Layout> {
             false,
         ),
         snap("snapshot-extl2", "extended_l2=on", 65536, true),
+        Layout {
+            tiny_cache: true,
+            ..mk(
+                "tiny-cache-512-rc64",
+                "cluster_size=512,refcount_bits=64",
+                512,
+                true,
+                false,
+                true,
+                false,
+            )
+        },
     ]
 }
 
@@ -500,6 +518,7 @@ fn external_data_file_images_stay_valid() {
             backing: false,
             data_file_raw: raw,
             snapshot: false,
+            tiny_cache: false,
         };
         for seed in 1..=2 {
             one_sequence(&l, Engine::Sync, seed, dir.path());

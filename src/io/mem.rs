@@ -202,6 +202,8 @@ pub enum Fault {
     SyncEio { after: u64 },
     /// Reads fail with EIO.
     ReadEio,
+    /// Sync number `at` fails with EIO, the others succeed (a transient fsync error).
+    SyncEioOnce { at: u64 },
 }
 
 /// A storage that injects one kind of fault.
@@ -263,10 +265,15 @@ impl Storage for FaultStorage {
 
     fn sync(&self) -> io::Result<()> {
         use std::sync::atomic::Ordering;
-        if let Fault::SyncEio { after } = self.fault {
-            if self.syncs.fetch_add(1, Ordering::SeqCst) >= after {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
+        let n = self.syncs.fetch_add(1, Ordering::SeqCst);
+        match self.fault {
+            Fault::SyncEio { after } if n >= after => {
+                return Err(io::Error::from_raw_os_error(libc::EIO))
             }
+            Fault::SyncEioOnce { at } if n == at => {
+                return Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -148,3 +148,61 @@ pub fn read_exact<S: Storage + ?Sized>(s: &S, buf: &mut [u8], off: u64) -> io::R
     }
     Ok(())
 }
+
+/// A storage whose `sync` failure is permanent: once a sync has failed, the kernel may have
+/// dropped dirty pages (`fsyncgate`), so no later sync may report the data as durable.
+#[derive(Debug)]
+pub struct StickySync<S: Storage + ?Sized> {
+    failed: std::sync::atomic::AtomicBool,
+    inner: std::sync::Arc<S>,
+}
+
+impl<S: Storage + ?Sized> StickySync<S> {
+    pub fn new(inner: std::sync::Arc<S>) -> Self {
+        StickySync {
+            failed: false.into(),
+            inner,
+        }
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for StickySync<S> {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "an earlier flush failed; data written before it may be lost",
+            ));
+        }
+        self.inner.sync().inspect_err(|_| {
+            self.failed.store(true, Ordering::Release);
+        })
+    }
+    fn allocated_size(&self) -> io::Result<u64> {
+        self.inner.allocated_size()
+    }
+    fn extent_at(&self, off: u64) -> io::Result<Option<Extent>> {
+        self.inner.extent_at(off)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.inner.read_many(reqs)
+    }
+    fn engine_name(&self) -> &'static str {
+        self.inner.engine_name()
+    }
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.inner.identity()
+    }
+}
