@@ -834,3 +834,66 @@ fn fio_verified_writes_over_multi_conn() {
     let (rc, out, err) = run(Command::new("qemu-img").arg("check").arg(d.join("f.qcow2")));
     assert_eq!(rc, 0, "{out}{err}");
 }
+
+/// `-l` exports an internal snapshot read-only (content equal to qemu-img convert -l), `-s`
+/// takes writes into a throw-away overlay and leaves the image untouched.
+#[test]
+fn internal_snapshots_and_throwaway_overlays() {
+    if !have(&["qemu-img", "qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        "qemu-img create -q -f qcow2 s.qcow2 8M
+         qemu-io -c 'write -P 1 0 1M' s.qcow2 >/dev/null
+         qemu-img snapshot -c first s.qcow2
+         qemu-io -c 'write -P 2 0 512k' -c 'write -P 3 4M 1M' s.qcow2 >/dev/null
+         qemu-img convert -l snapshot.name=first -O raw s.qcow2 first.raw
+         qemu-img convert -O raw s.qcow2 active.raw
+         sha256sum s.qcow2 > before.sum",
+        d,
+    );
+    let img = d.join("s.qcow2").display().to_string();
+    for sel in ["first", "1", "snapshot.name=first", "snapshot.id=1"] {
+        let srv = qnbd(d, "l", &[&img, "-f", "qcow2", "-t", "-l", sel]);
+        let got = sha(&format!("nbdcopy '{}' -", srv.uri), d);
+        assert_eq!(got, sha("cat first.raw", d), "-l {sel}");
+        let (rc, out, _) = run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k"])
+            .arg(&srv.uri));
+        assert!(
+            rc != 0 || out.contains("failed"),
+            "-l export accepted a write"
+        );
+    }
+    let (rc, _, err) = run(Command::new(qnbd_bin())
+        .args(["serve", "-l", "nope", "-f", "qcow2", "-k"])
+        .arg(d.join("x.sock"))
+        .arg(&img));
+    assert_eq!(rc, 1);
+    assert!(err.contains("Can't find snapshot"), "{err}");
+    // -s: writes land in the overlay only
+    let srv = qnbd(d, "s", &[&img, "-f", "qcow2", "-t", "-s"]);
+    let (rc, out, err) = run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 0 2M",
+            "-c",
+            "read -P 9 0 2M",
+            "-c",
+            "read -P 3 4M 1M",
+        ])
+        .arg(&srv.uri));
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(!out.contains("fail"), "{out}");
+    drop(srv);
+    sh("sha256sum -c before.sum >/dev/null", d);
+    let got = sha(
+        "qemu-img convert -O raw s.qcow2 after.raw && cat after.raw",
+        d,
+    );
+    assert_eq!(got, sha("cat active.raw", d));
+}

@@ -87,10 +87,11 @@ pub struct ServeArgs {
     /// Unix socket path (absolute).
     #[arg(short = 'k', long = "socket")]
     pub socket: Option<String>,
-    /// Temporary overlay (not available yet).
+    /// Throw-away overlay: writes go to a temporary qcow2 image backed by IMAGE, which stays
+    /// unchanged; the overlay is deleted (it is unlinked right after opening).
     #[arg(short = 's', long = "snapshot")]
     pub snapshot: bool,
-    /// Export an internal snapshot (not available yet).
+    /// Export an internal snapshot (ID, NAME, snapshot.id=ID or snapshot.name=NAME), read-only.
     #[arg(short = 'l', long = "load-snapshot")]
     pub load_snapshot: Option<String>,
     /// TLS credentials (not available yet).
@@ -170,6 +171,10 @@ struct ExportSpec {
     readonly: bool,
     discard: DiscardMode,
     bitmaps: Vec<String>,
+    /// `-s`: serve a temporary overlay.
+    overlay: bool,
+    /// `-l`: serve this internal snapshot.
+    internal_snapshot: Option<String>,
 }
 
 fn parse_export(s: &str) -> Result<ExportSpec> {
@@ -182,6 +187,8 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         readonly: false,
         discard: DiscardMode::Ignore,
         bitmaps: Vec::new(),
+        overlay: false,
+        internal_snapshot: None,
     };
     let mut have_name = false;
     for kv in s.split(',') {
@@ -216,6 +223,39 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
     Ok(spec)
 }
 
+/// `-s`: a temporary qcow2 overlay backed by `file` (absolute path), like qemu-nbd's.
+fn temporary_overlay(file: &str, format: Option<&str>) -> Result<String> {
+    let abs = std::fs::canonicalize(file)
+        .map_err(|e| Error::io(format!("Could not open '{file}'"), e))?;
+    let abs = abs.to_string_lossy().into_owned();
+    let probe_opts = crate::open::OpenOptions {
+        format: format.map(crate::open::Format::parse).transpose()?,
+        no_io: true,
+        no_backing: true,
+        ..Default::default()
+    };
+    let base = open_image(&abs, &probe_opts)?;
+    let fmt = base.layers[0].format;
+    let size = base.chain.size();
+    drop(base);
+    let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
+    let path = format!("{dir}/qnbd-snapshot-{}-{}.qcow2", std::process::id(), {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    });
+    let copts = crate::qcow2::create::CreateOptions {
+        size,
+        backing_file: Some(abs),
+        backing_format: Some(fmt.name().to_string()),
+        ..Default::default()
+    };
+    crate::qcow2::create::create_qcow2(&path, &copts)?;
+    Ok(path)
+}
+
 fn discard_mode(v: &str) -> Result<DiscardMode> {
     match v {
         "ignore" | "off" => Ok(DiscardMode::Ignore),
@@ -242,9 +282,22 @@ fn build_export(
     }
     let mut opts = open_options(spec.format.as_deref())?;
     opts.engine = engine;
-    opts.writable = !spec.readonly;
-    let image = open_image(&spec.file, &opts)
-        .map_err(|e| e.context(format!("Failed to blk_new_open '{}'", spec.file)))?;
+    opts.writable = !spec.readonly && spec.internal_snapshot.is_none();
+    opts.qcow2.snapshot = spec.internal_snapshot.clone();
+    let file = if spec.overlay {
+        temporary_overlay(&spec.file, spec.format.as_deref())?
+    } else {
+        spec.file.clone()
+    };
+    if spec.overlay {
+        opts.format = Some(crate::open::Format::Qcow2);
+    }
+    let image = open_image(&file, &opts);
+    if spec.overlay {
+        // the open file stays usable; nothing is left behind on exit
+        let _ = std::fs::remove_file(&file);
+    }
+    let image = image.map_err(|e| e.context(format!("Failed to blk_new_open '{}'", spec.file)))?;
     let mut backend: Arc<dyn ExportBackend> = Arc::new(
         ChainBackend::new(image.chain)
             .with_discard(spec.discard)
@@ -366,15 +419,8 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     if a.list {
         return list(a);
     }
-    if a.snapshot {
-        return Err(Error::unsupported(
-            "-s/--snapshot is not available yet (needs the write path)",
-        ));
-    }
-    if a.load_snapshot.is_some() {
-        return Err(Error::unsupported(
-            "-l/--load-snapshot is not available yet",
-        ));
+    if a.snapshot && a.load_snapshot.is_some() {
+        return Err(bad("-s and -l cannot be used together"));
     }
     if a.tls_creds.is_some() {
         return Err(Error::unsupported("TLS is not available yet"));
@@ -448,6 +494,8 @@ fn serve(
                 None => DiscardMode::Ignore,
             },
             bitmaps: a.bitmaps.clone(),
+            overlay: a.snapshot,
+            internal_snapshot: a.load_snapshot.clone(),
         };
         exports.push(build_export(
             &spec,

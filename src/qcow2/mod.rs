@@ -47,6 +47,8 @@ pub struct Qcow2Options {
     pub no_io: bool,
     /// Read-only or read-write.
     pub access: crate::block::Access,
+    /// Present this internal snapshot (by id or name) instead of the active image (read-only).
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug)]
@@ -181,6 +183,57 @@ impl Qcow2 {
             .collect();
 
         let snapshots = read_snapshots(&*file, &header, file_len)?;
+        let mut header = header;
+        let mut l1 = l1;
+        if let Some(want) = &opts.snapshot {
+            // `-l ID_OR_NAME`, `-l snapshot.id=ID` or `-l snapshot.name=NAME`, as qemu-nbd
+            let (by_id, by_name) = match want.split_once('=') {
+                Some(("snapshot.id", v)) => (Some(v), None),
+                Some(("snapshot.name", v)) => (None, Some(v)),
+                _ => (Some(want.as_str()), Some(want.as_str())),
+            };
+            let sn = snapshots
+                .iter()
+                .find(|s| by_id == Some(s.id.as_str()))
+                .or_else(|| snapshots.iter().find(|s| by_name == Some(s.name.as_str())))
+                .ok_or_else(|| {
+                    Error::new(
+                        crate::ErrorKind::InvalidArgument,
+                        format!("Can't find snapshot '{want}'"),
+                    )
+                })?;
+            if u64::from(sn.l1_size) * 8 > spec::limits::MAX_L1_SIZE
+                || sn.l1_table_offset % header.cluster_size() != 0
+            {
+                return Err(Error::corrupt(format!(
+                    "Snapshot '{}' has an invalid L1 table",
+                    sn.name
+                )));
+            }
+            let bytes = u64::from(sn.l1_size) * 8;
+            if sn.l1_table_offset.saturating_add(bytes) > file_len {
+                return Err(Error::corrupt(format!(
+                    "Snapshot '{}': L1 table lies beyond the end of the file",
+                    sn.name
+                )));
+            }
+            let mut raw = vec![0u8; bytes as usize];
+            read_exact(&*file, &mut raw, sn.l1_table_offset)
+                .map_err(read_err("a snapshot L1 table", sn.l1_table_offset))?;
+            l1 = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
+            header.size = sn.disk_size.unwrap_or(header.size);
+            if header.l1_entries_needed() > l1.len() as u64 {
+                return Err(Error::corrupt(format!(
+                    "Snapshot '{}': L1 table too small for its disk size",
+                    sn.name
+                )));
+            }
+            header.l1_table_offset = sn.l1_table_offset;
+            header.l1_size = sn.l1_size;
+        }
 
         // A broken bitmap directory makes the image unusable, as in QEMU (its bitmaps could
         // not be kept consistent by any writer).
@@ -262,7 +315,7 @@ impl Qcow2 {
             meta: RwLock::new(meta),
             io_barrier: RwLock::new(()),
             bitmaps_live: std::sync::Mutex::new(bitmaps::BitmapSet::default()),
-            access: if opts.no_io {
+            access: if opts.no_io || opts.snapshot.is_some() {
                 crate::block::Access::ReadOnly
             } else {
                 opts.access
