@@ -425,3 +425,49 @@ fn killed_writer_leaves_in_use_and_recover_makes_it_usable() {
     assert!(dirty(4 << 20) && dirty(0), "{runs:?}");
     assert!(!dirty(10 << 20), "{runs:?}");
 }
+
+/// The vendor context `qnbd:dirty-allocated:NAME`: dirty and holding data, in one query.
+#[test]
+fn dirty_allocated_context_is_dirty_and_data() {
+    if !require_tools("bitmaps", &["qemu-img", "qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (rc, out) = sh(
+        "qemu-img create -q -f qcow2 v.qcow2 8M
+         qemu-io -c 'write -P 1 6M 1M' v.qcow2 >/dev/null
+         qemu-img bitmap --add v.qcow2 b0
+         qemu-io -c 'write -P 2 0 1M' -c 'write -z 2M 1M' -c 'write -P 3 7M 64k' v.qcow2 >/dev/null",
+        d,
+    );
+    assert_eq!(rc, 0, "{out}");
+    let sock = d.join("v.sock");
+    let srv = start(
+        Command::new(qnbd_bin())
+            .args(["serve", "-r", "-t", "-f", "qcow2", "-B", "b0", "-k"])
+            .arg(&sock)
+            .arg(d.join("v.qcow2")),
+        &sock,
+    );
+    let o = Command::new("nbdinfo")
+        .args(["--json", "--map=qnbd:dirty-allocated:b0"])
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    drop(srv);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let runs = runs_of_nbdinfo(&v);
+    let at = |off: u64| {
+        runs.iter()
+            .find(|r| r.0 <= off && off < r.0 + r.1)
+            .unwrap()
+            .2
+    };
+    assert!(at(0), "dirty data must be set: {runs:?}");
+    assert!(!at(2 << 20), "dirty zeroes hold no data: {runs:?}");
+    assert!(!at(6 << 20), "clean data is not dirty: {runs:?}");
+    assert!(at(7 << 20), "{runs:?}");
+    assert!(!at(4 << 20), "{runs:?}");
+}

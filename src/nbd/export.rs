@@ -540,6 +540,27 @@ impl Export {
                         }
                         result.push((*id, b.finish()));
                     }
+                    MetaContext::DirtyAllocated(name) => {
+                        // dirty bitmap runs intersected with block status runs
+                        let mut b = ExtentBuilder::new(offset, length, req_one, cap);
+                        let end = offset + length;
+                        let mut pos = offset;
+                        while !b.is_done() && pos < end {
+                            let (n1, dirty) = self.backend.dirty_bitmap(name, pos, end - pos)?;
+                            let n1 = n1.clamp(1, end - pos);
+                            let (n, flag) = if dirty {
+                                let st = self.backend.block_status(pos, n1)?;
+                                let n = st.len.clamp(1, n1);
+                                let data = st.allocation & NBD_STATE_HOLE == 0;
+                                (n, u32::from(data))
+                            } else {
+                                (n1, 0)
+                            };
+                            b.push(n, flag.into());
+                            pos = pos.saturating_add(n);
+                        }
+                        result.push((*id, b.finish()));
+                    }
                 }
             }
             // One chain walk feeds both chain-derived contexts.
@@ -565,7 +586,7 @@ impl Export {
                     MetaContext::AllocationDepth => {
                         result.push((*id, depth.take().map(|b| b.finish()).unwrap_or_default()))
                     }
-                    MetaContext::DirtyBitmap(_) => {}
+                    MetaContext::DirtyBitmap(_) | MetaContext::DirtyAllocated(_) => {}
                 }
             }
             Ok(result)

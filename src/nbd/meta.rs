@@ -13,6 +13,9 @@ pub enum MetaContext {
     BaseAllocation,
     AllocationDepth,
     DirtyBitmap(String),
+    /// Vendor context: bit 0 set where the bitmap is dirty *and* the range holds data (not a
+    /// hole), so a backup client needs one query instead of two.
+    DirtyAllocated(String),
 }
 
 impl MetaContext {
@@ -22,6 +25,7 @@ impl MetaContext {
             MetaContext::BaseAllocation => "base:allocation".into(),
             MetaContext::AllocationDepth => "qemu:allocation-depth".into(),
             MetaContext::DirtyBitmap(n) => format!("qemu:dirty-bitmap:{n}"),
+            MetaContext::DirtyAllocated(n) => format!("qnbd:dirty-allocated:{n}"),
         }
     }
 }
@@ -50,6 +54,10 @@ impl Available {
         for (i, b) in self.bitmaps.iter().enumerate() {
             v.push((2 + i as u32, MetaContext::DirtyBitmap(b.clone())));
         }
+        let base = 2 + self.bitmaps.len() as u32;
+        for (i, b) in self.bitmaps.iter().enumerate() {
+            v.push((base + i as u32, MetaContext::DirtyAllocated(b.clone())));
+        }
         v
     }
 
@@ -69,10 +77,27 @@ impl Available {
                 "" if list => pick(&|c| *c == MetaContext::BaseAllocation),
                 _ => Vec::new(),
             }
+        } else if let Some(leaf) = q.strip_prefix("qnbd:") {
+            if leaf.is_empty() || leaf == "dirty-allocated:" {
+                if list {
+                    pick(&|c| matches!(c, MetaContext::DirtyAllocated(_)))
+                } else {
+                    Vec::new()
+                }
+            } else if let Some(name) = leaf.strip_prefix("dirty-allocated:") {
+                pick(&|c| matches!(c, MetaContext::DirtyAllocated(n) if n == name))
+            } else {
+                Vec::new()
+            }
         } else if let Some(leaf) = q.strip_prefix("qemu:") {
             if leaf.is_empty() {
                 if list {
-                    pick(&|c| *c != MetaContext::BaseAllocation)
+                    pick(&|c| {
+                        matches!(
+                            c,
+                            MetaContext::AllocationDepth | MetaContext::DirtyBitmap(_)
+                        )
+                    })
                 } else {
                     Vec::new()
                 }
@@ -138,6 +163,18 @@ mod tests {
         assert!(avail()
             .matching(b"qemu:dirty-bitmap:nosuch", QueryMode::Set)
             .is_empty());
+    }
+
+    #[test]
+    fn vendor_namespace_lists_dirty_allocated_contexts() {
+        assert_eq!(
+            names(avail().matching(b"qnbd:", QueryMode::List)),
+            ["qnbd:dirty-allocated:b0", "qnbd:dirty-allocated:b1"]
+        );
+        assert_eq!(
+            names(avail().matching(b"qnbd:dirty-allocated:b1", QueryMode::Set)),
+            ["qnbd:dirty-allocated:b1"]
+        );
     }
 
     #[test]
