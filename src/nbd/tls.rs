@@ -11,9 +11,10 @@
 //!   1.2 with the `ECDHE-PSK`/`PSK` AEAD suites for older peers.
 //!
 //! Authorization (`--tls-authz`) compares the client's identity with a list: the subject
-//! distinguished name of its certificate, written as GnuTLS writes it (RFC 4514, last RDN
-//! first, e.g. `CN=client,O=Example,C=GB`) so that QEMU's `authz-simple` identities match, or
-//! the PSK user name.
+//! distinguished name of its certificate, written as QEMU writes it (GnuTLS's
+//! `gnutls_x509_crt_get_dn`: RDNs in certificate order, RFC 4514 escaping, e.g.
+//! `C=GB,O=Example,CN=client`) so that an `authz-simple` identity that works with qemu-nbd
+//! works here, or the PSK user name.
 //!
 //! The handshake runs on a non-blocking socket under the negotiation deadline, so a client
 //! that stalls or dribbles bytes in the middle of it is dropped like any other slow client.
@@ -341,8 +342,9 @@ impl TlsServer {
     }
 }
 
-/// A distinguished name the way GnuTLS prints it (`gnutls_x509_crt_get_dn`, RFC 4514): the
-/// last RDN first, `,` between them, special characters escaped with `\`.
+/// A distinguished name the way QEMU's authorization sees it (`gnutls_x509_crt_get_dn`): RDNs
+/// in the order the certificate encodes them, `,` between them, special characters escaped
+/// with `\` as RFC 4514 says.
 pub fn gnutls_dn(name: &X509NameRef) -> String {
     let mut parts: Vec<String> = Vec::new();
     for e in name.entries() {
@@ -355,7 +357,6 @@ pub fn gnutls_dn(name: &X509NameRef) -> String {
         let val = e.data().to_string().unwrap_or_default();
         parts.push(format!("{key}={}", escape_dn_value(&val)));
     }
-    parts.reverse();
     parts.join(",")
 }
 
@@ -615,6 +616,6 @@ mod tests {
         b.append_entry_by_text("O", "Example, Ltd").unwrap();
         b.append_entry_by_text("CN", "client").unwrap();
         let n = b.build();
-        assert_eq!(gnutls_dn(&n), "CN=client,O=Example\\, Ltd,C=GB");
+        assert_eq!(gnutls_dn(&n), "C=GB,O=Example\\, Ltd,CN=client");
     }
 }
