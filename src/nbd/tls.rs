@@ -138,9 +138,17 @@ fn psk_identity_index() -> Option<openssl::ex_data::Index<Ssl, String>> {
 }
 
 /// Settings both kinds share: no renegotiation, no session resumption (every connection
-/// authenticates in full), partial writes so one lock hold writes one record.
+/// authenticates in full), partial writes so one lock hold writes one record, TLS 1.3 suites
+/// in the server's order.
 fn common(b: &mut SslContextBuilder) -> std::result::Result<(), ErrorStack> {
-    b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
+    // AES-GCM first, on the server's order: GnuTLS clients put ChaCha20 first for PSK, which
+    // halves throughput on CPUs with AES instructions
+    b.set_options(
+        SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET | SslOptions::CIPHER_SERVER_PREFERENCE,
+    );
+    b.set_ciphersuites(
+        "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
+    )?;
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     b.set_num_tickets(0)?;
     b.set_mode(SslMode::ENABLE_PARTIAL_WRITE | SslMode::ACCEPT_MOVING_WRITE_BUFFER);
@@ -220,9 +228,9 @@ impl TlsServer {
                     .map_err(|e| creds_err("TLS setup failed", e))?;
                 // TLS 1.2 fallback: forward-secret PSK first, AEAD or SHA-2 suites only
                 b.set_cipher_list(
-                    "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES256-CBC-SHA384:\
-                     ECDHE-PSK-AES128-CBC-SHA256:PSK-AES256-GCM-SHA384:\
-                     PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305",
+                    "ECDHE-PSK-CHACHA20-POLY1305:PSK-AES128-GCM-SHA256:\
+                     PSK-AES256-GCM-SHA384:PSK-CHACHA20-POLY1305:\
+                     ECDHE-PSK-AES128-CBC-SHA256:ECDHE-PSK-AES256-CBC-SHA384",
                 )
                 .map_err(|e| creds_err("TLS setup failed", e))?;
                 b.set_psk_server_callback(move |ssl, identity, psk| {
