@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::{sync::SyncFile, Engine, Storage};
 use crate::qcow2::{Qcow2, Qcow2Options};
 use std::fs::OpenOptions as FsOpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 /// Image formats this build reads.
@@ -41,6 +41,19 @@ impl Format {
     }
 }
 
+/// Where files named inside images (backing files, external data files) may be.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Allowed {
+    /// Anywhere: the caller trusts the images (and names their files itself).
+    Anywhere,
+    /// In the directory of the top image, or below it.
+    #[default]
+    ImageDir,
+    /// In one of these directories (or below), or exactly one of these files; each entry
+    /// canonical (see [`canonical_allowed`]).
+    Paths(Vec<PathBuf>),
+}
+
 /// What an image may make us open, and how far.
 #[derive(Debug, Clone)]
 pub struct OpenPolicy {
@@ -48,8 +61,76 @@ pub struct OpenPolicy {
     pub allow_backing: bool,
     /// Open external data files named inside images.
     pub allow_data_file: bool,
+    /// Where those files may be.
+    pub allowed: Allowed,
     /// Longest chain accepted (top image included).
     pub max_depth: usize,
+}
+
+impl OpenPolicy {
+    /// Nothing an image names is opened (`--allow-backing none`).
+    pub fn no_references() -> Self {
+        OpenPolicy {
+            allow_backing: false,
+            allow_data_file: false,
+            ..OpenPolicy::default()
+        }
+    }
+
+    /// Whatever an image names is opened (files the user named on the command line).
+    pub fn trusted() -> Self {
+        OpenPolicy {
+            allowed: Allowed::Anywhere,
+            ..OpenPolicy::default()
+        }
+    }
+}
+
+/// Canonical form of an `--allow-backing` entry (it must exist).
+pub fn canonical_allowed(path: &str) -> Result<PathBuf> {
+    std::fs::canonicalize(path).map_err(|e| Error::io(format!("--allow-backing '{path}'"), e))
+}
+
+/// The places a chain opened from `top` may reach, or `None` for anywhere.
+fn allowed_roots(top: &str, policy: &OpenPolicy) -> Result<Option<Vec<PathBuf>>> {
+    Ok(match &policy.allowed {
+        Allowed::Anywhere => None,
+        Allowed::Paths(p) => Some(p.clone()),
+        Allowed::ImageDir => {
+            let dir = match Path::new(top).parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            let dir = std::fs::canonicalize(dir)
+                .map_err(|e| Error::io(format!("Could not open '{top}'"), e))?;
+            Some(vec![dir])
+        }
+    })
+}
+
+/// Check a file an image names (resolved to `path`) against the allowed places; returns the
+/// path to open (the canonical one when checked).
+fn admit(path: &str, roots: Option<&[PathBuf]>) -> Result<String> {
+    let Some(roots) = roots else {
+        return Ok(path.to_string());
+    };
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("Could not open '{path}'"), e))?;
+    if !roots.iter().any(|r| canon.starts_with(r)) {
+        return Err(Error::new(
+            ErrorKind::Denied,
+            format!(
+                "'{path}' resolves to '{}', outside the places allowed for files named by images (see --allow-backing)",
+                canon.display()
+            ),
+        ));
+    }
+    canon.to_str().map(str::to_string).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Denied,
+            format!("Could not open '{path}': the path is not UTF-8"),
+        )
+    })
 }
 
 /// Default cap on chain length: deep enough for long snapshot chains, small enough that a
@@ -61,6 +142,7 @@ impl Default for OpenPolicy {
         OpenPolicy {
             allow_backing: true,
             allow_data_file: true,
+            allowed: Allowed::ImageDir,
             max_depth: DEFAULT_MAX_DEPTH,
         }
     }
@@ -205,13 +287,16 @@ pub fn combine_path(base: &str, name: &str) -> String {
     }
 }
 
+/// Open one layer known as `filename`, from the file at `open_path`.
 fn open_layer(
     filename: &str,
+    open_path: &str,
     format: Option<Format>,
     opts: &OpenOptions,
     top: bool,
+    roots: Option<&[PathBuf]>,
 ) -> Result<OpenedLayer> {
-    let storage = open_storage(filename, opts.engine, opts.writable && top)?;
+    let storage = open_storage(open_path, opts.engine, opts.writable && top)?;
     let format = match format {
         Some(f) => f,
         None => probe(&*storage).map_err(|e| e.context(format!("Could not open '{filename}'")))?,
@@ -259,7 +344,8 @@ fn open_layer(
                     ));
                 }
                 let path = combine_path(filename, &name);
-                let data = open_storage(&path, opts.engine, opts.writable && top)
+                let data = admit(&path, roots)
+                    .and_then(|p| open_storage(&p, opts.engine, opts.writable && top))
                     .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
                 q.set_data_file(data);
             }
@@ -283,7 +369,9 @@ fn open_layer(
 
 /// Open `path` and (unless `no_backing`) its whole backing chain.
 pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
-    let top = open_layer(path, opts.format, opts, true)?;
+    let roots = allowed_roots(path, &opts.policy)?;
+    let roots = roots.as_deref();
+    let top = open_layer(path, path, opts.format, opts, true, roots)?;
     let mut seen: Vec<(u64, u64)> = top.storage.identity().into_iter().collect();
     let mut layers = vec![top];
     loop {
@@ -317,12 +405,14 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
             None => None,
         };
         let parent = last.filename.clone();
-        let layer = open_layer(&next, fmt, opts, false).map_err(|e| {
-            Error::new(
-                e.kind(),
-                format!("Could not open backing file of '{parent}': {e}"),
-            )
-        })?;
+        let layer = admit(&next, roots)
+            .and_then(|p| open_layer(&next, &p, fmt, opts, false, roots))
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!("Could not open backing file of '{parent}': {e}"),
+                )
+            })?;
         if let Some(id) = layer.storage.identity() {
             if seen.contains(&id) {
                 return Err(Error::invalid(format!(

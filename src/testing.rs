@@ -75,6 +75,7 @@ pub fn nbd_session(data: &[u8]) -> usize {
         exports: Arc::new(ExportSet::new(vec![export])),
         handshake_limit: None,
         verbose: false,
+        tls: None,
     };
     #[derive(Clone, Default)]
     struct Counter(Arc<Mutex<usize>>);

@@ -39,6 +39,8 @@ pub struct ConvertArgs {
     /// Open the source without taking locks (accepted for qemu-img compatibility).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
+    pub allow_backing: Vec<String>,
     pub src: String,
     pub dst: String,
 }
@@ -220,7 +222,10 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             "Compression not supported for this file format",
         ));
     }
-    let opts = open_options(a.format.as_deref())?;
+    let opts = OpenOptions {
+        policy: super::open_policy(&a.allow_backing)?,
+        ..open_options(a.format.as_deref())?
+    };
     let img = open_image(&a.src, &opts)?;
     let size = img.chain.size();
     let mut progress = Progress {
@@ -267,10 +272,12 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             let cluster = copts.cluster_size;
             let top_only = copts.backing_file.is_some();
             crate::qcow2::create::create_qcow2(&a.dst, &copts)?;
+            // the output and its -B backing file are the user's own names
             let dopts = OpenOptions {
                 format: Some(Format::Qcow2),
                 writable: true,
                 engine: opts.engine,
+                policy: crate::open::OpenPolicy::trusted(),
                 ..OpenOptions::default()
             };
             let out = open_image(&a.dst, &dopts)?;

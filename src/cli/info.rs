@@ -22,6 +22,8 @@ pub struct InfoArgs {
     /// Open the image without taking locks (accepted for qemu-img compatibility).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
+    pub allow_backing: Vec<String>,
     pub image: String,
 }
 
@@ -292,6 +294,7 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
     let mut opts = open_options(a.format.as_deref())?;
     opts.no_io = true;
     opts.no_backing = !a.backing_chain;
+    opts.policy = super::open_policy(&a.allow_backing)?;
     let img = open_image(&a.image, &opts)?;
     let mut infos = Vec::new();
     for l in &img.layers {

@@ -21,6 +21,8 @@ pub struct MapArgs {
     /// Open the image without taking locks (accepted for qemu-img compatibility).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
+    pub allow_backing: Vec<String>,
     pub image: String,
 }
 
@@ -145,6 +147,7 @@ pub fn format_human(ents: &[MapEntry], layers: &[crate::open::OpenedLayer]) -> R
 pub fn run(a: &MapArgs) -> Result<i32> {
     let mut opts = open_options(a.format.as_deref())?;
     opts.writable = false;
+    opts.policy = super::open_policy(&a.allow_backing)?;
     let img = open_image(&a.image, &opts)?;
     let ents = entries(&img.chain, a.start_offset, a.max_length)?;
     let mut out = std::io::stdout().lock();

@@ -14,7 +14,7 @@ pub mod serve;
 
 use crate::error::Error;
 use crate::io::Engine;
-use crate::open::{Format, OpenOptions};
+use crate::open::{canonical_allowed, Allowed, Format, OpenOptions, OpenPolicy};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -65,6 +65,34 @@ pub(crate) fn open_options(format: Option<&str>) -> Result<OpenOptions, Error> {
         engine: Engine::from_env()
             .map_err(|e| Error::new(crate::error::ErrorKind::InvalidArgument, e))?,
         ..OpenOptions::default()
+    })
+}
+
+/// Help text of `--allow-backing`, shared by the commands that open chains.
+pub(crate) const ALLOW_BACKING_HELP: &str = "Directory (or single file) where backing and data files named inside images may be; repeatable. Default: the directory of the image. 'none': open no file an image names";
+
+/// The open policy from `--allow-backing` values: none given = the top image's directory,
+/// `none` = no file an image names, otherwise those directories or files (canonical).
+pub(crate) fn open_policy(allow: &[String]) -> Result<OpenPolicy, Error> {
+    if allow.is_empty() {
+        return Ok(OpenPolicy::default());
+    }
+    if allow.iter().any(|a| a == "none") {
+        if allow.len() > 1 {
+            return Err(Error::new(
+                crate::ErrorKind::InvalidArgument,
+                "--allow-backing none cannot be combined with other --allow-backing values",
+            ));
+        }
+        return Ok(OpenPolicy::no_references());
+    }
+    let paths = allow
+        .iter()
+        .map(|a| canonical_allowed(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(OpenPolicy {
+        allowed: Allowed::Paths(paths),
+        ..OpenPolicy::default()
     })
 }
 

@@ -1,10 +1,11 @@
 //! `qnbd serve`: the NBD server with qemu-nbd's command line.
 //!
 //! Flags keep qemu-nbd's names and defaults (`-p 10809`, `-b 0.0.0.0`, `-e 1`,
-//! `--handshake-limit 10`, exit after the last client unless `-t`). What this build cannot do
-//! yet is refused with a clear message instead of being silently ignored: writable exports are
-//! served read-only with a warning, `-B`, `-s`, `-l`, `-c`/`-d` and TLS fail at startup.
-//! See `docs/serve.md`.
+//! `--handshake-limit 10`, exit after the last client unless `-t`), TLS included
+//! (`--object tls-creds-x509|tls-creds-psk|authz-simple`, `--tls-creds`, `--tls-authz`, and
+//! the short `--tls-certificates DIR` / `--tls-psk FILE`). What this build cannot do yet is
+//! refused with a clear message instead of being silently ignored: `-B`, `-s`, `-l`, `-c`/`-d`
+//! fail at startup. See `docs/serve.md`.
 
 use super::open_options;
 use crate::error::{Error, ErrorKind, Result};
@@ -12,10 +13,12 @@ use crate::io::Engine;
 use crate::nbd::export::{ChainBackend, DiscardMode, Export, ExportBackend, ExportSet, Status};
 use crate::nbd::meta::Available;
 use crate::nbd::server::{self, ConnConfig, Server, ServerConfig, Stop};
-use crate::open::open_image;
+use crate::nbd::tls::{Credentials, TlsServer};
+use crate::open::{open_image, OpenPolicy};
 use clap::Args;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,9 +97,30 @@ pub struct ServeArgs {
     /// Export an internal snapshot (ID, NAME, snapshot.id=ID or snapshot.name=NAME), read-only.
     #[arg(short = 'l', long = "load-snapshot")]
     pub load_snapshot: Option<String>,
-    /// TLS credentials (not available yet).
-    #[arg(long = "tls-creds")]
+    /// Require TLS with the credentials of this --object id (qemu-nbd's form).
+    #[arg(long = "tls-creds", value_name = "ID")]
     pub tls_creds: Option<String>,
+    /// Admit only TLS clients whose identity an --object authz-simple,id=ID lists.
+    #[arg(long = "tls-authz", value_name = "ID")]
+    pub tls_authz: Option<String>,
+    /// QEMU objects: tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off],
+    /// tls-creds-psk,id=ID,endpoint=server,dir=DIR, authz-simple,id=ID,identity=NAME
+    /// (commas inside values doubled). Repeatable.
+    #[arg(long = "object", value_name = "SPEC")]
+    pub objects: Vec<String>,
+    /// Require TLS with X.509 credentials from DIR (ca-cert.pem, server-cert.pem,
+    /// server-key.pem, optional ca-crl.pem); client certificates are required.
+    #[arg(long = "tls-certificates", value_name = "DIR")]
+    pub tls_certificates: Option<String>,
+    /// Require TLS with pre-shared keys from FILE (username:hexkey lines, as psktool writes).
+    #[arg(long = "tls-psk", value_name = "FILE")]
+    pub tls_psk: Option<String>,
+    /// Connections open at once, negotiating or not (0 = no limit); further clients are
+    /// closed at once.
+    #[arg(long = "max-connections", default_value_t = 100)]
+    pub max_connections: usize,
+    #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
+    pub allow_backing: Vec<String>,
     /// Log every refused client and request.
     #[arg(short = 'v', long = "verbose")]
     pub verbose: bool,
@@ -267,6 +291,7 @@ fn discard_mode(v: &str) -> Result<DiscardMode> {
 fn build_export(
     spec: &ExportSpec,
     engine: Engine,
+    policy: &OpenPolicy,
     offset: u64,
     multi_conn: bool,
 ) -> Result<Arc<Export>> {
@@ -284,6 +309,7 @@ fn build_export(
     opts.engine = engine;
     opts.writable = !spec.readonly && spec.internal_snapshot.is_none();
     opts.qcow2.snapshot = spec.internal_snapshot.clone();
+    opts.policy = policy.clone();
     let file = if spec.overlay {
         temporary_overlay(&spec.file, spec.format.as_deref())?
     } else {
@@ -291,6 +317,19 @@ fn build_export(
     };
     if spec.overlay {
         opts.format = Some(crate::open::Format::Qcow2);
+        // the overlay names the image the user gave us: allow it, and what the image itself
+        // may name (its own directory) under the same rules
+        if let Ok(orig) = std::fs::canonicalize(&spec.file) {
+            let dir = orig.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+            match &mut opts.policy.allowed {
+                crate::open::Allowed::Anywhere => {}
+                crate::open::Allowed::ImageDir => {
+                    opts.policy.allowed = crate::open::Allowed::Paths(vec![orig, dir])
+                }
+                crate::open::Allowed::Paths(v) => v.push(orig),
+            }
+            opts.policy.allow_backing = true;
+        }
     }
     let image = open_image(&file, &opts);
     if spec.overlay {
@@ -324,6 +363,170 @@ fn build_export(
         },
         multi_conn,
     }))
+}
+
+/// One `--object` value: its type and its properties (QEMU's syntax: the type first, or
+/// `qom-type=`; `,,` is a literal comma).
+fn parse_object(s: &str) -> Result<(String, Vec<(String, String)>)> {
+    let mut fields = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                fields.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    fields.push(cur);
+    let mut it = fields.into_iter();
+    let first = it.next().unwrap_or_default();
+    let mut props = Vec::new();
+    let mut kind = None;
+    if let Some(t) = first.strip_prefix("qom-type=") {
+        kind = Some(t.to_string());
+    } else if first.contains('=') {
+        let (k, v) = first.split_once('=').unwrap_or_default();
+        props.push((k.to_string(), v.to_string()));
+    } else {
+        kind = Some(first);
+    }
+    for f in it {
+        let (k, v) = f
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--object: expected key=value, got '{f}'")))?;
+        if k == "qom-type" {
+            kind = Some(v.to_string());
+        } else {
+            props.push((k.to_string(), v.to_string()));
+        }
+    }
+    let kind = kind
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| bad("--object: Parameter 'qom-type' is missing"))?;
+    Ok((kind, props))
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(bad(format!(
+            "Parameter '{key}' expects 'on' or 'off', got '{v}'"
+        ))),
+    }
+}
+
+/// The TLS side of the server from the command line, or `None` without TLS.
+fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
+    let mut creds: Vec<(String, Credentials)> = Vec::new();
+    let mut authz: Vec<(String, String)> = Vec::new();
+    for o in &a.objects {
+        let (kind, props) = parse_object(o)?;
+        let get = |k: &str| props.iter().find(|p| p.0 == k).map(|p| p.1.as_str());
+        let id = get("id")
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| bad(format!("--object {kind}: Parameter 'id' is missing")))?
+            .to_string();
+        if creds.iter().any(|c| c.0 == id) || authz.iter().any(|c| c.0 == id) {
+            return Err(bad(format!("attempt to add duplicate property '{id}'")));
+        }
+        let allowed: &[&str] = match kind.as_str() {
+            "tls-creds-x509" => &["id", "endpoint", "dir", "verify-peer", "priority"],
+            "tls-creds-psk" => &["id", "endpoint", "dir", "priority", "username"],
+            "authz-simple" => &["id", "identity"],
+            "tls-creds-anon" => {
+                return Err(Error::unsupported(
+                    "tls-creds-anon is not supported: anonymous TLS authenticates nobody (use tls-creds-x509 or tls-creds-psk)",
+                ))
+            }
+            "authz-list" | "authz-listfile" | "authz-pam" => {
+                return Err(Error::unsupported(format!(
+                    "--object {kind} is not supported (use authz-simple)"
+                )))
+            }
+            other => return Err(bad(format!("Invalid object type '{other}'"))),
+        };
+        if let Some((k, _)) = props.iter().find(|p| !allowed.contains(&p.0.as_str())) {
+            return Err(bad(format!("Property '{kind}.{k}' not found")));
+        }
+        if kind == "authz-simple" {
+            let ident = get("identity")
+                .ok_or_else(|| bad("--object authz-simple: Parameter 'identity' is missing"))?;
+            authz.push((id, ident.to_string()));
+            continue;
+        }
+        if get("endpoint").unwrap_or("client") != "server" {
+            return Err(bad(format!(
+                "Expecting TLS credentials with a server endpoint (object '{id}')"
+            )));
+        }
+        let dir = PathBuf::from(
+            get("dir").ok_or_else(|| bad(format!("--object {kind}: 'dir' is required")))?,
+        );
+        let c = if kind == "tls-creds-x509" {
+            Credentials::X509 {
+                dir,
+                verify_peer: on_off("verify-peer", get("verify-peer").unwrap_or("on"))?,
+            }
+        } else {
+            Credentials::Psk {
+                file: dir.join("keys.psk"),
+            }
+        };
+        creds.push((id, c));
+    }
+    let short = match (&a.tls_certificates, &a.tls_psk) {
+        (Some(_), Some(_)) => {
+            return Err(bad("--tls-certificates and --tls-psk exclude each other"))
+        }
+        (Some(d), None) => Some(Credentials::X509 {
+            dir: PathBuf::from(d),
+            verify_peer: true,
+        }),
+        (None, Some(f)) => Some(Credentials::Psk {
+            file: PathBuf::from(f),
+        }),
+        (None, None) => None,
+    };
+    let chosen = match (&a.tls_creds, short) {
+        (Some(_), Some(_)) => {
+            return Err(bad("--tls-creds excludes --tls-certificates and --tls-psk"))
+        }
+        (Some(id), None) => Some(
+            creds
+                .iter()
+                .find(|c| &c.0 == id)
+                .map(|c| c.1.clone())
+                .ok_or_else(|| bad(format!("No TLS credentials with id '{id}'")))?,
+        ),
+        (None, s) => s,
+    };
+    let Some(chosen) = chosen else {
+        if a.tls_authz.is_some() {
+            return Err(bad("--tls-authz is not permitted without --tls-creds"));
+        }
+        return Ok(None);
+    };
+    let allow = match &a.tls_authz {
+        None => None,
+        Some(id) => Some(
+            authz
+                .iter()
+                .filter(|z| &z.0 == id)
+                .map(|z| z.1.clone())
+                .collect::<Vec<_>>(),
+        )
+        .filter(|v| !v.is_empty())
+        .map(Some)
+        .ok_or_else(|| bad(format!("No authorization object with id '{id}'")))?,
+    };
+    Ok(Some(Arc::new(TlsServer::new(&chosen, allow)?)))
 }
 
 fn list(a: &ServeArgs) -> Result<i32> {
@@ -416,14 +619,14 @@ fn write_pid_file(path: &str) -> Result<()> {
 }
 
 pub fn run(a: &ServeArgs) -> Result<i32> {
+    if a.list && (a.tls_creds.is_some() || a.tls_certificates.is_some() || a.tls_psk.is_some()) {
+        return Err(Error::unsupported("TLS with -L is not available"));
+    }
     if a.list {
         return list(a);
     }
     if a.snapshot && a.load_snapshot.is_some() {
         return Err(bad("-s and -l cannot be used together"));
-    }
-    if a.tls_creds.is_some() {
-        return Err(Error::unsupported("TLS is not available yet"));
     }
     if a.nocache && a.cache.is_some() {
         return Err(bad("-n and --cache can only be specified once"));
@@ -458,6 +661,11 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     if a.stdio && (a.fork || a.socket.is_some() || a.port.is_some() || a.bind.is_some()) {
         return Err(bad("--stdio is incompatible with --fork, -k, -b and -p"));
     }
+    let tls = tls_server(a)?;
+    if tls.is_some() && a.stdio {
+        return Err(bad("--stdio cannot be combined with TLS"));
+    }
+    let policy = super::open_policy(&a.allow_backing)?;
     let specs: Vec<ExportSpec> = a
         .exports
         .iter()
@@ -465,7 +673,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         .collect::<Result<_>>()?;
 
     let mut fork_pipe = if a.fork { Some(daemonize()?) } else { None };
-    let res = serve(a, engine, specs, &mut fork_pipe);
+    let res = serve(a, engine, specs, tls, &policy, &mut fork_pipe);
     if let (Err(e), Some(p)) = (&res, fork_pipe.as_mut()) {
         p.send(format!("qnbd: {e}\n").as_bytes());
         std::process::exit(1);
@@ -477,6 +685,8 @@ fn serve(
     a: &ServeArgs,
     engine: Engine,
     specs: Vec<ExportSpec>,
+    tls: Option<Arc<TlsServer>>,
+    policy: &OpenPolicy,
     fork_pipe: &mut Option<ForkPipe>,
 ) -> Result<i32> {
     let multi_conn = a.shared != 1;
@@ -500,6 +710,7 @@ fn serve(
         exports.push(build_export(
             &spec,
             engine,
+            policy,
             a.offset.unwrap_or(0),
             multi_conn,
         )?);
@@ -508,13 +719,14 @@ fn serve(
         if exports.iter().any(|e: &Arc<Export>| e.name == s.name) {
             return Err(bad(format!("export name '{}' given twice", s.name)));
         }
-        exports.push(build_export(s, engine, 0, multi_conn)?);
+        exports.push(build_export(s, engine, policy, 0, multi_conn)?);
     }
     let to_flush: Vec<Arc<Export>> = exports.clone();
     let conn = ConnConfig {
         exports: Arc::new(ExportSet::new(exports)),
         handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
         verbose: a.verbose,
+        tls,
     };
     let workers = a.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -553,6 +765,7 @@ fn serve(
         ServerConfig {
             conn,
             shared: a.shared,
+            max_connections: a.max_connections,
             persistent: a.persistent,
             workers,
         },

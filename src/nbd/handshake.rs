@@ -10,7 +10,14 @@
 //! the connection; known options above 1 MiB are drained unread and refused with
 //! `NBD_REP_ERR_TOO_BIG`; unknown options are drained and refused with `NBD_REP_ERR_UNSUP`;
 //! strings longer than 4096 bytes are `NBD_REP_ERR_INVALID` (queries that long are ignored).
-//! `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`: this build has no TLS.
+//!
+//! TLS (NBD spec "TLS support", FORCEDTLS mode): without TLS configured, `NBD_OPT_STARTTLS` is
+//! refused with `NBD_REP_ERR_POLICY` (as qemu-nbd). With TLS required, every option but
+//! `STARTTLS` and `ABORT` is drained unread and refused with `NBD_REP_ERR_TLS_REQD`, and
+//! `EXPORT_NAME` (which cannot be refused) ends the connection. An accepted `STARTTLS` is
+//! answered with `NBD_REP_ACK` and yields [`Outcome::StartTls`]: the driver drops every byte
+//! after it that already arrived in plaintext (nbdkit CVE-2021-3716), runs the TLS handshake,
+//! and keeps feeding this machine, which has forgotten everything negotiated before.
 
 use super::export::{Export, ExportSet, BLOCK_SIZES};
 use super::meta::{MetaContext, QueryMode};
@@ -38,6 +45,9 @@ pub struct Session {
 pub enum Outcome {
     /// Feed more bytes.
     Continue,
+    /// `NBD_OPT_STARTTLS` was accepted (its `NBD_REP_ACK` is in the output): discard the rest
+    /// of the input, upgrade the stream to TLS, then feed the bytes that arrive over TLS.
+    StartTls,
     /// Negotiation finished: enter transmission.
     Ready(Session),
     /// Send what was produced, then close; the string says why (for the log).
@@ -60,10 +70,22 @@ enum State {
     Finished,
 }
 
+/// Where a negotiation stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// Not configured: `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+    Off,
+    /// Configured and not started yet: only `STARTTLS` and `ABORT` are served.
+    Required,
+    /// Running: a second `STARTTLS` is `NBD_REP_ERR_INVALID`.
+    Active,
+}
+
 /// The server side of one negotiation.
 #[derive(Debug)]
 pub struct Handshake {
     exports: Arc<ExportSet>,
+    tls: Tls,
     state: State,
     buf: Vec<u8>,
     fixed: bool,
@@ -126,8 +148,15 @@ fn invalid(msg: impl Into<String>) -> Refusal {
 
 impl Handshake {
     pub fn new(exports: Arc<ExportSet>) -> Self {
+        Self::with_tls(exports, Tls::Off)
+    }
+
+    /// A negotiation that starts in the given TLS state (`Tls::Required` when the server has
+    /// credentials).
+    pub fn with_tls(exports: Arc<ExportSet>, tls: Tls) -> Self {
         Handshake {
             exports,
+            tls,
             state: State::ClientFlags,
             buf: Vec::new(),
             fixed: false,
@@ -214,11 +243,26 @@ impl Handshake {
                             | NBD_OPT_SET_META_CONTEXT
                             | NBD_OPT_EXTENDED_HEADERS
                     );
+                    if self.tls == Tls::Required && opt == NBD_OPT_EXPORT_NAME {
+                        // no error reply exists for EXPORT_NAME
+                        return self.finish(
+                            used,
+                            Outcome::Close(format!("Option {opt:#x} not permitted before TLS")),
+                        );
+                    }
                     if opt == NBD_OPT_EXPORT_NAME && len as usize > NBD_MAX_STRING {
                         // no error reply exists for EXPORT_NAME
                         return self.finish(used, Outcome::Close("export name too long".into()));
                     }
-                    self.state = if !known {
+                    let tls_gate = self.tls == Tls::Required
+                        && !matches!(opt, NBD_OPT_STARTTLS | NBD_OPT_ABORT);
+                    self.state = if tls_gate {
+                        State::OptSkip {
+                            opt,
+                            remaining: len.into(),
+                            reply: NBD_REP_ERR_TLS_REQD,
+                        }
+                    } else if !known {
                         State::OptSkip {
                             opt,
                             remaining: len.into(),
@@ -253,7 +297,9 @@ impl Handshake {
                         };
                         return (used, Outcome::Continue);
                     }
-                    let msg = if rtype == NBD_REP_ERR_UNSUP {
+                    let msg = if rtype == NBD_REP_ERR_TLS_REQD {
+                        format!("Option {opt:#x} not permitted before TLS")
+                    } else if rtype == NBD_REP_ERR_UNSUP {
                         format!("Unsupported option {opt:#x} ({})", option_name(opt))
                     } else {
                         format!("option {} too large", option_name(opt))
@@ -272,11 +318,28 @@ impl Handshake {
                     self.state = State::OptHeader;
                     match self.option(opt, &data, out) {
                         Outcome::Continue => {}
+                        Outcome::StartTls => return (used, Outcome::StartTls),
                         o => return self.finish(used, o),
                     }
                 }
             }
         }
+    }
+
+    /// The TLS state of this negotiation.
+    pub fn tls(&self) -> Tls {
+        self.tls
+    }
+
+    /// After `STARTTLS`: nothing negotiated in plaintext survives (NBD spec, `NBD_OPT_STARTTLS`:
+    /// "the server MUST NOT preserve any negotiation state"). The client flags stay: they
+    /// belong to the greeting, not to an option.
+    fn start_tls(&mut self) {
+        self.tls = Tls::Active;
+        self.mode = HeaderMode::Simple;
+        self.meta = None;
+        self.buf = Vec::new();
+        self.state = State::OptHeader;
     }
 
     fn finish(&mut self, used: usize, o: Outcome) -> (usize, Outcome) {
@@ -321,13 +384,21 @@ impl Handshake {
                 return Outcome::Close("client aborted the negotiation".into());
             }
             NBD_OPT_LIST => self.list(data, out),
-            NBD_OPT_STARTTLS => {
-                if data.is_empty() {
-                    Err((NBD_REP_ERR_POLICY, "TLS not configured".into()))
-                } else {
-                    Err(invalid("NBD_OPT_STARTTLS with data"))
+            NBD_OPT_STARTTLS => match self.tls {
+                Tls::Required if data.is_empty() => {
+                    reply(out, opt, NBD_REP_ACK, &[]);
+                    self.start_tls();
+                    return Outcome::StartTls;
                 }
-            }
+                Tls::Required => {
+                    // as qemu-nbd: a client that cannot start TLS correctly is dropped
+                    reply(out, opt, NBD_REP_ERR_INVALID, b"NBD_OPT_STARTTLS with data");
+                    return Outcome::Close("NBD_OPT_STARTTLS with data".into());
+                }
+                _ if !data.is_empty() => Err(invalid("NBD_OPT_STARTTLS with data")),
+                Tls::Active => Err(invalid("TLS already enabled")),
+                Tls::Off => Err((NBD_REP_ERR_POLICY, "TLS not configured".into())),
+            },
             NBD_OPT_INFO | NBD_OPT_GO => match self.info(opt, data, out) {
                 Ok(Some(s)) => return Outcome::Ready(s),
                 Ok(None) => Ok(()),
@@ -804,5 +875,91 @@ pub(crate) mod tests {
         }
         assert!(ready);
         assert_eq!(out, whole);
+    }
+
+    fn run_tls(input: &[u8]) -> (Handshake, Vec<u8>, usize, Outcome) {
+        let mut h = Handshake::with_tls(exports(), Tls::Required);
+        let mut out = Vec::new();
+        let (used, o) = h.feed(input, &mut out);
+        (h, out, used, o)
+    }
+
+    #[test]
+    fn tls_required_refuses_every_option_but_starttls_and_abort() {
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(NBD_OPT_LIST, b""));
+        input.extend(opt(NBD_OPT_STRUCTURED_REPLY, b""));
+        input.extend(go(b"disk", &[]));
+        input.extend(opt(NBD_OPT_INFO, &go(b"disk", &[])[16..]));
+        input.extend(opt(0x1234, b"junk"));
+        input.extend(opt(NBD_OPT_ABORT, b""));
+        let (_, out, _, o) = run_tls(&input);
+        let r = replies(&out);
+        let types: Vec<u32> = r.iter().map(|r| r.1).collect();
+        assert_eq!(
+            types,
+            [
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ERR_TLS_REQD,
+                NBD_REP_ACK
+            ]
+        );
+        assert_eq!(r[2].2, b"Option 0x7 not permitted before TLS");
+        assert!(matches!(o, Outcome::Close(_)));
+    }
+
+    #[test]
+    fn tls_required_export_name_disconnects() {
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(NBD_OPT_EXPORT_NAME, b"disk"));
+        let (_, out, _, o) = run_tls(&input);
+        assert!(out.is_empty());
+        assert!(matches!(o, Outcome::Close(m) if m.contains("not permitted before TLS")));
+    }
+
+    #[test]
+    fn starttls_with_data_is_invalid_and_closes() {
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(NBD_OPT_STARTTLS, b"x"));
+        let (_, out, _, o) = run_tls(&input);
+        assert_eq!(replies(&out)[0].1, NBD_REP_ERR_INVALID);
+        assert!(matches!(o, Outcome::Close(_)));
+    }
+
+    /// Bytes after STARTTLS are left unconsumed (the driver discards them), and nothing the
+    /// client did before survives the upgrade.
+    #[test]
+    fn starttls_stops_at_the_ack_and_forgets_earlier_state() {
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(NBD_OPT_STRUCTURED_REPLY, b""));
+        input.extend(opt(NBD_OPT_STARTTLS, b""));
+        let at = input.len();
+        // pipelined in plaintext by an attacker: must never be read as options
+        input.extend(opt(NBD_OPT_STRUCTURED_REPLY, b""));
+        let (mut h, out, used, o) = run_tls(&input);
+        assert_eq!(used, at);
+        assert!(matches!(o, Outcome::StartTls));
+        let types: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(types, [NBD_REP_ERR_TLS_REQD, NBD_REP_ACK]);
+        assert_eq!(h.tls(), Tls::Active);
+        // now "over TLS": structured replies were not negotiated, a second STARTTLS is invalid
+        let mut input = opt(NBD_OPT_LIST_META_CONTEXT, &meta(b"disk", &[]));
+        input.extend(opt(NBD_OPT_STARTTLS, b""));
+        input.extend(go(b"disk", &[]));
+        let mut out = Vec::new();
+        let (_, o) = h.feed(&input, &mut out);
+        let r = replies(&out);
+        assert_eq!(r[0].1, NBD_REP_ERR_INVALID);
+        assert_eq!(
+            (r[1].1, r[1].2.as_slice()),
+            (NBD_REP_ERR_INVALID, &b"TLS already enabled"[..])
+        );
+        let Outcome::Ready(s) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(s.mode, HeaderMode::Simple);
     }
 }

@@ -6,7 +6,8 @@
 //! * [`transmission`] — request decoding and validation, reply encoding.
 //! * [`extents`] — block-status descriptor building.
 //! * [`export`] — exports, the [`export::ExportBackend`] trait, command execution.
-//! * [`server`] — sockets, connections, worker threads; the only module doing I/O.
+//! * [`server`] — sockets, connections, worker threads; the only module doing I/O, with
+//! * [`tls`] — TLS credentials, handshake and authorization, and the encrypted transport.
 //! * [`client`] — the small client behind `serve -L` (listing a server's exports).
 //!
 //! This module never imports `qcow2`: it sees images through `block::Chain` only.
@@ -17,5 +18,6 @@ pub mod extents;
 pub mod handshake;
 pub mod meta;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 pub mod wire;

@@ -8,13 +8,20 @@
 //! by cookie). Per connection, the number of requests in flight and the bytes they may hold are
 //! bounded; the reader stops reading while the bound is reached.
 //!
+//! With TLS configured, `NBD_OPT_STARTTLS` swaps the connection's stream for a
+//! [`super::tls::TlsStream`] in the middle of the handshake loop; the rest of the driver does
+//! not know the difference. The TLS handshake counts against the same negotiation deadline.
+//!
 //! Process behaviour follows qemu-nbd: at most `shared` clients at once (0 = no limit; further
-//! clients wait in the listen backlog), the server exits when the last client that completed
+//! clients wait in the listen backlog), and beyond that at most `max_connections` sockets open
+//! at once, negotiating or not (a client past that cap is closed at once, so a crowd of idle
+//! connections cannot keep others waiting — qemu CVE-2024-7409), the server exits when the last client that completed
 //! negotiation disconnects unless `persistent`, and SIGTERM/SIGINT end it cleanly (Unix socket
 //! files are removed).
 
 use super::export::ExportSet;
-use super::handshake::{self, Handshake, Outcome, Session};
+use super::handshake::{self, Handshake, Outcome, Session, Tls};
+use super::tls::{Socket, TlsServer, TlsStream};
 use super::transmission::{self, Command, Decoded, Limits, Payload};
 use crate::error::{Error, Result};
 use std::io::{self, Read, Write};
@@ -152,6 +159,10 @@ pub trait Transport: Read + Write + Send + Sync + 'static {
     fn try_clone_box(&self) -> io::Result<Box<dyn Transport>>;
     fn set_timeout(&self, d: Option<Duration>) -> io::Result<()>;
     fn shutdown(&self);
+    /// The plain socket under this stream, for a TLS upgrade (`None`: cannot be upgraded).
+    fn socket(&self) -> Option<io::Result<Socket>> {
+        None
+    }
 }
 
 impl Transport for TcpStream {
@@ -165,6 +176,9 @@ impl Transport for TcpStream {
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
     }
+    fn socket(&self) -> Option<io::Result<Socket>> {
+        Some(self.try_clone().map(Socket::Tcp))
+    }
 }
 
 impl Transport for UnixStream {
@@ -177,6 +191,22 @@ impl Transport for UnixStream {
     }
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn socket(&self) -> Option<io::Result<Socket>> {
+        Some(self.try_clone().map(Socket::Unix))
+    }
+}
+
+impl Transport for TlsStream {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>> {
+        Ok(Box::new(self.clone()))
+    }
+    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        TlsStream::set_timeout(self, d);
+        Ok(())
+    }
+    fn shutdown(&self) {
+        TlsStream::shutdown(self);
     }
 }
 
@@ -272,6 +302,8 @@ pub struct ConnConfig {
     pub exports: Arc<ExportSet>,
     pub handshake_limit: Option<Duration>,
     pub verbose: bool,
+    /// When set, TLS is required before any other option.
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 fn log(msg: &str) {
@@ -286,8 +318,8 @@ pub fn serve_connection(
     cfg: &ConnConfig,
     pool: &Pool,
 ) -> ConnEnd {
-    let writer = Arc::new(Mutex::new(writer));
-    let ctl: Option<Arc<dyn Transport>> = ctl.map(Arc::from);
+    let mut writer = Arc::new(Mutex::new(writer));
+    let mut ctl: Option<Arc<dyn Transport>> = ctl.map(Arc::from);
     let shutdown = |ctl: &Option<Arc<dyn Transport>>| {
         if let Some(c) = ctl {
             c.shutdown();
@@ -303,7 +335,12 @@ pub fn serve_connection(
 
     // ---- handshake ----
     let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
-    let mut hs = Handshake::new(cfg.exports.clone());
+    let tls_mode = if cfg.tls.is_some() {
+        Tls::Required
+    } else {
+        Tls::Off
+    };
+    let mut hs = Handshake::with_tls(cfg.exports.clone(), tls_mode);
     let mut buf = vec![0u8; 64 << 10];
     let mut pending: Vec<u8> = Vec::new();
     if let Some(c) = &ctl {
@@ -355,6 +392,43 @@ pub fn serve_connection(
             Outcome::Continue => {
                 shutdown(&ctl);
                 return ConnEnd::NotNegotiated;
+            }
+            Outcome::StartTls => {
+                // what the client sent after STARTTLS in plaintext is dropped unread
+                // (nbdkit CVE-2021-3716): only bytes that arrive over TLS are options
+                if cfg.verbose && used < n {
+                    log(&format!(
+                        "discarding {} plaintext bytes sent after NBD_OPT_STARTTLS",
+                        n - used
+                    ));
+                }
+                let upgraded = match (sent, &cfg.tls, &ctl) {
+                    (true, Some(tls), Some(c)) => match c.socket() {
+                        Some(Ok(sock)) => tls.accept(sock, deadline),
+                        Some(Err(e)) => Err(e.to_string()),
+                        None => Err("this transport cannot carry TLS".into()),
+                    },
+                    _ => Err("TLS is not available on this connection".into()),
+                };
+                match upgraded {
+                    Ok(t) => {
+                        if cfg.verbose {
+                            log(&format!(
+                                "TLS established ({}; client identity: {})",
+                                t.summary(),
+                                t.identity().unwrap_or("none")
+                            ));
+                        }
+                        reader = Box::new(t.clone());
+                        writer = Arc::new(Mutex::new(Box::new(t.clone())));
+                        ctl = Some(Arc::new(t));
+                    }
+                    Err(why) => {
+                        log(&format!("option negotiation failed: {why}"));
+                        shutdown(&ctl);
+                        return ConnEnd::NotNegotiated;
+                    }
+                }
             }
             Outcome::Ready(s) => {
                 pending.extend_from_slice(&buf[used..n]);
@@ -543,6 +617,9 @@ pub struct ServerConfig {
     pub conn: ConnConfig,
     /// Maximum simultaneous clients; 0 = unlimited.
     pub shared: usize,
+    /// Maximum open connections, negotiating or not (0 = unlimited); further ones are closed
+    /// as soon as they are accepted.
+    pub max_connections: usize,
     /// Keep running after the last client disconnects.
     pub persistent: bool,
     pub workers: usize,
@@ -681,8 +758,22 @@ impl Server {
                         continue;
                     }
                 };
-                if let Ok(mut g) = active.lock() {
-                    *g += 1;
+                let over_cap = match active.lock() {
+                    Ok(mut g) if self.cfg.max_connections == 0 || *g < self.cfg.max_connections => {
+                        *g += 1;
+                        false
+                    }
+                    _ => true,
+                };
+                if over_cap {
+                    if self.cfg.conn.verbose {
+                        log(&format!(
+                            "too many connections (limit {}): closing a new client",
+                            self.cfg.max_connections
+                        ));
+                    }
+                    conn.shutdown();
+                    continue;
                 }
                 let (cfg, pool, act) = (self.cfg.conn.clone(), self.pool.clone(), active.clone());
                 let spawned = thread::Builder::new()
