@@ -471,3 +471,63 @@ fn dirty_allocated_context_is_dirty_and_data() {
     assert!(at(7 << 20), "{runs:?}");
     assert!(!at(4 << 20), "{runs:?}");
 }
+
+/// SIGTERM is a clean close: the bitmaps are stored and `in-use` is cleared.
+#[test]
+fn sigterm_stores_bitmaps() {
+    if !require_tools("bitmaps", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (rc, out) = sh(
+        "qemu-img create -q -f qcow2 t.qcow2 16M && qemu-img bitmap --add t.qcow2 b0",
+        d,
+    );
+    assert_eq!(rc, 0, "{out}");
+    let sock = d.join("t.sock");
+    let mut srv = start(
+        Command::new(qnbd_bin())
+            .args(["serve", "-t", "-f", "qcow2", "-k"])
+            .arg(&sock)
+            .arg(d.join("t.qcow2")),
+        &sock,
+    );
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 5 1M 64k"])
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let (_, info) = sh("qemu-img info -U --output=json t.qcow2", d);
+    assert!(
+        info.contains("in-use"),
+        "in-use must be set while serving: {info}"
+    );
+    // our own child, by PID
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(srv.0.id().to_string())
+        .status();
+    let t = Instant::now();
+    while srv.0.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, info) = sh("qemu-img info --output=json t.qcow2", d);
+    assert!(!info.contains("in-use"), "{info}");
+    let (rc, out) = sh(
+        &format!(
+            "{} bitmap --dump --output=json t.qcow2 b0",
+            qnbd_bin().display()
+        ),
+        d,
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("\"start\": 1048576, \"length\": 65536, \"dirty\": true"),
+        "{out}"
+    );
+    let (rc, out) = sh("qemu-img check t.qcow2", d);
+    assert_eq!(rc, 0, "{out}");
+}

@@ -173,6 +173,11 @@ impl Chain {
         self.layers[0].zero_is_fast(off, len)
     }
 
+    /// Clean close of the top layer (flush, store bitmaps).
+    pub fn close(&self) -> Result<()> {
+        self.layers[0].close()
+    }
+
     /// Make completed writes durable.
     pub fn flush(&self) -> Result<()> {
         self.layers[0].flush()

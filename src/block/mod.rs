@@ -175,6 +175,12 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Clean close: flush, and write back whatever is kept until close (dirty bitmaps). The
+    /// device stays usable; a later close is cheap.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// A persistent dirty bitmap of this layer.
     fn dirty_bitmap(
         &self,

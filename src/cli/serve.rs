@@ -181,6 +181,9 @@ impl ExportBackend for Offset {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+    fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
     fn cache(&self, off: u64, len: u64) -> Result<()> {
         self.inner.cache(off + self.offset, len)
     }
@@ -737,7 +740,7 @@ fn serve(
     if a.stdio {
         server::serve_stdio(&conn, workers);
         for e in &to_flush {
-            e.backend.flush()?;
+            e.backend.close()?;
         }
         return Ok(0);
     }
@@ -794,8 +797,8 @@ fn serve(
     // clean shutdown: every completed write and its metadata reach the disk before we exit
     let mut rc = 0;
     for e in &to_flush {
-        if let Err(err) = e.backend.flush() {
-            eprintln!("qnbd: export '{}': flush on shutdown failed: {err}", e.name);
+        if let Err(err) = e.backend.close() {
+            eprintln!("qnbd: export '{}': close on shutdown failed: {err}", e.name);
             rc = 1;
         }
     }

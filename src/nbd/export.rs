@@ -95,6 +95,11 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Clean close at server shutdown (flush, store bitmaps).
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// Prefetch hint (`NBD_CMD_CACHE`); success means nothing more than "no error".
     fn cache(&self, _off: u64, _len: u64) -> Result<()> {
         Ok(())
@@ -246,6 +251,10 @@ impl ExportBackend for ChainBackend {
 
     fn flush(&self) -> Result<()> {
         self.chain.flush()
+    }
+
+    fn close(&self) -> Result<()> {
+        self.chain.close()
     }
 
     fn bitmaps(&self) -> Vec<String> {

@@ -577,6 +577,14 @@ impl BlockDevice for Qcow2 {
         alloc::flush(self)
     }
 
+    fn close(&self) -> Result<()> {
+        alloc::flush(self)?;
+        if self.access == crate::block::Access::ReadWrite {
+            self.store_bitmaps()?;
+        }
+        Ok(())
+    }
+
     fn dirty_bitmap(&self, name: &str) -> Result<Arc<RwLock<crate::bitmap::DirtyBitmap>>> {
         self.bitmap(name).map_err(|e| {
             if e.message().ends_with("not found") {
