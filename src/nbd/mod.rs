@@ -6,6 +6,7 @@
 //! * [`transmission`] — request decoding and validation, reply encoding.
 //! * [`extents`] — block-status descriptor building.
 //! * [`export`] — exports, the [`export::ExportBackend`] trait, command execution.
+//! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
 //! * [`server`] — sockets, connections, worker threads; the only module doing I/O.
 //! * [`client`] — the small client behind `serve -L` (listing a server's exports).
 //!
@@ -16,6 +17,7 @@ pub mod export;
 pub mod extents;
 pub mod handshake;
 pub mod meta;
+pub mod reply;
 pub mod server;
 pub mod transmission;
 pub mod wire;

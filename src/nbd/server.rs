@@ -13,8 +13,9 @@
 //! negotiation disconnects unless `persistent`, and SIGTERM/SIGINT end it cleanly (Unix socket
 //! files are removed).
 
-use super::export::ExportSet;
+use super::export::{Completion, ExportSet, Wait};
 use super::handshake::{self, Handshake, Outcome, Session};
+use super::reply::ReplyBatch;
 use super::transmission::{self, Command, Decoded, Limits, Payload};
 use crate::error::{Error, Result};
 use std::io::{self, Read, Write};
@@ -389,6 +390,8 @@ pub fn serve_connection(
     };
     let mut inbuf = pending;
     let mut start = 0usize;
+    // Replies to reads answered on this thread, sent together before the next socket read.
+    let mut batch = ReplyBatch::new();
     loop {
         if broken.load(Ordering::Relaxed) {
             break;
@@ -396,6 +399,9 @@ pub fn serve_connection(
         let (req, header_len, payload) =
             match transmission::decode_header(session.mode, &inbuf[start..]) {
                 Decoded::NeedMore(n) => {
+                    if !batch.is_empty() && send_batch(&writer, &mut batch).is_err() {
+                        break;
+                    }
                     if !fill(&mut *reader, &mut inbuf, &mut start, n) {
                         break;
                     }
@@ -475,6 +481,34 @@ pub fn serve_connection(
         if cmd == Command::Disc {
             break;
         }
+        // Reads the page cache can answer are answered here, without a thread hand-off; their
+        // replies go out in one vectored write per batch of requests.
+        let inline_read = match cmd {
+            Command::Read { offset, length, df } if length <= INLINE_READ_MAX => {
+                Some((offset, length, df))
+            }
+            _ => None,
+        };
+        if let Some((offset, length, df)) = inline_read {
+            let done = session.export.read_into(
+                session.mode,
+                req.cookie,
+                req.offset,
+                offset,
+                length,
+                df,
+                &mut batch,
+                Wait::Never,
+            );
+            if done == Completion::Done {
+                if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
+                    && send_batch(&writer, &mut batch).is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+        }
         let cost = match &cmd {
             Command::Read { length, .. } => *length as usize,
             Command::Write { data, .. } => data.len(),
@@ -492,8 +526,30 @@ pub fn serve_connection(
         let cookie = req.cookie;
         let req_offset = req.offset;
         pool.run(Box::new(move || {
-            let out = s.export.execute(&s, cookie, req_offset, cmd);
-            if !out.is_empty() && send(&w, &out).is_err() {
+            let sent = if let Command::Read { offset, length, df } = cmd {
+                WORKER_BATCH.with(|b| {
+                    let mut b = b.borrow_mut();
+                    s.export.read_into(
+                        s.mode,
+                        cookie,
+                        req_offset,
+                        offset,
+                        length,
+                        df,
+                        &mut b,
+                        Wait::Block,
+                    );
+                    send_batch(&w, &mut b)
+                })
+            } else {
+                let out = s.export.execute(&s, cookie, req_offset, cmd);
+                if out.is_empty() {
+                    Ok(())
+                } else {
+                    send(&w, &out)
+                }
+            };
+            if sent.is_err() {
                 br.store(true, Ordering::Relaxed);
                 if let Some(c) = &c2 {
                     c.shutdown();
@@ -502,9 +558,53 @@ pub fn serve_connection(
             inf.release(cost);
         }));
     }
+    if !batch.is_empty() {
+        let _ = send_batch(&writer, &mut batch);
+    }
     inflight.wait_idle();
     shutdown(&ctl);
     ConnEnd::Negotiated
+}
+
+/// Replies queued on the connection thread are sent once this many bytes or pieces are queued
+/// (or before the thread next waits for the socket).
+const BATCH_BYTES: usize = 256 << 10;
+const BATCH_PIECES: usize = 256;
+/// Reads up to this size may be answered on the connection thread; bigger ones go to the
+/// workers, so that copying one request's data overlaps with sending another's.
+const INLINE_READ_MAX: u32 = 128 << 10;
+/// I/O vectors per `writev` (Linux's `IOV_MAX`).
+const MAX_IOV: usize = 1024;
+
+thread_local! {
+    /// A worker's reply buffers, reused from one request to the next.
+    static WORKER_BATCH: std::cell::RefCell<ReplyBatch> = std::cell::RefCell::new(ReplyBatch::new());
+}
+
+type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Write a batch of replies under the connection's writer lock with vectored writes, then
+/// recycle its buffers.
+fn send_batch(w: &SharedWriter, batch: &mut ReplyBatch) -> io::Result<()> {
+    let res = (|| {
+        let mut slices = batch.slices();
+        let mut g = w
+            .lock()
+            .map_err(|_| io::Error::other("writer lock poisoned"))?;
+        let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let k = rest.len().min(MAX_IOV);
+            match g.write_vectored(&rest[..k]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        g.flush()
+    })();
+    batch.clear();
+    res
 }
 
 /// Make sure `inbuf[start..]` holds at least `need` bytes; false on EOF or error.
