@@ -178,7 +178,7 @@ def make_map():
     os.rename(MAP + '.tmp', MAP)
 
 
-all_jobs = set(jobs) | (set(tcp_jobs) if 'tcp' in transports else set())
+all_jobs = set() if a.verify else set(jobs) | (set(tcp_jobs) if 'tcp' in transports else set())
 make_alloc()
 if 'chain-randread-4k-qd32' in all_jobs:
     make_chain()

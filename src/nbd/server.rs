@@ -509,6 +509,21 @@ pub fn serve_connection(
                 continue;
             }
         }
+        // Small writes too: an in-place write is a page-cache copy, an allocating one changes
+        // metadata under a lock that the workers would only queue on.
+        if matches!(&cmd, Command::Write { data, fua: false, .. } if data.len() <= INLINE_WRITE_MAX)
+        {
+            let out = session
+                .export
+                .execute(&session, req.cookie, req.offset, cmd);
+            batch.push_head(|o| o.extend_from_slice(&out));
+            if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
+                && send_batch(&writer, &mut batch).is_err()
+            {
+                break;
+            }
+            continue;
+        }
         let cost = match &cmd {
             Command::Read { length, .. } => *length as usize,
             Command::Write { data, .. } => data.len(),
@@ -573,6 +588,8 @@ const BATCH_PIECES: usize = 256;
 /// Reads up to this size may be answered on the connection thread; bigger ones go to the
 /// workers, so that copying one request's data overlaps with sending another's.
 const INLINE_READ_MAX: u32 = 128 << 10;
+/// Writes (without FUA) up to this size are done on the connection thread.
+const INLINE_WRITE_MAX: usize = 128 << 10;
 /// I/O vectors per `writev` (Linux's `IOV_MAX`).
 const MAX_IOV: usize = 1024;
 

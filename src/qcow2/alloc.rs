@@ -679,6 +679,32 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// A new cluster that must read as zeros apart from `data`: when it lies past the end of
+    /// the file, only `data` is written and the file is extended over the rest of the cluster
+    /// (which then reads as zeros) instead of writing a cluster of zeros. False (nothing
+    /// written) when the cluster is inside the file (reused space holds old bytes).
+    fn write_into_fresh(
+        &self,
+        m: &mut Meta,
+        host: u64,
+        in_off: usize,
+        data: &[u8],
+    ) -> Result<bool> {
+        let st = self.data_st()?;
+        let len = st.len().map_err(io_err("Could not get the image length"))?;
+        if host < len.max(m.file_len) {
+            return Ok(false);
+        }
+        self.write_data(m, host + in_off as u64, data)?;
+        let end = host + self.cs();
+        if host + ((in_off + data.len()) as u64) < end {
+            st.set_len(end)
+                .map_err(io_err("Could not extend the image file"))?;
+        }
+        m.file_len = m.file_len.max(end);
+        Ok(true)
+    }
+
     /// Write `data` at `in_off` inside the guest cluster at `guest_cluster`.
     fn write_in_cluster(
         &self,
@@ -713,6 +739,23 @@ impl Qcow2 {
                     self.check_overlap(m, host)?;
                 }
                 self.write_data(m, host + in_off as u64, data)?;
+                return Ok(());
+            }
+            let reads_zero = ty == SubclusterType::ZeroPlain
+                || (ty == SubclusterType::UnallocatedPlain && !below.has_backing());
+            if reads_zero && !has_host && !compressed && !self.header.has_data_file() {
+                let host = self.new_data_cluster(m, guest_cluster)?;
+                if self.write_into_fresh(m, host, in_off, data)? {
+                    table[idx] = host | OFLAG_COPIED;
+                    self.store_l2(m, l2_off, table);
+                    return Ok(());
+                }
+                // not past the end of the file: write the whole cluster
+                let mut buf = vec![0u8; cs];
+                buf[in_off..in_off + data.len()].copy_from_slice(data);
+                self.write_data(m, host, &buf)?;
+                table[idx] = host | OFLAG_COPIED;
+                self.store_l2(m, l2_off, table);
                 return Ok(());
             }
             let mut buf = if in_off == 0 && data.len() == cs {
