@@ -77,7 +77,7 @@ def parse_size(s):
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument('--quick', action='store_true', help='~2 minutes: fewer jobs, one qemu-nbd setting, unix only')
 ap.add_argument('-r', '--reps', type=int, default=3, help='runs per (job, server); medians reported (default 3)')
-ap.add_argument('-t', '--runtime', type=int, default=3, help='fio seconds per run (default 3; --quick 2)')
+ap.add_argument('-t', '--runtime', type=int, default=2, help='fio seconds per run (default 2)')
 ap.add_argument('-s', '--size', default='1G', help='virtual size of the test image (default 1G; the issue names 4G)')
 ap.add_argument('-T', '--transport', default='unix,tcp', help='unix, tcp or both (default unix,tcp)')
 ap.add_argument('-j', '--jobs', help='comma-separated jobs (default: all over unix, a subset over tcp)')

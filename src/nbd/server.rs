@@ -587,7 +587,7 @@ const BATCH_BYTES: usize = 256 << 10;
 const BATCH_PIECES: usize = 256;
 /// Reads up to this size may be answered on the connection thread; bigger ones go to the
 /// workers, so that copying one request's data overlaps with sending another's.
-const INLINE_READ_MAX: u32 = 128 << 10;
+const INLINE_READ_MAX: u32 = 256 << 10;
 /// Writes (without FUA) up to this size are done on the connection thread.
 const INLINE_WRITE_MAX: usize = 128 << 10;
 /// I/O vectors per `writev` (Linux's `IOV_MAX`).
