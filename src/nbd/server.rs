@@ -388,6 +388,9 @@ pub fn serve_connection(
         flags: session.flags,
         contexts: session.contexts.len(),
     };
+    // inbuf[start..end] holds received bytes not yet decoded; inbuf only grows (no zeroing of
+    // the read area on every socket read)
+    let mut end = pending.len();
     let mut inbuf = pending;
     let mut start = 0usize;
     // Replies to reads answered on this thread, sent together before the next socket read.
@@ -397,12 +400,12 @@ pub fn serve_connection(
             break;
         }
         let (req, header_len, payload) =
-            match transmission::decode_header(session.mode, &inbuf[start..]) {
+            match transmission::decode_header(session.mode, &inbuf[start..end]) {
                 Decoded::NeedMore(n) => {
                     if !batch.is_empty() && send_batch(&writer, &mut batch).is_err() {
                         break;
                     }
-                    if !fill(&mut *reader, &mut inbuf, &mut start, n) {
+                    if !fill(&mut *reader, &mut inbuf, &mut start, &mut end, n) {
                         break;
                     }
                     continue;
@@ -425,7 +428,7 @@ pub fn serve_connection(
         match payload {
             Payload::None => {}
             Payload::Take(n) => {
-                if !fill(&mut *reader, &mut inbuf, &mut start, n) {
+                if !fill(&mut *reader, &mut inbuf, &mut start, &mut end, n) {
                     break;
                 }
                 data = Some(inbuf[start..start + n].to_vec());
@@ -433,7 +436,7 @@ pub fn serve_connection(
             }
             Payload::Drain(mut n) => {
                 drained = true;
-                let avail = ((inbuf.len() - start) as u64).min(n);
+                let avail = ((end - start) as u64).min(n);
                 start += avail as usize;
                 n -= avail;
                 let mut ok = true;
@@ -452,8 +455,8 @@ pub fn serve_connection(
                 }
             }
         }
-        if start == inbuf.len() {
-            inbuf.clear();
+        if start == end {
+            end = 0;
             start = 0;
         }
         let cmd = match transmission::validate(&req, data, drained, &lim) {
@@ -624,32 +627,29 @@ fn send_batch(w: &SharedWriter, batch: &mut ReplyBatch) -> io::Result<()> {
     res
 }
 
-/// Make sure `inbuf[start..]` holds at least `need` bytes; false on EOF or error.
+/// Make sure `inbuf[start..end]` holds at least `need` bytes; false on EOF or error.
 fn fill(
     reader: &mut (dyn Read + Send),
     inbuf: &mut Vec<u8>,
     start: &mut usize,
+    end: &mut usize,
     need: usize,
 ) -> bool {
-    if *start > 0 && (inbuf.len() - *start < need) {
-        inbuf.drain(..*start);
+    if *start > 0 && (*end - *start < need) {
+        inbuf.copy_within(*start..*end, 0);
+        *end -= *start;
         *start = 0;
     }
-    while inbuf.len() - *start < need {
-        let want = (need - (inbuf.len() - *start)).max(64 << 10);
-        let old = inbuf.len();
-        inbuf.resize(old + want, 0);
-        match reader.read(&mut inbuf[old..]) {
-            Ok(0) => {
-                inbuf.truncate(old);
-                return false;
-            }
-            Ok(n) => inbuf.truncate(old + n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => inbuf.truncate(old),
-            Err(_) => {
-                inbuf.truncate(old);
-                return false;
-            }
+    while *end - *start < need {
+        let want = (need - (*end - *start)).max(64 << 10);
+        if inbuf.len() < *end + want {
+            inbuf.resize(*end + want, 0);
+        }
+        match reader.read(&mut inbuf[*end..]) {
+            Ok(0) => return false,
+            Ok(n) => *end += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
         }
     }
     true
