@@ -280,6 +280,9 @@ fn qnbd_written_bitmaps_read_back_identically_in_qemu() {
         "write -z -u 12M 64k",
         "discard 16M 2M",
         "write -P 9 31M 1M",
+        // allocated clusters after the first write: the in-place fast path must mark too
+        "write -P 4 1M 4k",
+        "write -P 4 1572864 70000",
     ];
     for (file, server) in [("ours.qcow2", "qnbd"), ("theirs.qcow2", "qemu-nbd")] {
         let sock = d.join(format!("{server}.sock"));

@@ -119,7 +119,15 @@ impl Chain {
     /// Read guest bytes.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
-        read_in(&self.layers, off, buf)
+        read_in(&self.layers, off, buf, Wait::Block).map(|_| ())
+    }
+
+    /// Read guest bytes if that needs no waiting for the disk (data in the page cache, zeros,
+    /// unallocated ranges); `Completion::WouldBlock` otherwise, with `buf` in an unspecified
+    /// state. Compressed clusters always answer `WouldBlock`.
+    pub fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<Completion> {
+        self.check_range(off, buf.len() as u64)?;
+        read_in(&self.layers, off, buf, Wait::Never)
     }
 
     /// Whether the top layer accepts writes.
@@ -197,7 +205,7 @@ impl CowSource for Below<'_> {
             buf.fill(0);
             return Ok(());
         }
-        read_in(self.0, off, buf)
+        read_in(self.0, off, buf, Wait::Block).map(|_| ())
     }
 }
 
@@ -248,7 +256,12 @@ fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Res
 
 /// Read guest bytes through `layers`. Every layer is pinned for the whole read, so no host
 /// cluster it maps can be freed and reused under us.
-fn read_in(layers: &[Arc<dyn BlockDevice>], off: u64, buf: &mut [u8]) -> Result<()> {
+fn read_in(
+    layers: &[Arc<dyn BlockDevice>],
+    off: u64,
+    buf: &mut [u8],
+    wait: Wait,
+) -> Result<Completion> {
     let _pins: Vec<_> = layers.iter().map(|l| l.pin()).collect();
     let layer_at = |depth: usize| depth.checked_sub(1).and_then(|i| layers.get(i));
     {
@@ -266,13 +279,27 @@ fn read_in(layers: &[Arc<dyn BlockDevice>], off: u64, buf: &mut [u8]) -> Result<
                     let st = layer.storage(file).ok_or_else(|| {
                         Error::new(ErrorKind::Corrupt, "data run in a missing data file")
                     })?;
-                    read_exact_or_zero(&**st, dst, host).map_err(|e| {
+                    let io_err = |e| {
                         Error::io(
                             format!("reading guest offset {pos:#x} at host {host:#x}"),
                             e,
                         )
-                    })?;
+                    };
+                    match wait {
+                        Wait::Block => read_exact_or_zero(&**st, dst, host).map_err(io_err)?,
+                        Wait::Never => match st.read_at_nowait(dst, host) {
+                            Ok(k) if k == dst.len() => {}
+                            // partly cached, or the end of the file: the blocking path
+                            // completes it
+                            Ok(_) => return Ok(Completion::WouldBlock),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                return Ok(Completion::WouldBlock)
+                            }
+                            Err(e) => return Err(io_err(e)),
+                        },
+                    }
                 }
+                Mapping::Compressed if wait == Wait::Never => return Ok(Completion::WouldBlock),
                 Mapping::Compressed => {
                     let layer = layer_at(r.depth).ok_or_else(no_layer)?;
                     layer.read_compressed(pos, dst)?;
@@ -281,8 +308,23 @@ fn read_in(layers: &[Arc<dyn BlockDevice>], off: u64, buf: &mut [u8]) -> Result<
             }
             done += n;
         }
-        Ok(())
+        Ok(Completion::Done)
     }
+}
+
+/// Whether a read may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Block,
+    Never,
+}
+
+/// How a non-blocking read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Done,
+    /// Part of the data is not in memory; use the blocking read.
+    WouldBlock,
 }
 
 impl Chain {

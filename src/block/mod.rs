@@ -14,7 +14,7 @@ pub mod chain;
 pub mod create_raw;
 pub mod raw;
 
-pub use chain::{Chain, Resolved};
+pub use chain::{Chain, Completion, Resolved};
 
 /// Which host file of a layer holds a data run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,16 +5,26 @@
 //! thread), in the order qemu-img bench uses: `count` requests of `size` bytes starting at
 //! `offset`, each `step` bytes after the previous (default: `size`), wrapping at the end of the
 //! image. `--random` picks request offsets at random (aligned to `size`) instead.
+//!
+//! `--nbd URI` sends the same request stream to an NBD server (qnbd's or any other) over one
+//! connection with `depth` requests in flight, so servers can be compared with one client.
 
 use super::{open_options, parse_size_arg, OutputFormat};
 use crate::block::Chain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Engine;
+use crate::nbd::client::{decode_simple_reply, encode_request, open_export, Target, Uri};
+use crate::nbd::wire::{
+    NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_READ_ONLY,
+};
 use crate::open::open_image;
 use clap::Args;
 use serde_json::json;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, Args)]
@@ -60,7 +70,12 @@ pub struct BenchArgs {
     /// Open the image without taking locks (accepted for qemu-img compatibility).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    pub image: String,
+    /// Drive an NBD server instead of a local image (nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH): one connection, `depth` requests in flight.
+    #[arg(long = "nbd", value_name = "URI", conflicts_with = "image")]
+    pub nbd: Option<String>,
+    #[arg(required_unless_present = "nbd")]
+    pub image: Option<String>,
 }
 
 /// Offset of request number `i`.
@@ -87,32 +102,25 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-pub fn run(a: &BenchArgs) -> Result<i32> {
-    let mut opts = open_options(a.format.as_deref())?;
-    if let Some(aio) = &a.aio {
-        opts.engine = Engine::parse(aio).ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Invalid AIO option: '{aio}'"),
-            )
-        })?;
-    }
-    opts.writable = a.write;
+/// What one run measured.
+struct Measured {
+    engine: &'static str,
+    elapsed: f64,
+    /// Per-request latencies in ns, sorted.
+    lat: Vec<u64>,
+}
+
+fn check_args(a: &BenchArgs) -> Result<()> {
     if a.size == 0 || a.depth == 0 {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
             "request size and depth must be positive",
         ));
     }
-    let img = open_image(&a.image, &opts)?;
-    let chain: &Chain = &img.chain;
-    let size = chain.size();
-    if a.size > size {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "request size is larger than the image",
-        ));
-    }
+    Ok(())
+}
+
+fn announce(a: &BenchArgs) {
     if a.output == OutputFormat::Human {
         println!(
             "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
@@ -124,6 +132,45 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
             if a.random { "random".to_string() } else { a.step.unwrap_or(a.size).to_string() }
         );
     }
+}
+
+pub fn run(a: &BenchArgs) -> Result<i32> {
+    check_args(a)?;
+    let m = match (&a.nbd, &a.image) {
+        (Some(uri), _) => run_nbd(a, uri)?,
+        (None, Some(image)) => run_local(a, image)?,
+        (None, None) => {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "an image or --nbd URI is required",
+            ))
+        }
+    };
+    report(a, &m);
+    Ok(0)
+}
+
+fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
+    let mut opts = open_options(a.format.as_deref())?;
+    if let Some(aio) = &a.aio {
+        opts.engine = Engine::parse(aio).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Invalid AIO option: '{aio}'"),
+            )
+        })?;
+    }
+    opts.writable = a.write;
+    let img = open_image(image, &opts)?;
+    let chain: &Chain = &img.chain;
+    let size = chain.size();
+    if a.size > size {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "request size is larger than the image",
+        ));
+    }
+    announce(a);
     let next = AtomicU64::new(0);
     let writes_done = AtomicU64::new(0);
     let lat: Mutex<Vec<u64>> = Mutex::new(Vec::with_capacity(a.count as usize));
@@ -176,20 +223,188 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     }
     let mut l = lat.into_inner().unwrap_or_else(|e| e.into_inner());
     l.sort_unstable();
+    Ok(Measured {
+        engine: img.layers[0].storage.engine_name(),
+        elapsed,
+        lat: l,
+    })
+}
+
+/// Connect to `uri`, negotiate, and return (reader, writer, shutdown handle, size, flags).
+type Split = (
+    Box<dyn Read + Send>,
+    Box<dyn Write + Send>,
+    Box<dyn Fn() + Send + Sync>,
+    u64,
+    u16,
+);
+
+fn connect(uri: &str) -> Result<Split> {
+    let u = Uri::parse(uri)?;
+    let cerr = |e| Error::io(format!("Failed to connect to '{uri}'"), e);
+    match &u.target {
+        Target::Unix(p) => {
+            let mut s = UnixStream::connect(p).map_err(cerr)?;
+            let o = open_export(&mut s, &u.export)?;
+            let (size, flags) = (o.size, o.flags);
+            let r = s.try_clone().map_err(cerr)?;
+            let c = s.try_clone().map_err(cerr)?;
+            let stop = move || {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            };
+            Ok((Box::new(r), Box::new(s), Box::new(stop), size, flags))
+        }
+        Target::Tcp(h, port) => {
+            let mut s = TcpStream::connect((h.as_str(), *port)).map_err(cerr)?;
+            let _ = s.set_nodelay(true);
+            let o = open_export(&mut s, &u.export)?;
+            let (size, flags) = (o.size, o.flags);
+            let r = s.try_clone().map_err(cerr)?;
+            let c = s.try_clone().map_err(cerr)?;
+            let stop = move || {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            };
+            Ok((Box::new(r), Box::new(s), Box::new(stop), size, flags))
+        }
+    }
+}
+
+/// The same request stream over NBD: one connection, a sender keeping `depth` requests in
+/// flight (requests queued together go out in one write) and a receiver matching replies by
+/// cookie (the cookie is the in-flight slot).
+fn run_nbd(a: &BenchArgs, uri: &str) -> Result<Measured> {
+    if a.size > u64::from(crate::nbd::transmission::MAX_PAYLOAD) {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "request size is larger than an NBD request may be (32 MiB)",
+        ));
+    }
+    let (mut rd, mut wr, stop, size, flags) = connect(uri)?;
+    if a.size > size {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "request size is larger than the export",
+        ));
+    }
+    if a.write && flags & NBD_FLAG_READ_ONLY != 0 {
+        return Err(Error::new(ErrorKind::Denied, "the export is read-only"));
+    }
+    announce(a);
+    let depth = a.depth.min(a.count.max(1) as usize);
+    let len = a.size as usize;
+    let cmd = if a.write { NBD_CMD_WRITE } else { NBD_CMD_READ };
+    let seed = 0x1234_5678_9abc_def0u64;
+    let (tok_tx, tok_rx) = mpsc::channel::<usize>();
+    for i in 0..depth {
+        let _ = tok_tx.send(i);
+    }
+    let starts: Vec<AtomicU64> = (0..depth).map(|_| AtomicU64::new(0)).collect();
+    let data = vec![a.pattern; if a.write { len } else { 0 }];
+    let t0 = Instant::now();
+    let io = |what: &'static str| move |e| Error::io(what, e);
+    let (starts, data, w, r) = (&starts, &data, &mut wr, &mut rd);
+    let (sent, got) = std::thread::scope(|s| {
+        let sender = s.spawn(move || -> Result<()> {
+            let mut out = Vec::new();
+            let mut i = 0u64;
+            while i < a.count {
+                let Ok(first) = tok_rx.recv() else {
+                    return Ok(()); // the receiver stopped (and reports why)
+                };
+                out.clear();
+                let mut slot = Some(first);
+                while let Some(k) = slot {
+                    if i >= a.count {
+                        break;
+                    }
+                    let off = request_offset(a, i, size, seed);
+                    starts[k].store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    encode_request(&mut out, cmd, k as u64, off, len as u32);
+                    out.extend_from_slice(data);
+                    i += 1;
+                    slot = tok_rx.try_recv().ok();
+                }
+                if let Err(e) = w.write_all(&out) {
+                    stop();
+                    return Err(io("writing requests to the server")(e));
+                }
+            }
+            Ok(())
+        });
+        let receiver = s.spawn(move || -> Result<Vec<u64>> {
+            let mut lat = Vec::with_capacity(a.count as usize);
+            let mut buf = crate::io::buf::IoBuf::new(len);
+            let mut h = [0u8; 16];
+            for _ in 0..a.count {
+                r.read_exact(&mut h)
+                    .map_err(io("reading a reply from the server"))?;
+                let (err, cookie) = decode_simple_reply(&h)?;
+                if err != 0 {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("the server failed a request (NBD error {err})"),
+                    ));
+                }
+                if !a.write {
+                    r.read_exact(&mut buf[..len])
+                        .map_err(io("reading data from the server"))?;
+                }
+                let k = usize::try_from(cookie)
+                    .ok()
+                    .filter(|&k| k < depth)
+                    .ok_or_else(|| Error::new(ErrorKind::Io, "reply with an unknown cookie"))?;
+                let t = t0.elapsed().as_nanos() as u64;
+                lat.push(t.saturating_sub(starts[k].load(Ordering::Relaxed)));
+                let _ = tok_tx.send(k);
+            }
+            Ok(lat)
+        });
+        let got = receiver.join();
+        let sent = sender.join();
+        (sent, got)
+    });
+    let panicked = || Error::new(ErrorKind::Io, "a benchmark thread panicked");
+    let mut lat = got.map_err(|_| panicked())??;
+    sent.map_err(|_| panicked())??;
+    if a.write {
+        // like the local mode: the run ends with everything durable
+        let mut out = Vec::new();
+        encode_request(&mut out, NBD_CMD_FLUSH, u64::MAX, 0, 0);
+        wr.write_all(&out).map_err(io("sending FLUSH"))?;
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h)
+            .map_err(io("reading the FLUSH reply"))?;
+        if decode_simple_reply(&h)?.0 != 0 {
+            return Err(Error::new(ErrorKind::Io, "the server failed FLUSH"));
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    encode_request(&mut out, NBD_CMD_DISC, 0, 0, 0);
+    let _ = wr.write_all(&out);
+    lat.sort_unstable();
+    Ok(Measured {
+        engine: "nbd",
+        elapsed,
+        lat,
+    })
+}
+
+fn report(a: &BenchArgs, m: &Measured) {
+    let (l, elapsed, engine) = (&m.lat, m.elapsed, m.engine);
     let n = l.len() as f64;
     let iops = n / elapsed;
     let mbps = n * a.size as f64 / elapsed / 1e6;
     let us = |v: u64| v as f64 / 1000.0;
-    let engine = img.layers[0].storage.engine_name();
     match a.output {
         OutputFormat::Human => {
             println!("Run completed in {elapsed:.3} seconds.");
             println!(
                 "engine {engine}: {iops:.0} IOPS, {mbps:.1} MB/s; latency us: p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}",
-                us(percentile(&l, 0.5)),
-                us(percentile(&l, 0.9)),
-                us(percentile(&l, 0.99)),
-                us(percentile(&l, 0.999)),
+                us(percentile(l, 0.5)),
+                us(percentile(l, 0.9)),
+                us(percentile(l, 0.99)),
+                us(percentile(l, 0.999)),
                 us(l.last().copied().unwrap_or(0)),
             );
         }
@@ -204,15 +419,14 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
                 "iops": iops,
                 "mb-per-second": mbps,
                 "latency-us": {
-                    "p50": us(percentile(&l, 0.5)),
-                    "p90": us(percentile(&l, 0.9)),
-                    "p99": us(percentile(&l, 0.99)),
-                    "p99.9": us(percentile(&l, 0.999)),
+                    "p50": us(percentile(l, 0.5)),
+                    "p90": us(percentile(l, 0.9)),
+                    "p99": us(percentile(l, 0.99)),
+                    "p99.9": us(percentile(l, 0.999)),
                     "max": us(l.last().copied().unwrap_or(0)),
                 },
             });
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
     }
-    Ok(0)
 }

@@ -154,6 +154,9 @@ impl ExportBackend for Offset {
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read(off + self.offset, buf)
     }
+    fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<crate::nbd::export::Completion> {
+        self.inner.read_nowait(off + self.offset, buf)
+    }
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {
         self.inner.block_status(off + self.offset, len)
     }

@@ -43,6 +43,11 @@ impl Storage for MemStorage {
         Ok(n)
     }
 
+    /// Memory never blocks.
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.read_at(buf, off)
+    }
+
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut d = self.data.write().map_err(|_| Self::poisoned())?;
         let off = usize::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;

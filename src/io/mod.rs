@@ -103,12 +103,47 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Read into `buf` at `off` only if that needs no waiting (the bytes are in the page cache):
+    /// `ErrorKind::WouldBlock` otherwise, and from engines that cannot tell. Returns the number
+    /// of bytes read, which may be short (partly cached, or end of file). The NBD server answers
+    /// cached reads on the connection's own thread with it and hands the rest to its workers.
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let _ = (buf, off);
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
     /// Name of the engine, for diagnostics ("sync", "io_uring", "mem").
     fn engine_name(&self) -> &'static str;
 
     /// Device and inode identity, for loop detection in backing chains.
     fn identity(&self) -> Option<(u64, u64)> {
         None
+    }
+}
+
+/// `preadv2(RWF_NOWAIT)` on a file: the page-cache-only read behind
+/// [`Storage::read_at_nowait`] for both file engines.
+pub(crate) fn pread_nowait(fd: std::os::fd::RawFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: `iov` describes `buf`, valid for writes of its length for the whole call.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // kernels or file systems without RWF_NOWAIT: "cannot tell"
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                return Err(io::ErrorKind::WouldBlock.into())
+            }
+            _ => return Err(e),
+        }
     }
 }
 

@@ -91,6 +91,10 @@ impl Storage for SyncFile {
         Ok(self.file.metadata()?.blocks() * 512)
     }
 
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        super::pread_nowait(self.file.as_raw_fd(), buf, off)
+    }
+
     fn extent_at(&self, off: u64) -> io::Result<Option<Extent>> {
         seek_extent(&self.file, off, self.len()?)
     }

@@ -37,6 +37,8 @@ pub fn probe() -> io::Result<()> {
 
 pub struct UringFile {
     file: File,
+    /// Opened without `O_DIRECT`: writes go through the page cache.
+    buffered: bool,
     rings: Mutex<Vec<IoUring>>,
 }
 
@@ -57,7 +59,10 @@ enum Op<'a> {
 impl UringFile {
     pub fn new(file: File) -> io::Result<Self> {
         let ring = IoUring::new(RING_ENTRIES)?;
+        // SAFETY: F_GETFL on an open descriptor has no memory-safety preconditions.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
         Ok(UringFile {
+            buffered: flags >= 0 && flags & libc::O_DIRECT == 0,
             file,
             rings: Mutex::new(vec![ring]),
         })
@@ -164,12 +169,26 @@ impl Storage for UringFile {
         if buf.is_empty() {
             return Ok(0);
         }
+        // A read the page cache can answer whole costs one syscall this way instead of a ring
+        // round trip (io_uring would try the same non-blocking read inline first).
+        if let Ok(n) = super::pread_nowait(self.file.as_raw_fd(), buf, off) {
+            if n == buf.len() {
+                return Ok(n);
+            }
+        }
         let mut ops = [(off, Op::Read(buf))];
         let r = self.run(&mut ops)?;
         check(r[0])
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        // A buffered write cannot be done without blocking in the submitting task on most file
+        // systems (ext4 refuses RWF_NOWAIT for them), so the ring hands it to an io-wq kernel
+        // thread: two context switches around a page-cache copy, for a caller that waits for
+        // the completion anyway. pwrite does the same copy in this thread.
+        if self.buffered {
+            return std::os::unix::fs::FileExt::write_all_at(&self.file, buf, off);
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let mut ops = [(off + done as u64, Op::Write(&buf[done..]))];
@@ -193,6 +212,10 @@ impl Storage for UringFile {
 
     fn allocated_size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        super::pread_nowait(self.file.as_raw_fd(), buf, off)
     }
 
     fn extent_at(&self, off: u64) -> io::Result<Option<Extent>> {

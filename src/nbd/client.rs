@@ -1,5 +1,7 @@
-//! The small blocking client behind `qnbd serve -L`: list a server's exports with their size,
-//! flags, block sizes and metadata contexts, printed the way `qemu-nbd -L` prints them.
+//! The small blocking client behind `qnbd serve -L` and `qnbd bench --nbd`: list a server's
+//! exports with their size, flags, block sizes and metadata contexts, printed the way
+//! `qemu-nbd -L` prints them; open an export for simple-reply transmission (the bench drives the
+//! socket itself, with many requests in flight).
 
 use super::wire::*;
 use crate::error::{Error, ErrorKind, Result};
@@ -200,4 +202,167 @@ pub fn format_list(extended: bool, exports: &[ExportInfo]) -> String {
         }
     }
     s
+}
+
+/// Where an NBD URI points: `nbd://HOST[:PORT][/EXPORT]` or
+/// `nbd+unix:///[EXPORT]?socket=PATH` (the forms qemu and libnbd accept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uri {
+    pub target: Target,
+    pub export: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp(String, u16),
+    Unix(String),
+}
+
+impl Uri {
+    pub fn parse(uri: &str) -> Result<Uri> {
+        let bad = || proto(format!("invalid NBD URI '{uri}'"));
+        let (scheme, rest) = uri.split_once("://").ok_or_else(bad)?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (auth, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let export = path.to_string();
+        match scheme {
+            "nbd" => {
+                let (host, port) = match auth.rsplit_once(':') {
+                    Some((h, p)) if !h.ends_with(':') => (h, p.parse::<u16>().map_err(|_| bad())?),
+                    _ => (auth, 10809),
+                };
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if host.is_empty() {
+                    return Err(bad());
+                }
+                Ok(Uri {
+                    target: Target::Tcp(host.to_string(), port),
+                    export,
+                })
+            }
+            "nbd+unix" => {
+                let sock = query
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("socket=")))
+                    .ok_or_else(bad)?;
+                Ok(Uri {
+                    target: Target::Unix(sock.to_string()),
+                    export,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// One end of a negotiated connection in the transmission phase, with simple replies.
+pub struct Opened<S> {
+    pub stream: S,
+    pub size: u64,
+    pub flags: u16,
+}
+
+/// Negotiate `export` with `NBD_OPT_GO` (fixed newstyle, no structured replies: every reply is
+/// a simple one, READ data follows its 16-byte header).
+pub fn open_export<S: Read + Write>(s: S, export: &str) -> Result<Opened<S>> {
+    let mut c = Conn { s };
+    let g = c.read_exact(18)?;
+    if g[0..8] != NBDMAGIC.to_be_bytes() || g[8..16] != IHAVEOPT.to_be_bytes() {
+        return Err(proto("Server is not a newstyle NBD server"));
+    }
+    let flags = u16::from_be_bytes([g[16], g[17]]);
+    let mut cflags = NBD_FLAG_C_FIXED_NEWSTYLE;
+    if flags & NBD_FLAG_NO_ZEROES != 0 {
+        cflags |= NBD_FLAG_C_NO_ZEROES;
+    }
+    c.s.write_all(&cflags.to_be_bytes())
+        .map_err(|e| Error::io("writing to the server", e))?;
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.send_opt(NBD_OPT_GO, &d)?;
+    let mut size_flags = None;
+    loop {
+        let (t, d) = c.reply(NBD_OPT_GO)?;
+        match t {
+            NBD_REP_ACK => break,
+            NBD_REP_INFO
+                if d.len() >= 12 && u16::from_be_bytes([d[0], d[1]]) == NBD_INFO_EXPORT =>
+            {
+                size_flags = Some((
+                    u64::from_be_bytes(d[2..10].try_into().unwrap_or_default()),
+                    u16::from_be_bytes([d[10], d[11]]),
+                ));
+            }
+            NBD_REP_INFO => {}
+            t if t & NBD_REP_FLAG_ERROR != 0 => {
+                return Err(proto(format!(
+                    "Server refused export '{export}': {}",
+                    String::from_utf8_lossy(&d)
+                )))
+            }
+            _ => return Err(proto("Unexpected reply to NBD_OPT_GO")),
+        }
+    }
+    let (size, flags) =
+        size_flags.ok_or_else(|| proto("Server sent no export information for NBD_OPT_GO"))?;
+    Ok(Opened {
+        stream: c.s,
+        size,
+        flags,
+    })
+}
+
+/// Append a compact request header (and nothing else) to `out`.
+pub fn encode_request(out: &mut Vec<u8>, cmd: u16, cookie: u64, offset: u64, len: u32) {
+    out.extend_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&cmd.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// A simple reply header: (error, cookie).
+pub fn decode_simple_reply(h: &[u8; 16]) -> Result<(u32, u64)> {
+    if h[0..4] != NBD_SIMPLE_REPLY_MAGIC.to_be_bytes() {
+        return Err(proto("Unexpected reply magic from the server"));
+    }
+    let err = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
+    Ok((err, cookie))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_like_qemu_and_libnbd() {
+        assert_eq!(
+            Uri::parse("nbd+unix:///exp?socket=/tmp/s").unwrap(),
+            Uri {
+                target: Target::Unix("/tmp/s".into()),
+                export: "exp".into()
+            }
+        );
+        assert_eq!(
+            Uri::parse("nbd://127.0.0.1:10900/").unwrap(),
+            Uri {
+                target: Target::Tcp("127.0.0.1".into(), 10900),
+                export: String::new()
+            }
+        );
+        assert_eq!(
+            Uri::parse("nbd://localhost").unwrap().target,
+            Target::Tcp("localhost".into(), 10809)
+        );
+        assert!(Uri::parse("nbd+unix:///").is_err());
+        assert!(Uri::parse("http://x/").is_err());
+    }
 }

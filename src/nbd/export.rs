@@ -12,9 +12,11 @@
 use super::extents::{Extent, ExtentBuilder, MAX_EXTENTS};
 use super::handshake::Session;
 use super::meta::{Available, MetaContext};
+use super::reply::ReplyBatch;
 use super::transmission::{self, Command, HeaderMode, MAX_PAYLOAD};
 use super::wire::*;
 use crate::block::Chain;
+pub use crate::block::Completion;
 use crate::error::{Error, ErrorKind, Result};
 use std::fmt;
 use std::sync::Arc;
@@ -35,6 +37,15 @@ pub struct Status {
     pub allocation: u32,
     /// `qemu:allocation-depth`: 0 allocated nowhere, 1 top layer, 2 first backing file, ...
     pub depth: u32,
+}
+
+/// Whether a READ may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Block until the data is read (worker threads).
+    Block,
+    /// Only answer from memory (the connection's own thread).
+    Never,
 }
 
 /// Options of `NBD_CMD_WRITE_ZEROES`.
@@ -58,6 +69,13 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
 
     /// Read `buf.len()` bytes at `off` (the range is inside the export).
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// `read` if it needs no waiting for the disk (page-cache hits); `WouldBlock` otherwise.
+    /// The default always answers `WouldBlock`, which is correct, only slower.
+    fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<Completion> {
+        let _ = (off, buf);
+        Ok(Completion::WouldBlock)
+    }
 
     /// Status of the run at `off` (at most `len` bytes, `len > 0`).
     fn block_status(&self, off: u64, len: u64) -> Result<Status>;
@@ -175,6 +193,10 @@ impl ExportBackend for ChainBackend {
 
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.chain.read(off, buf)
+    }
+
+    fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<Completion> {
+        self.chain.read_nowait(off, buf)
     }
 
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {
@@ -331,7 +353,19 @@ impl Export {
         let res = match cmd {
             Command::Disc => return out,
             Command::Read { offset, length, df } => {
-                return self.read(mode, cookie, req_offset, offset, length, df);
+                let mut batch = ReplyBatch::new();
+                let r = self.read_into(
+                    mode,
+                    cookie,
+                    req_offset,
+                    offset,
+                    length,
+                    df,
+                    &mut batch,
+                    Wait::Block,
+                );
+                debug_assert_eq!(r, Completion::Done);
+                return batch.to_vec();
             }
             Command::BlockStatus {
                 offset,
@@ -364,7 +398,11 @@ impl Export {
         out
     }
 
-    fn read(
+    /// Append the reply to a READ to `batch`. With `Wait::Never` the data must come without
+    /// waiting for the disk: `Completion::WouldBlock` (and `batch` unchanged) when it cannot.
+    /// Errors become error replies.
+    #[allow(clippy::too_many_arguments)]
+    pub fn read_into(
         &self,
         mode: HeaderMode,
         cookie: u64,
@@ -372,105 +410,132 @@ impl Export {
         offset: u64,
         length: u32,
         df: bool,
-    ) -> Vec<u8> {
-        let len = length as usize;
-        let mut out = Vec::new();
-        if mode == HeaderMode::Simple {
-            out.reserve(16 + len);
-            transmission::encode_simple(&mut out, cookie, 0);
-            out.resize(16 + len, 0);
-            if let Err(e) = self.backend.read(offset, &mut out[16..]) {
-                out.clear();
-                encode_failure(&mut out, mode, cookie, req_offset, &e);
+        batch: &mut ReplyBatch,
+        wait: Wait,
+    ) -> Completion {
+        let mark = batch.mark();
+        match self.read_parts(mode, cookie, req_offset, offset, length, df, batch, wait) {
+            Ok(Completion::Done) => Completion::Done,
+            Ok(Completion::WouldBlock) => {
+                batch.rollback(mark);
+                Completion::WouldBlock
             }
-            return out;
-        }
-        if len == 0 {
-            transmission::encode_ok(&mut out, HeaderMode::Extended, cookie, req_offset);
-            if mode == HeaderMode::Structured {
-                // a structured reply is required for READ: a lone NONE chunk
-                out.clear();
-                transmission::encode_chunk_header(
-                    &mut out,
-                    mode,
-                    cookie,
-                    req_offset,
-                    NBD_REPLY_FLAG_DONE,
-                    NBD_REPLY_TYPE_NONE,
-                    0,
-                );
-            }
-            return out;
-        }
-        match self.read_chunks(mode, cookie, req_offset, offset, len, df) {
-            Ok(o) => o,
             Err(e) => {
-                out.clear();
-                encode_failure(&mut out, mode, cookie, req_offset, &e);
-                out
+                batch.rollback(mark);
+                batch.push_head(|out| encode_failure(out, mode, cookie, req_offset, &e));
+                Completion::Done
             }
         }
     }
 
-    /// Structured READ: content chunks in offset order, the last one flagged DONE.
-    fn read_chunks(
+    /// Read `len` bytes at `pos` into a pooled buffer and queue it.
+    fn read_piece(
+        &self,
+        pos: u64,
+        len: usize,
+        batch: &mut ReplyBatch,
+        wait: Wait,
+    ) -> Result<Completion> {
+        let mut buf = batch.take_buf(len);
+        let res = match wait {
+            Wait::Block => self
+                .backend
+                .read(pos, &mut buf[..len])
+                .map(|_| Completion::Done),
+            Wait::Never => self.backend.read_nowait(pos, &mut buf[..len]),
+        };
+        match res {
+            Ok(Completion::Done) => {
+                batch.push_data(buf, len);
+                Ok(Completion::Done)
+            }
+            other => {
+                batch.give_back(buf);
+                other
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read_parts(
         &self,
         mode: HeaderMode,
         cookie: u64,
         req_offset: u64,
         offset: u64,
-        len: usize,
+        length: u32,
         df: bool,
-    ) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        if df {
-            transmission::encode_data_header(
-                &mut out,
-                mode,
-                cookie,
-                req_offset,
-                NBD_REPLY_FLAG_DONE,
-                offset,
-                len,
-            );
-            let at = out.len();
-            out.resize(at + len, 0);
-            self.backend.read(offset, &mut out[at..])?;
-            return Ok(out);
-        }
-        // Runs of (zero?, len), merged; holes become OFFSET_HOLE chunks.
-        let mut runs: Vec<(bool, u64)> = Vec::new();
-        let end = offset + len as u64;
-        let mut pos = offset;
-        while pos < end {
-            let st = self.backend.block_status(pos, end - pos)?;
-            let n = st.len.clamp(1, end - pos);
-            let zero = st.allocation & NBD_STATE_ZERO != 0;
-            match runs.last_mut() {
-                Some((z, l)) if *z == zero => *l += n,
-                _ => runs.push((zero, n)),
+        batch: &mut ReplyBatch,
+        wait: Wait,
+    ) -> Result<Completion> {
+        let len = length as usize;
+        if mode == HeaderMode::Simple {
+            batch.push_head(|out| transmission::encode_simple(out, cookie, 0));
+            if len == 0 {
+                return Ok(Completion::Done);
             }
-            pos += n;
+            return self.read_piece(offset, len, batch, wait);
         }
-        out.reserve(len + 32 * runs.len());
+        if len == 0 {
+            batch.push_head(|out| {
+                if mode == HeaderMode::Structured {
+                    // a structured reply is required for READ: a lone NONE chunk
+                    transmission::encode_chunk_header(
+                        out,
+                        mode,
+                        cookie,
+                        req_offset,
+                        NBD_REPLY_FLAG_DONE,
+                        NBD_REPLY_TYPE_NONE,
+                        0,
+                    );
+                } else {
+                    transmission::encode_ok(out, HeaderMode::Extended, cookie, req_offset);
+                }
+            });
+            return Ok(Completion::Done);
+        }
+        // Structured READ: content chunks in offset order, the last one flagged DONE; ranges
+        // that read as zeros become OFFSET_HOLE chunks unless the client set DF.
+        let end = offset + len as u64;
+        let mut runs: Vec<(bool, u64)> = Vec::new();
+        if df {
+            runs.push((false, len as u64));
+        } else {
+            let mut pos = offset;
+            while pos < end {
+                let st = self.backend.block_status(pos, end - pos)?;
+                let n = st.len.clamp(1, end - pos);
+                let zero = st.allocation & NBD_STATE_ZERO != 0;
+                match runs.last_mut() {
+                    Some((z, l)) if *z == zero => *l += n,
+                    _ => runs.push((zero, n)),
+                }
+                pos += n;
+            }
+        }
         let mut pos = offset;
         let last = runs.len() - 1;
         for (i, (zero, n)) in runs.into_iter().enumerate() {
             let flags = if i == last { NBD_REPLY_FLAG_DONE } else { 0 };
             if zero {
                 // n <= 32 MiB fits the 32-bit hole size
-                transmission::encode_hole(&mut out, mode, cookie, req_offset, flags, pos, n as u32);
+                batch.push_head(|out| {
+                    transmission::encode_hole(out, mode, cookie, req_offset, flags, pos, n as u32)
+                });
             } else {
-                transmission::encode_data_header(
-                    &mut out, mode, cookie, req_offset, flags, pos, n as usize,
-                );
-                let at = out.len();
-                out.resize(at + n as usize, 0);
-                self.backend.read(pos, &mut out[at..])?;
+                batch.push_head(|out| {
+                    transmission::encode_data_header(
+                        out, mode, cookie, req_offset, flags, pos, n as usize,
+                    )
+                });
+                if self.read_piece(pos, n as usize, batch, wait)? == Completion::WouldBlock {
+                    return Ok(Completion::WouldBlock);
+                }
             }
             pos += n;
         }
-        Ok(out)
+        Ok(Completion::Done)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -6,7 +6,8 @@
 //! * [`transmission`] — request decoding and validation, reply encoding.
 //! * [`extents`] — block-status descriptor building.
 //! * [`export`] — exports, the [`export::ExportBackend`] trait, command execution.
-//! * [`server`] — sockets, connections, worker threads; the only module doing I/O, with
+//! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
+//! * [`server`] — sockets, connections, worker threads; the only module doing I/O.
 //! * [`tls`] — TLS credentials, handshake and authorization, and the encrypted transport.
 //! * [`client`] — the small client behind `serve -L` (listing a server's exports).
 //!
@@ -17,6 +18,7 @@ pub mod export;
 pub mod extents;
 pub mod handshake;
 pub mod meta;
+pub mod reply;
 pub mod server;
 pub mod tls;
 pub mod transmission;

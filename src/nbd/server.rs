@@ -19,8 +19,9 @@
 //! negotiation disconnects unless `persistent`, and SIGTERM/SIGINT end it cleanly (Unix socket
 //! files are removed).
 
-use super::export::ExportSet;
+use super::export::{Completion, ExportSet, Wait};
 use super::handshake::{self, Handshake, Outcome, Session, Tls};
+use super::reply::ReplyBatch;
 use super::tls::{Socket, TlsServer, TlsStream};
 use super::transmission::{self, Command, Decoded, Limits, Payload};
 use crate::error::{Error, Result};
@@ -461,16 +462,24 @@ pub fn serve_connection(
         flags: session.flags,
         contexts: session.contexts.len(),
     };
+    // inbuf[start..end] holds received bytes not yet decoded; inbuf only grows (no zeroing of
+    // the read area on every socket read)
+    let mut end = pending.len();
     let mut inbuf = pending;
     let mut start = 0usize;
+    // Replies to reads answered on this thread, sent together before the next socket read.
+    let mut batch = ReplyBatch::new();
     loop {
         if broken.load(Ordering::Relaxed) {
             break;
         }
         let (req, header_len, payload) =
-            match transmission::decode_header(session.mode, &inbuf[start..]) {
+            match transmission::decode_header(session.mode, &inbuf[start..end]) {
                 Decoded::NeedMore(n) => {
-                    if !fill(&mut *reader, &mut inbuf, &mut start, n) {
+                    if !batch.is_empty() && send_batch(&writer, &mut batch).is_err() {
+                        break;
+                    }
+                    if !fill(&mut *reader, &mut inbuf, &mut start, &mut end, n) {
                         break;
                     }
                     continue;
@@ -493,7 +502,7 @@ pub fn serve_connection(
         match payload {
             Payload::None => {}
             Payload::Take(n) => {
-                if !fill(&mut *reader, &mut inbuf, &mut start, n) {
+                if !fill(&mut *reader, &mut inbuf, &mut start, &mut end, n) {
                     break;
                 }
                 data = Some(inbuf[start..start + n].to_vec());
@@ -501,7 +510,7 @@ pub fn serve_connection(
             }
             Payload::Drain(mut n) => {
                 drained = true;
-                let avail = ((inbuf.len() - start) as u64).min(n);
+                let avail = ((end - start) as u64).min(n);
                 start += avail as usize;
                 n -= avail;
                 let mut ok = true;
@@ -520,8 +529,8 @@ pub fn serve_connection(
                 }
             }
         }
-        if start == inbuf.len() {
-            inbuf.clear();
+        if start == end {
+            end = 0;
             start = 0;
         }
         let cmd = match transmission::validate(&req, data, drained, &lim) {
@@ -549,6 +558,49 @@ pub fn serve_connection(
         if cmd == Command::Disc {
             break;
         }
+        // Reads the page cache can answer are answered here, without a thread hand-off; their
+        // replies go out in one vectored write per batch of requests.
+        let inline_read = match cmd {
+            Command::Read { offset, length, df } if length <= INLINE_READ_MAX => {
+                Some((offset, length, df))
+            }
+            _ => None,
+        };
+        if let Some((offset, length, df)) = inline_read {
+            let done = session.export.read_into(
+                session.mode,
+                req.cookie,
+                req.offset,
+                offset,
+                length,
+                df,
+                &mut batch,
+                Wait::Never,
+            );
+            if done == Completion::Done {
+                if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
+                    && send_batch(&writer, &mut batch).is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+        }
+        // Small writes too: an in-place write is a page-cache copy, an allocating one changes
+        // metadata under a lock that the workers would only queue on.
+        if matches!(&cmd, Command::Write { data, fua: false, .. } if data.len() <= INLINE_WRITE_MAX)
+        {
+            let out = session
+                .export
+                .execute(&session, req.cookie, req.offset, cmd);
+            batch.push_head(|o| o.extend_from_slice(&out));
+            if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
+                && send_batch(&writer, &mut batch).is_err()
+            {
+                break;
+            }
+            continue;
+        }
         let cost = match &cmd {
             Command::Read { length, .. } => *length as usize,
             Command::Write { data, .. } => data.len(),
@@ -566,8 +618,30 @@ pub fn serve_connection(
         let cookie = req.cookie;
         let req_offset = req.offset;
         pool.run(Box::new(move || {
-            let out = s.export.execute(&s, cookie, req_offset, cmd);
-            if !out.is_empty() && send(&w, &out).is_err() {
+            let sent = if let Command::Read { offset, length, df } = cmd {
+                WORKER_BATCH.with(|b| {
+                    let mut b = b.borrow_mut();
+                    s.export.read_into(
+                        s.mode,
+                        cookie,
+                        req_offset,
+                        offset,
+                        length,
+                        df,
+                        &mut b,
+                        Wait::Block,
+                    );
+                    send_batch(&w, &mut b)
+                })
+            } else {
+                let out = s.export.execute(&s, cookie, req_offset, cmd);
+                if out.is_empty() {
+                    Ok(())
+                } else {
+                    send(&w, &out)
+                }
+            };
+            if sent.is_err() {
                 br.store(true, Ordering::Relaxed);
                 if let Some(c) = &c2 {
                     c.shutdown();
@@ -576,37 +650,80 @@ pub fn serve_connection(
             inf.release(cost);
         }));
     }
+    if !batch.is_empty() {
+        let _ = send_batch(&writer, &mut batch);
+    }
     inflight.wait_idle();
     shutdown(&ctl);
     ConnEnd::Negotiated
 }
 
-/// Make sure `inbuf[start..]` holds at least `need` bytes; false on EOF or error.
+/// Replies queued on the connection thread are sent once this many bytes or pieces are queued
+/// (or before the thread next waits for the socket).
+const BATCH_BYTES: usize = 256 << 10;
+const BATCH_PIECES: usize = 256;
+/// Reads up to this size may be answered on the connection thread; bigger ones go to the
+/// workers, so that copying one request's data overlaps with sending another's.
+const INLINE_READ_MAX: u32 = 256 << 10;
+/// Writes (without FUA) up to this size are done on the connection thread.
+const INLINE_WRITE_MAX: usize = 128 << 10;
+/// I/O vectors per `writev` (Linux's `IOV_MAX`).
+const MAX_IOV: usize = 1024;
+
+thread_local! {
+    /// A worker's reply buffers, reused from one request to the next.
+    static WORKER_BATCH: std::cell::RefCell<ReplyBatch> = std::cell::RefCell::new(ReplyBatch::new());
+}
+
+type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Write a batch of replies under the connection's writer lock with vectored writes, then
+/// recycle its buffers.
+fn send_batch(w: &SharedWriter, batch: &mut ReplyBatch) -> io::Result<()> {
+    let res = (|| {
+        let mut slices = batch.slices();
+        let mut g = w
+            .lock()
+            .map_err(|_| io::Error::other("writer lock poisoned"))?;
+        let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let k = rest.len().min(MAX_IOV);
+            match g.write_vectored(&rest[..k]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        g.flush()
+    })();
+    batch.clear();
+    res
+}
+
+/// Make sure `inbuf[start..end]` holds at least `need` bytes; false on EOF or error.
 fn fill(
     reader: &mut (dyn Read + Send),
     inbuf: &mut Vec<u8>,
     start: &mut usize,
+    end: &mut usize,
     need: usize,
 ) -> bool {
-    if *start > 0 && (inbuf.len() - *start < need) {
-        inbuf.drain(..*start);
+    if *start > 0 && (*end - *start < need) {
+        inbuf.copy_within(*start..*end, 0);
+        *end -= *start;
         *start = 0;
     }
-    while inbuf.len() - *start < need {
-        let want = (need - (inbuf.len() - *start)).max(64 << 10);
-        let old = inbuf.len();
-        inbuf.resize(old + want, 0);
-        match reader.read(&mut inbuf[old..]) {
-            Ok(0) => {
-                inbuf.truncate(old);
-                return false;
-            }
-            Ok(n) => inbuf.truncate(old + n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => inbuf.truncate(old),
-            Err(_) => {
-                inbuf.truncate(old);
-                return false;
-            }
+    while *end - *start < need {
+        let want = (need - (*end - *start)).max(64 << 10);
+        if inbuf.len() < *end + want {
+            inbuf.resize(*end + want, 0);
+        }
+        match reader.read(&mut inbuf[*end..]) {
+            Ok(0) => return false,
+            Ok(n) => *end += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
         }
     }
     true

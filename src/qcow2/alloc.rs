@@ -761,6 +761,32 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// A new cluster that must read as zeros apart from `data`: when it lies past the end of
+    /// the file, only `data` is written and the file is extended over the rest of the cluster
+    /// (which then reads as zeros) instead of writing a cluster of zeros. False (nothing
+    /// written) when the cluster is inside the file (reused space holds old bytes).
+    fn write_into_fresh(
+        &self,
+        m: &mut Meta,
+        host: u64,
+        in_off: usize,
+        data: &[u8],
+    ) -> Result<bool> {
+        let st = self.data_st()?;
+        let len = st.len().map_err(io_err("Could not get the image length"))?;
+        if host < len.max(m.file_len) {
+            return Ok(false);
+        }
+        self.write_data(m, host + in_off as u64, data)?;
+        let end = host + self.cs();
+        if host + ((in_off + data.len()) as u64) < end {
+            st.set_len(end)
+                .map_err(io_err("Could not extend the image file"))?;
+        }
+        m.file_len = m.file_len.max(end);
+        Ok(true)
+    }
+
     /// Write `data` at `in_off` inside the guest cluster at `guest_cluster`.
     fn write_in_cluster(
         &self,
@@ -795,6 +821,23 @@ impl Qcow2 {
                     self.check_overlap(m, host)?;
                 }
                 self.write_data(m, host + in_off as u64, data)?;
+                return Ok(());
+            }
+            let reads_zero = ty == SubclusterType::ZeroPlain
+                || (ty == SubclusterType::UnallocatedPlain && !below.has_backing());
+            if reads_zero && !has_host && !compressed && !self.header.has_data_file() {
+                let host = self.new_data_cluster(m, guest_cluster)?;
+                if self.write_into_fresh(m, host, in_off, data)? {
+                    table[idx] = host | OFLAG_COPIED;
+                    self.store_l2(m, l2_off, table);
+                    return Ok(());
+                }
+                // not past the end of the file: write the whole cluster
+                let mut buf = vec![0u8; cs];
+                buf[in_off..in_off + data.len()].copy_from_slice(data);
+                self.write_data(m, host, &buf)?;
+                table[idx] = host | OFLAG_COPIED;
+                self.store_l2(m, l2_off, table);
                 return Ok(());
             }
             let mut buf = if in_off == 0 && data.len() == cs {
@@ -978,7 +1021,7 @@ impl Qcow2 {
         if m.dirty_l2.len() + m.dirty_refblocks.len() > MAX_DIRTY_TABLES
             || m.pending_decrements.len() > 65536
         {
-            self.flush_tables(m)?;
+            self.flush_tables(m, Barrier::NotHeld)?;
         }
         Ok(())
     }
@@ -1026,8 +1069,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The whole ordered metadata flush (module doc, steps 1-4).
-    pub(crate) fn flush_tables(&self, m: &mut Meta) -> Result<()> {
+    /// The whole ordered metadata flush (module doc, steps 1-4). Step 4 (making freed clusters
+    /// reusable) needs every read and in-place write in flight drained: with
+    /// `Barrier::NotHeld` it is done only if `io_barrier` can be taken without waiting (the
+    /// caller holds the metadata lock, which those requests may be waiting for), else the
+    /// decrements stay pending for a later flush.
+    pub(crate) fn flush_tables(&self, m: &mut Meta, barrier: Barrier) -> Result<()> {
         let tables_dirty = !m.dirty_l2.is_empty() || !m.l1_dirty.is_empty();
         if tables_dirty && m.dirty_refblocks.is_empty() && !m.reftable_dirty {
             // guest data before the tables that point at it
@@ -1067,6 +1114,14 @@ impl Qcow2 {
             m.l1_dirty.clear();
         }
         if !m.pending_decrements.is_empty() {
+            let _drained = match barrier {
+                Barrier::Held => None,
+                Barrier::NotHeld => match self.io_barrier.try_write() {
+                    Ok(g) => Some(g),
+                    Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+                },
+            };
             let dec = std::mem::take(&mut m.pending_decrements);
             for (i, c) in dec.iter().enumerate() {
                 if let Err(e) = self.adjust_refcount(m, *c, -1) {
@@ -1085,6 +1140,13 @@ impl Qcow2 {
     }
 }
 
+/// Whether the caller of `flush_tables` holds `io_barrier` exclusively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Barrier {
+    Held,
+    NotHeld,
+}
+
 enum ClearMode {
     Zero(ZeroMode),
     Discard,
@@ -1099,6 +1161,9 @@ fn unreachable_v2() -> Result<(u64, u64)> {
 
 /// Guest write.
 pub(crate) fn write(q: &Qcow2, off: u64, buf: &[u8], below: &dyn CowSource) -> Result<()> {
+    if write_in_place(q, off, buf)? == InPlace::Done {
+        return Ok(());
+    }
     let cs = q.cs();
     let mut m = q.meta_write();
     q.prepare(&mut m)?;
@@ -1115,6 +1180,80 @@ pub(crate) fn write(q: &Qcow2, off: u64, buf: &[u8], below: &dyn CowSource) -> R
         q.maybe_flush(&mut m)?;
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InPlace {
+    Done,
+    /// Some cluster needs allocation, COW or a check: nothing was written.
+    NotApplicable,
+}
+
+/// The write fast path: when every cluster the write touches is a normal data cluster this image
+/// owns alone (COPIED, in an owned L2 table), the write changes no metadata. Map under the read
+/// lock, then write the data without any metadata lock, so writes to allocated clusters run
+/// concurrently with each other and with reads. The `io_barrier` pin taken first keeps a
+/// cluster that a concurrent discard frees from being reused before this write has landed
+/// (module doc, step 4). Everything unusual (extended L2, compressed or zero clusters, shared
+/// clusters, writes that would touch metadata or grow the file, the first write of an open)
+/// takes the locked path, which also reports the errors.
+fn write_in_place(q: &Qcow2, off: u64, buf: &[u8]) -> Result<InPlace> {
+    if q.access != Access::ReadWrite || q.header.extended_l2() || buf.is_empty() {
+        return Ok(InPlace::NotApplicable);
+    }
+    let cs = q.cs();
+    let _pin = q.io_barrier.read().unwrap_or_else(|e| e.into_inner());
+    let mut segs: Vec<(u64, std::ops::Range<usize>)> = Vec::with_capacity(2);
+    {
+        let m = q.meta_read();
+        if !m.prepared || m.corrupt || off.checked_add(buf.len() as u64).is_none_or(|e| e > m.size)
+        {
+            return Ok(InPlace::NotApplicable);
+        }
+        let data_file = q.header.has_data_file();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let gc = pos & !(cs - 1);
+            let in_off = pos - gc;
+            let n = ((cs - in_off) as usize).min(buf.len() - done);
+            let l1_idx = (gc / q.header.l2_coverage()) as usize;
+            if m.l1.get(l1_idx).is_none_or(|&e| e & OFLAG_COPIED == 0) {
+                return Ok(InPlace::NotApplicable);
+            }
+            let Some((_, table)) = l2_for(q, &m, gc)? else {
+                return Ok(InPlace::NotApplicable);
+            };
+            let idx = ((gc / cs) % q.header.l2_entries()) as usize;
+            let entry = table.get(idx).copied().unwrap_or(0);
+            if q.layout.classify(entry, 0, 0) != SubclusterType::Normal || entry & OFLAG_COPIED == 0
+            {
+                return Ok(InPlace::NotApplicable);
+            }
+            let host = q.host_of(entry, gc);
+            if !data_file
+                && (host & (cs - 1) != 0
+                    || host + cs > m.file_len
+                    || m.metadata.as_ref().is_none_or(|s| s.contains(&(host / cs))))
+            {
+                return Ok(InPlace::NotApplicable);
+            }
+            match segs.last_mut() {
+                Some((h, r)) if *h + r.len() as u64 == host + in_off => r.end += n,
+                _ => segs.push((host + in_off, done..done + n)),
+            }
+            done += n;
+        }
+    }
+    // enabled bitmaps record the write before it happens (as on the locked path)
+    q.mark_bitmaps(off, buf.len() as u64);
+    let st = q.data_st()?;
+    for (host, r) in segs {
+        st.write_at(&buf[r], host).map_err(io_err(format!(
+            "Could not write guest data at host offset {host:#x}"
+        )))?;
+    }
+    Ok(InPlace::Done)
 }
 
 fn check_range(m: &Meta, off: u64, len: u64) -> Result<()> {
@@ -1234,7 +1373,7 @@ pub(crate) fn flush(q: &Qcow2) -> Result<()> {
     let _barrier = q.io_barrier.write().unwrap_or_else(|e| e.into_inner());
     let mut m = q.meta_write();
     if m.is_dirty() {
-        q.flush_tables(&mut m)?;
+        q.flush_tables(&mut m, Barrier::Held)?;
     } else {
         q.file.sync().map_err(io_err("Could not flush the image"))?;
         if q.header.has_data_file() {
@@ -1273,7 +1412,7 @@ pub(crate) fn resize(q: &Qcow2, new_size: u64, below: &dyn CowSource) -> Result<
         if needed as usize > m.l1.len() {
             q.grow_l1(&mut m, needed as usize)?;
         }
-        q.flush_tables(&mut m)?;
+        q.flush_tables(&mut m, Barrier::NotHeld)?;
         q.write_header_field(24, &new_size.to_be_bytes())?;
         m.size = new_size;
         q.size.store(new_size, Ordering::Release);
@@ -1314,7 +1453,7 @@ impl Qcow2 {
         if entries as u64 * 8 > super::spec::limits::MAX_L1_SIZE {
             return Err(Error::new(ErrorKind::Unsupported, "Image is too big"));
         }
-        self.flush_tables(m)?;
+        self.flush_tables(m, Barrier::NotHeld)?;
         let clusters = (entries as u64 * 8).div_ceil(cs);
         let new_off = self.alloc_clusters(m, clusters)?;
         let mut l1 = m.l1.clone();

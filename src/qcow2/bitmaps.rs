@@ -329,7 +329,7 @@ impl Qcow2 {
         let _barrier = self.io_barrier.write().unwrap_or_else(|e| e.into_inner());
         let mut m = self.meta_write();
         self.prepare(&mut m)?;
-        self.flush_tables(&mut m)?;
+        self.flush_tables(&mut m, super::alloc::Barrier::Held)?;
         let cs = self.cluster_size();
         let list: Vec<LiveBitmap> = self.bitmaps_lock().list.clone();
         let mut new_entries = Vec::new();
@@ -431,12 +431,12 @@ impl Qcow2 {
         self.file()
             .sync()
             .map_err(|e| Error::io("Could not flush bitmaps", e))?;
-        self.flush_tables(&mut m)?;
+        self.flush_tables(&mut m, super::alloc::Barrier::Held)?;
         self.rewrite_header(&mut m, new_ext)?;
         for c in old_clusters {
             self.adjust_refcount_pub(&mut m, c, -1)?;
         }
-        self.flush_tables(&mut m)?;
+        self.flush_tables(&mut m, super::alloc::Barrier::Held)?;
         drop(m);
         let mut set = self.bitmaps_lock();
         for (b, e) in set.list.iter_mut().zip(new_entries.iter()) {
