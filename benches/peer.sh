@@ -2,7 +2,7 @@
 # benches/peer.sh [OPTIONS] — build qnbd (release) and run the peer benchmark against qemu-nbd
 # and nbdkit (benches/peer/peer.py --help lists the options; benches/README.md the figures).
 #   benches/peer.sh --quick        ~2 minutes: the main jobs over a Unix socket
-#   benches/peer.sh                ~10 minutes: every job over a Unix socket, a subset over TCP
+#   benches/peer.sh                ~11 minutes: every job over a Unix socket, three over TCP
 #   benches/peer.sh --verify       fio crc32c verification of qnbd's write paths
 set -euo pipefail
 cd "$(dirname "$0")/.."

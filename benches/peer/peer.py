@@ -44,8 +44,7 @@ JOB_SPEC = {
     'chain-randread-4k-qd32': ('randread-4k-qd32', 'chain'),
     'map': (None, 'map'),
 }
-TCP_DEFAULT_JOBS = ['randread-4k-qd32', 'randread-4k-qd1', 'randwrite-4k-qd32', 'seqread-1m-qd8',
-                    'seqwrite-1m-qd8']
+TCP_DEFAULT_JOBS = ['randread-4k-qd32', 'randwrite-4k-qd32', 'seqread-1m-qd8']
 QUICK_JOBS = ['randread-4k-qd32', 'randread-4k-qd1', 'randwrite-4k-qd32', 'seqread-1m-qd8',
               'randread-4k-qd32-2conn']
 

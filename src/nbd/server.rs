@@ -2,11 +2,15 @@
 //!
 //! A [`Server`] owns its listeners (TCP, Unix, a socket-activation fd) and a small worker pool
 //! shared by every connection. Each connection has a reader thread that runs the handshake
-//! (under a time limit), then decodes requests as they arrive and hands each one to the pool;
-//! workers execute it against the shared export and write the reply under the connection's
-//! writer lock as soon as it is ready, so replies leave in completion order (clients match them
-//! by cookie). Per connection, the number of requests in flight and the bytes they may hold are
-//! bounded; the reader stops reading while the bound is reached.
+//! (under a time limit), then decodes requests as they arrive. Reads the page cache can answer
+//! (up to 256 KiB) and small writes without FUA are executed right there: no thread hand-off,
+//! and their replies are queued and leave in one vectored write before the thread next waits
+//! for the socket. Everything else (cache misses, big requests, flushes, zeroing, trims, block
+//! status) goes to the pool; workers execute it against the shared export and write the reply
+//! under the connection's writer lock as soon as it is ready, so replies leave in completion
+//! order (clients match them by cookie). Per connection, the number of requests in flight on
+//! the workers and the bytes they may hold are bounded; the reader stops reading while the
+//! bound is reached.
 //!
 //! With TLS configured, `NBD_OPT_STARTTLS` swaps the connection's stream for a
 //! [`super::tls::TlsStream`] in the middle of the handshake loop; the rest of the driver does
