@@ -357,7 +357,8 @@ def verify():
             try:
                 env = dict(os.environ, NBD_URI=s.uri, VSIZE=str(min(SIZE, 256 << 20)))
                 p = subprocess.run(['fio', '--output-format=terse', '--terse-version=3',
-                                    os.path.join(FIO_DIR, job + '.fio')], capture_output=True, text=True, env=env)
+                                    os.path.join(FIO_DIR, job + '.fio')], capture_output=True, text=True, env=env,
+                                   cwd=OUT)  # fio leaves its verify state files in the working directory
             finally:
                 s.stop()
             chk = subprocess.run(['qemu-img', 'check', '-q', img], capture_output=True, text=True)
