@@ -39,25 +39,12 @@ fn arg_err(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)
 }
 
-/// Split a QemuOpts string: `,` separates, `,,` is a literal comma.
+/// Split a QemuOpts string (`,,` is a literal comma), dropping empty fields.
 fn split_opts(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                out.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    out.push(cur);
-    out.into_iter().filter(|p| !p.is_empty()).collect()
+    super::split_qemu_opts(s)
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {

@@ -96,6 +96,27 @@ pub(crate) fn open_policy(allow: &[String]) -> Result<OpenPolicy, Error> {
     })
 }
 
+/// Split a QemuOpts string: `,` separates fields, `,,` is a literal comma.
+pub(crate) fn split_qemu_opts(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
 /// Parse a size argument the way qemu-img does (suffixes k, M, G, ...).
 pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
     crate::units::parse_size(s).ok_or_else(|| format!("Invalid size '{s}'"))

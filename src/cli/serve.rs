@@ -374,22 +374,7 @@ fn build_export(
 /// One `--object` value: its type and its properties (QEMU's syntax: the type first, or
 /// `qom-type=`; `,,` is a literal comma).
 fn parse_object(s: &str) -> Result<(String, Vec<(String, String)>)> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                fields.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    fields.push(cur);
+    let fields = super::split_qemu_opts(s);
     let mut it = fields.into_iter();
     let first = it.next().unwrap_or_default();
     let mut props = Vec::new();
