@@ -190,32 +190,22 @@ impl Qcow2 {
 
     /// Every bitmap with its state (and dirty bytes when it can be read).
     pub fn bitmap_infos(&self) -> Vec<BitmapInfo> {
-        let names: Vec<(String, State)> = self
-            .bitmaps_lock()
-            .list
-            .iter()
-            .map(|b| (b.entry.name.clone(), b.state))
-            .collect();
-        names
-            .into_iter()
-            .map(|(name, state)| {
-                let set = self.bitmaps_lock();
-                let b = set.list.iter().find(|b| b.entry.name == name).cloned();
-                drop(set);
-                let b = b.expect("listed above");
-                let dirty = if state == State::Inconsistent {
+        let list: Vec<LiveBitmap> = self.bitmaps_lock().list.clone();
+        list.into_iter()
+            .map(|b| {
+                let dirty = if b.state == State::Inconsistent {
                     None
                 } else {
-                    self.bitmap(&name)
+                    self.bitmap(&b.entry.name)
                         .ok()
                         .map(|d| d.read().unwrap_or_else(|e| e.into_inner()).dirty_bytes())
                 };
                 BitmapInfo {
-                    name,
+                    name: b.entry.name.clone(),
                     granularity: b.entry.granularity(),
                     in_use: b.entry.in_use(),
                     auto: b.entry.auto(),
-                    state,
+                    state: b.state,
                     dirty_bytes: dirty,
                 }
             })
