@@ -21,12 +21,8 @@ use crate::error::{Error, ErrorKind, Result};
 use std::fmt;
 use std::sync::Arc;
 
-/// Whether an export accepts writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    ReadOnly,
-    ReadWrite,
-}
+/// Whether an export accepts writes: the block layer's answer, passed through.
+pub use crate::block::Access;
 
 /// Block status of a run starting at the queried offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,10 +212,7 @@ impl ExportBackend for ChainBackend {
     }
 
     fn access(&self) -> Access {
-        match self.chain.access() {
-            crate::block::Access::ReadWrite => Access::ReadWrite,
-            crate::block::Access::ReadOnly => Access::ReadOnly,
-        }
+        self.chain.access()
     }
 
     fn can_trim(&self) -> bool {
