@@ -76,6 +76,8 @@ pub fn nbd_session(data: &[u8]) -> usize {
         handshake_limit: None,
         verbose: false,
         tls: None,
+        #[cfg(feature = "uring")]
+        planes: None,
     };
     #[derive(Clone, Default)]
     struct Counter(Arc<Mutex<usize>>);
@@ -96,6 +98,7 @@ pub fn nbd_session(data: &[u8]) -> usize {
         None,
         &cfg,
         &pool,
+        None,
     );
     drop(pool);
     let n = *out.0.lock().unwrap_or_else(|e| e.into_inner());

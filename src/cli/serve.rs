@@ -718,6 +718,8 @@ fn serve(
         handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
         verbose: a.verbose,
         tls,
+        #[cfg(feature = "uring")]
+        planes: None,
     };
     let workers = a.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -759,6 +761,14 @@ fn serve(
             max_connections: a.max_connections,
             persistent: a.persistent,
             workers,
+            // one ring data plane per core, unless the portable engine was asked for
+            planes: if engine == Engine::Sync {
+                0
+            } else {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            },
         },
         listeners,
     )?;

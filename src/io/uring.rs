@@ -7,13 +7,14 @@
 //! `probe()` decides at open time whether the kernel (or a seccomp sandbox) allows io_uring and
 //! the opcodes we use; `open.rs` falls back to the sync engine when it does not.
 
+use super::buf::IoBuf;
 use super::sync::seek_extent;
 use super::{Extent, Storage};
 use io_uring::{opcode, types, IoUring, Probe};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
 const RING_ENTRIES: u32 = 64;
@@ -245,5 +246,311 @@ impl Storage for UringFile {
 
     fn identity(&self) -> Option<(u64, u64)> {
         self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event rings: the NBD data plane's socket and file I/O.
+
+/// Whether io_uring here supports what an [`EventRing`] submits (socket receive and `sendmsg`,
+/// file and eventfd reads).
+pub fn probe_event_ring() -> io::Result<()> {
+    let ring = IoUring::new(4)?;
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for code in [
+        opcode::Read::CODE,
+        opcode::Recv::CODE,
+        opcode::SendMsg::CODE,
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring opcode {code} not supported"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes a ring send takes whole. The ring keeps the value boxed and untouched from submission
+/// until the send completes, so the slices it returned stay valid for the kernel.
+pub trait SendData {
+    /// The bytes to send, in order.
+    fn slices(&self) -> Vec<io::IoSlice<'_>>;
+}
+
+/// An operation on an [`EventRing`], owning its buffers until its completion is reaped.
+pub enum RingOp<D> {
+    /// Receive into the spare capacity of `buf` (at most `max` bytes); on completion the bytes
+    /// received are part of `buf` (its length grew by the result).
+    Recv { fd: RawFd, buf: Vec<u8>, max: usize },
+    /// Send `data` without its first `skip` bytes (one `sendmsg`, which may be short).
+    Send {
+        fd: RawFd,
+        data: Box<D>,
+        skip: usize,
+    },
+    /// Read `len` bytes at file offset `off` into `buf[at..at + len]`.
+    Read {
+        fd: RawFd,
+        buf: IoBuf,
+        at: usize,
+        len: usize,
+        off: u64,
+    },
+    /// Wait until a [`WakeFd`] is signalled (its counter is read and reset).
+    Wake { fd: RawFd },
+}
+
+/// A reaped completion: the caller's token, the kernel's result (bytes, or `-errno`) and the
+/// operation with its buffers.
+pub struct RingDone<D> {
+    pub token: u64,
+    pub result: i32,
+    pub op: RingOp<D>,
+}
+
+struct Slot<D> {
+    token: u64,
+    op: RingOp<D>,
+    /// The I/O vectors and message header of a send; heap allocations that do not move when
+    /// the slot does.
+    iov: Vec<libc::iovec>,
+    msg: Option<Box<libc::msghdr>>,
+    counter: Box<u64>,
+}
+
+// SAFETY: the raw pointers in `iov` and `msg` point only into heap memory owned by the same
+// slot (the send data, the iovec array); moving the slot to another thread moves that
+// ownership with it, exactly as for the owning fields themselves.
+unsafe impl<D: Send> Send for Slot<D> {}
+
+/// One io_uring owned by one thread, with an in-flight table that owns every submitted
+/// operation's buffers. A buffer comes back to the caller only with its completion, so the
+/// kernel never writes into memory the caller can reuse. The file descriptors named by the
+/// operations must stay open until their completions are reaped (the caller's duty: a closed and
+/// reused descriptor would receive the I/O).
+pub struct EventRing<D> {
+    ring: IoUring,
+    slots: Vec<Option<Slot<D>>>,
+    free: Vec<usize>,
+    busy: usize,
+}
+
+impl<D: SendData> EventRing<D> {
+    pub fn new(entries: u32) -> io::Result<Self> {
+        Ok(EventRing {
+            ring: IoUring::new(entries)?,
+            slots: Vec::new(),
+            free: Vec::new(),
+            busy: 0,
+        })
+    }
+
+    /// Operations submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.busy
+    }
+
+    /// Queue `op` (submitted by the next [`submit_and_wait`](Self::submit_and_wait), or at once
+    /// when the submission queue is full). On error the operation is returned untouched.
+    pub fn push(&mut self, token: u64, op: RingOp<D>) -> Result<(), (io::Error, RingOp<D>)> {
+        let mut slot = Slot {
+            token,
+            op,
+            iov: Vec::new(),
+            msg: None,
+            counter: Box::new(0),
+        };
+        let entry = match Self::entry(&mut slot) {
+            Ok(e) => e,
+            Err(e) => return Err((e, slot.op)),
+        };
+        if self.ring.submission().is_full() {
+            if let Err(e) = self.ring.submit() {
+                return Err((e, slot.op));
+            }
+        }
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let entry = entry.user_data(idx as u64);
+        // SAFETY: every pointer in the entry points into heap memory owned by `slot` (the
+        // receive Vec's spare capacity, the boxed send data and its iovec array / msghdr, the
+        // read IoBuf, the boxed eventfd counter). The slot is stored in `self.slots` right
+        // after this and stays there, unmodified, until the entry's completion is reaped in
+        // `complete`; moving the slot moves none of that heap memory. If the ring is dropped
+        // with operations in flight, their slots are leaked, not freed (see Drop).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            self.free.push(idx);
+            return Err((io::Error::other("io_uring submission queue full"), slot.op));
+        }
+        self.slots[idx] = Some(slot);
+        self.busy += 1;
+        Ok(())
+    }
+
+    fn entry(slot: &mut Slot<D>) -> io::Result<io_uring::squeue::Entry> {
+        let len32 = |n: usize| u32::try_from(n).map_err(|_| einval());
+        Ok(match &mut slot.op {
+            RingOp::Recv { fd, buf, max } => {
+                let room = (buf.capacity() - buf.len()).min(*max);
+                if room == 0 {
+                    return Err(einval());
+                }
+                let spare = buf.spare_capacity_mut();
+                opcode::Recv::new(types::Fd(*fd), spare.as_mut_ptr().cast(), len32(room)?).build()
+            }
+            RingOp::Send { fd, data, skip } => {
+                let mut left = *skip;
+                for s in data.slices() {
+                    if left >= s.len() {
+                        left -= s.len();
+                        continue;
+                    }
+                    let rest = &s[left..];
+                    left = 0;
+                    slot.iov.push(libc::iovec {
+                        iov_base: rest.as_ptr() as *mut libc::c_void,
+                        iov_len: rest.len(),
+                    });
+                    if slot.iov.len() == MAX_SEND_IOV {
+                        break;
+                    }
+                }
+                if slot.iov.is_empty() {
+                    return Err(einval());
+                }
+                // SAFETY: msghdr is plain old data; all-zero is a valid (empty) value.
+                let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+                msg.msg_iov = slot.iov.as_mut_ptr();
+                msg.msg_iovlen = slot.iov.len() as _;
+                let entry = opcode::SendMsg::new(types::Fd(*fd), &*msg as *const libc::msghdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build();
+                slot.msg = Some(msg);
+                entry
+            }
+            RingOp::Read {
+                fd,
+                buf,
+                at,
+                len,
+                off,
+            } => {
+                let end = at.checked_add(*len).ok_or_else(einval)?;
+                if end > buf.len() || *len == 0 {
+                    return Err(einval());
+                }
+                let dst = &mut buf[*at..end];
+                opcode::Read::new(types::Fd(*fd), dst.as_mut_ptr(), len32(*len)?)
+                    .offset(*off)
+                    .build()
+            }
+            RingOp::Wake { fd } => {
+                let p: *mut u64 = &mut *slot.counter;
+                opcode::Read::new(types::Fd(*fd), p.cast(), 8).build()
+            }
+        })
+    }
+
+    /// Submit what is queued and wait until at least `want` completions are ready.
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                    if want == 0 || !self.ring.completion().is_empty() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // completion queue overflowing: reap first
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Move every ready completion to `out`.
+    pub fn complete(&mut self, out: &mut Vec<RingDone<D>>) {
+        let cq: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (user, result) in cq {
+            let idx = user as usize;
+            let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(idx);
+            self.busy -= 1;
+            let Slot { token, mut op, .. } = slot;
+            if let RingOp::Recv { buf, .. } = &mut op {
+                if result > 0 {
+                    let n = (result as usize).min(buf.capacity() - buf.len());
+                    // SAFETY: the kernel reported writing `n` bytes into the spare capacity
+                    // that the receive was given, starting at the old length.
+                    unsafe { buf.set_len(buf.len() + n) };
+                }
+            }
+            out.push(RingDone { token, result, op });
+        }
+    }
+}
+
+impl<D> Drop for EventRing<D> {
+    fn drop(&mut self) {
+        // The kernel may still write into the buffers of operations in flight after the ring's
+        // descriptor is closed (cancellation is asynchronous): leak them rather than free them.
+        for s in self.slots.drain(..).flatten() {
+            std::mem::forget(s);
+        }
+    }
+}
+
+/// I/O vectors per ring send.
+const MAX_SEND_IOV: usize = 1024;
+
+/// An eventfd that wakes an [`EventRing`] waiting on it (`RingOp::Wake`) from another thread.
+#[derive(Debug)]
+pub struct WakeFd(std::os::fd::OwnedFd);
+
+impl WakeFd {
+    pub fn new() -> io::Result<WakeFd> {
+        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor owned by nobody else.
+        Ok(WakeFd(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+
+    pub fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Wake the ring (cheap; many signals before the ring looks count as one).
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid local to our own eventfd.
+        unsafe {
+            libc::write(
+                self.0.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
     }
 }

@@ -7,7 +7,9 @@
 //! * [`extents`] — block-status descriptor building.
 //! * [`export`] — exports, the [`export::ExportBackend`] trait, command execution.
 //! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
-//! * [`server`] — sockets, connections, worker threads; the only module doing I/O.
+//! * [`server`] — sockets, connections, worker threads; with [`plane`], the only modules doing
+//!   I/O.
+//! * [`plane`] — the ring data plane: plain connections served on event rings after negotiation.
 //! * [`tls`] — TLS credentials, handshake and authorization, and the encrypted transport.
 //! * [`client`] — the small client behind `serve -L` (listing a server's exports).
 //!
@@ -18,6 +20,8 @@ pub mod export;
 pub mod extents;
 pub mod handshake;
 pub mod meta;
+#[cfg(feature = "uring")]
+pub mod plane;
 pub mod reply;
 pub mod server;
 pub mod tls;

@@ -8,6 +8,7 @@
 
 use crate::io::buf::{IoBuf, ALIGN};
 use std::io::IoSlice;
+use std::sync::{Arc, Mutex};
 
 /// Bytes of idle data buffers a batch keeps for reuse.
 const POOL_BYTES: usize = 4 << 20;
@@ -22,13 +23,19 @@ enum Part {
     Data(IoBuf, usize),
 }
 
+/// Idle data buffers, shared by the batches of one thread or data plane.
+#[derive(Debug, Default)]
+struct Pool {
+    bufs: Vec<IoBuf>,
+    bytes: usize,
+}
+
 /// Replies queued for one vectored write.
 #[derive(Debug, Default)]
 pub struct ReplyBatch {
     head: Vec<u8>,
     parts: Vec<Part>,
-    pool: Vec<IoBuf>,
-    pooled_bytes: usize,
+    pool: Arc<Mutex<Pool>>,
     bytes: usize,
 }
 
@@ -43,6 +50,27 @@ pub struct Mark {
 impl ReplyBatch {
     pub fn new() -> ReplyBatch {
         ReplyBatch::default()
+    }
+
+    /// An empty batch that takes and returns data buffers through `self`'s pool.
+    pub fn sharing_pool(&self) -> ReplyBatch {
+        ReplyBatch {
+            pool: self.pool.clone(),
+            ..ReplyBatch::default()
+        }
+    }
+
+    /// Move everything queued in `other` to the end of `self` (data buffers are moved, not
+    /// copied); `other` is left empty.
+    pub fn append(&mut self, other: &mut ReplyBatch) {
+        for p in std::mem::take(&mut other.parts) {
+            match p {
+                Part::Head(s, e) => self.push_head(|o| o.extend_from_slice(&other.head[s..e])),
+                Part::Data(b, n) => self.push_data(b, n),
+            }
+        }
+        other.head.clear();
+        other.bytes = 0;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,23 +109,27 @@ impl ReplyBatch {
     /// one fits.
     pub fn take_buf(&mut self, len: usize) -> IoBuf {
         let want = len.div_ceil(ALIGN).max(1) * ALIGN;
-        if let Some(i) = self
-            .pool
-            .iter()
-            .position(|b| b.len() >= want && b.len() <= want * 2)
-        {
-            let b = self.pool.swap_remove(i);
-            self.pooled_bytes -= b.len();
-            return b;
+        if let Ok(mut p) = self.pool.lock() {
+            if let Some(i) = p
+                .bufs
+                .iter()
+                .position(|b| b.len() >= want && b.len() <= want * 2)
+            {
+                let b = p.bufs.swap_remove(i);
+                p.bytes -= b.len();
+                return b;
+            }
         }
         IoBuf::new(want)
     }
 
     /// Give back a buffer taken with [`take_buf`](Self::take_buf) but not queued.
     pub fn give_back(&mut self, buf: IoBuf) {
-        if buf.len() <= POOL_MAX_BUF && self.pooled_bytes + buf.len() <= POOL_BYTES {
-            self.pooled_bytes += buf.len();
-            self.pool.push(buf);
+        if let Ok(mut p) = self.pool.lock() {
+            if buf.len() <= POOL_MAX_BUF && p.bytes + buf.len() <= POOL_BYTES {
+                p.bytes += buf.len();
+                p.bufs.push(buf);
+            }
         }
     }
 
@@ -162,6 +194,13 @@ impl ReplyBatch {
     }
 }
 
+#[cfg(feature = "uring")]
+impl crate::io::uring::SendData for ReplyBatch {
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        ReplyBatch::slices(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,7 +225,7 @@ mod tests {
         b.clear();
         assert!(b.is_empty());
         // the data buffers came back to the pool
-        assert_eq!(b.pool.len(), 2);
+        assert_eq!(b.pool.lock().unwrap().bufs.len(), 2);
         assert_eq!(b.take_buf(4096).as_ptr() as usize % ALIGN, 0);
     }
 }

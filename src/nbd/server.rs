@@ -245,7 +245,7 @@ impl Pool {
         Pool { tx }
     }
 
-    fn run(&self, job: Job) {
+    pub(crate) fn run(&self, job: Job) {
         if let Err(mpsc::SendError(job)) = self.tx.send(job) {
             // no worker left: run inline rather than drop the request
             job();
@@ -299,7 +299,12 @@ pub enum ConnEnd {
     NotNegotiated,
     /// Entered transmission, then closed.
     Negotiated,
+    /// Entered transmission on a data plane, which reports the end itself.
+    HandedOver,
 }
+
+/// Called once per connection when it ends (a plane calls it for connections handed over).
+pub type EndHook = Arc<dyn Fn(ConnEnd) + Send + Sync>;
 
 /// Options of one connection.
 #[derive(Clone)]
@@ -309,6 +314,10 @@ pub struct ConnConfig {
     pub verbose: bool,
     /// When set, TLS is required before any other option.
     pub tls: Option<Arc<TlsServer>>,
+    /// Ring data planes that plain connections move to after negotiation (`None`: every
+    /// connection is served on its own thread).
+    #[cfg(feature = "uring")]
+    pub planes: Option<Arc<super::plane::Planes>>,
 }
 
 fn log(msg: &str) {
@@ -316,12 +325,15 @@ fn log(msg: &str) {
 }
 
 /// Serve one client over `reader` / `writer`. `ctl` sets timeouts and shuts the stream down.
+/// A plain socket connection moves to a data plane after negotiation when `cfg` has planes;
+/// `end` is then handed over with it.
 pub fn serve_connection(
     mut reader: Box<dyn Read + Send>,
     writer: Box<dyn Write + Send>,
     ctl: Option<Box<dyn Transport>>,
     cfg: &ConnConfig,
     pool: &Pool,
+    end: Option<&EndHook>,
 ) -> ConnEnd {
     let mut writer = Arc::new(Mutex::new(writer));
     let mut ctl: Option<Arc<dyn Transport>> = ctl.map(Arc::from);
@@ -455,6 +467,35 @@ pub fn serve_connection(
     if let Some(c) = &ctl {
         let _ = c.set_timeout(None);
     }
+
+    #[cfg(feature = "uring")]
+    let (session, pending) = match (&cfg.planes, &ctl, end) {
+        // a TLS stream has no plain socket to hand over: it stays on this thread
+        (Some(planes), Some(c), Some(end)) => match c.socket() {
+            Some(Ok(sock)) => {
+                let stream = match sock {
+                    Socket::Tcp(t) => super::plane::Stream::Tcp(t),
+                    Socket::Unix(u) => super::plane::Stream::Unix(u),
+                };
+                let end = end.clone();
+                let h = super::plane::Handover {
+                    stream,
+                    session,
+                    pending,
+                    verbose: cfg.verbose,
+                    on_end: Box::new(move || end(ConnEnd::Negotiated)),
+                };
+                match planes.hand_over(h) {
+                    Ok(()) => return ConnEnd::HandedOver,
+                    Err(h) => (h.session, h.pending),
+                }
+            }
+            _ => (session, pending),
+        },
+        _ => (session, pending),
+    };
+    #[cfg(not(feature = "uring"))]
+    let _ = end;
 
     // ---- transmission ----
     let session = Arc::new(session);
@@ -744,6 +785,9 @@ pub struct ServerConfig {
     /// Keep running after the last client disconnects.
     pub persistent: bool,
     pub workers: usize,
+    /// Ring data planes to start (0: connections are served on threads, the portable path).
+    /// When the kernel refuses the rings, connections are served on threads too.
+    pub planes: usize,
 }
 
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -801,7 +845,7 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(cfg: ServerConfig, listeners: Vec<Listener>) -> Result<Server> {
+    pub fn new(mut cfg: ServerConfig, listeners: Vec<Listener>) -> Result<Server> {
         for l in &listeners {
             let r = match l {
                 Listener::Tcp(t) => t.set_nonblocking(true),
@@ -810,6 +854,19 @@ impl Server {
             r.map_err(|e| Error::io("setting the listener non-blocking", e))?;
         }
         let pool = Pool::new(cfg.workers);
+        #[cfg(feature = "uring")]
+        if cfg.planes > 0 {
+            match super::plane::Planes::start(cfg.planes, pool.clone()) {
+                Ok(p) => cfg.conn.planes = Some(Arc::new(p)),
+                Err(e) => {
+                    if cfg.conn.verbose {
+                        log(&format!(
+                            "ring data plane unavailable ({e}); serving connections on threads"
+                        ));
+                    }
+                }
+            }
+        }
         Ok(Server {
             cfg,
             listeners,
@@ -897,6 +954,18 @@ impl Server {
                     continue;
                 }
                 let (cfg, pool, act) = (self.cfg.conn.clone(), self.pool.clone(), active.clone());
+                let hook: EndHook = Arc::new(move |end: ConnEnd| {
+                    if let Ok(mut g) = act.lock() {
+                        *g = g.saturating_sub(1);
+                    }
+                    let b = if end == ConnEnd::Negotiated {
+                        b'L'
+                    } else {
+                        b'C'
+                    };
+                    // SAFETY: writing one byte from a valid local to our own pipe.
+                    unsafe { libc::write(wake_w, &b as *const u8 as *const libc::c_void, 1) };
+                });
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())
                     .spawn(move || {
@@ -907,19 +976,13 @@ impl Server {
                                 Some(c),
                                 &cfg,
                                 &pool,
+                                Some(&hook),
                             ),
                             _ => ConnEnd::NotNegotiated,
                         };
-                        if let Ok(mut g) = act.lock() {
-                            *g = g.saturating_sub(1);
+                        if end != ConnEnd::HandedOver {
+                            hook(end);
                         }
-                        let b = if end == ConnEnd::Negotiated {
-                            b'L'
-                        } else {
-                            b'C'
-                        };
-                        // SAFETY: writing one byte from a valid local to our own pipe.
-                        unsafe { libc::write(wake_w, &b as *const u8 as *const libc::c_void, 1) };
                     });
                 if spawned.is_err() {
                     log("could not start a connection thread");
@@ -947,5 +1010,6 @@ pub fn serve_stdio(cfg: &ConnConfig, workers: usize) -> ConnEnd {
         None,
         cfg,
         &pool,
+        None,
     )
 }

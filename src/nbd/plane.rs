@@ -1,0 +1,716 @@
+//! The ring data plane: transmission for plain (non-TLS) connections on event rings.
+//!
+//! A few plane threads (default: one per core) each own one [`EventRing`] that carries the
+//! socket receives and sends of every connection assigned to it, plus an eventfd read that
+//! wakes the plane when a worker finished a request or a new connection arrives. Connections
+//! are handed over after negotiation (which stays on a short-lived thread, under its time
+//! limit) and spread round-robin over the planes; the image is shared, so a multi-conn client
+//! sees one image whichever plane serves it.
+//!
+//! Per connection, one receive and at most one send are in flight. Each turn of a plane's loop
+//! decodes every complete request in the receive buffer, answers what needs no waiting right
+//! there (reads the page cache holds, via `preadv2(RWF_NOWAIT)`, and small writes without FUA),
+//! queues their replies, and submits all the sends and receives of the turn with one
+//! `io_uring_enter`, which also waits for the next completions. Everything that may wait for
+//! the disk or takes metadata locks for long (cache misses, big or FUA writes, flushes, zeroing,
+//! trims, block status) goes to the shared worker pool; the worker posts the finished reply
+//! back to the plane, which sends it. Replies leave in completion order; clients match cookies.
+//!
+//! Buffers: a connection's receive buffer and queued replies are owned by the ring while an
+//! operation on them is in flight, and come back with the completion. Read data sits in
+//! page-aligned buffers from a pool shared by the plane and its jobs, sent with `sendmsg`
+//! straight from there. A write payload larger than the receive buffer is received directly
+//! into the buffer the write command owns.
+//!
+//! Bounds per connection as in the threaded path ([`MAX_INFLIGHT`], [`MAX_INFLIGHT_BYTES`]),
+//! plus a bound on replies waiting for a slow reader: the plane stops decoding (and receiving)
+//! while any of them is reached.
+
+use super::export::{Completion, Wait};
+use super::handshake::Session;
+use super::reply::ReplyBatch;
+use super::server::{Pool, MAX_INFLIGHT, MAX_INFLIGHT_BYTES};
+use super::transmission::{self, Command, Decoded, Limits, Payload, RawRequest};
+use crate::io::uring::{EventRing, RingDone, RingOp, WakeFd};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+/// Reads up to this size may be answered on the plane thread from the page cache.
+const INLINE_READ_MAX: u32 = 256 << 10;
+/// Writes (without FUA) up to this size are done on the plane thread.
+const INLINE_WRITE_MAX: usize = 128 << 10;
+/// The receive buffer's usual size; a write payload that does not fit is received into its
+/// own buffer.
+const RECV_BUF: usize = 256 << 10;
+/// Reply bytes queued (not yet sent) per connection before the plane stops decoding.
+const MAX_QUEUED_REPLY: usize = 16 << 20;
+/// Submission queue entries per plane ring.
+const RING_ENTRIES: u32 = 256;
+
+const WAKE_TOKEN: u64 = u64::MAX;
+const KIND_RECV: u64 = 1;
+const KIND_SEND: u64 = 2;
+/// A receive into a big write's own payload buffer.
+const KIND_RECV_BIG: u64 = 3;
+
+/// A negotiated plain connection.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// What a plane needs to take over a connection.
+pub struct Handover {
+    pub stream: Stream,
+    pub session: Session,
+    /// Bytes received after the end of negotiation (pipelined requests).
+    pub pending: Vec<u8>,
+    pub verbose: bool,
+    /// Called once the connection is closed.
+    pub on_end: Box<dyn FnOnce() + Send>,
+}
+
+enum Msg {
+    Conn(Box<Handover>),
+    /// A worker finished a request of connection `conn`.
+    Done {
+        conn: usize,
+        batch: ReplyBatch,
+        cost: usize,
+    },
+}
+
+struct Handle {
+    tx: mpsc::Sender<Msg>,
+    wake: Arc<WakeFd>,
+}
+
+/// The plane threads of a server.
+pub struct Planes {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+}
+
+impl Planes {
+    /// Start `n` plane threads sharing `pool` for blocking work. Fails when the kernel refuses
+    /// the rings (the caller then serves connections on threads).
+    pub fn start(n: usize, pool: Pool) -> io::Result<Planes> {
+        crate::io::uring::probe_event_ring()?;
+        let mut handles = Vec::new();
+        for i in 0..n.max(1) {
+            let ring = EventRing::new(RING_ENTRIES)?;
+            let wake = Arc::new(WakeFd::new()?);
+            let (tx, rx) = mpsc::channel();
+            let plane = Plane {
+                ring,
+                rx,
+                tx: tx.clone(),
+                wake: wake.clone(),
+                pool: pool.clone(),
+                conns: Vec::new(),
+                free: Vec::new(),
+                dirty: Vec::new(),
+                batches: Vec::new(),
+                bufs: ReplyBatch::new(),
+            };
+            thread::Builder::new()
+                .name(format!("nbd-plane-{i}"))
+                .spawn(move || plane.run())?;
+            handles.push(Handle { tx, wake });
+        }
+        Ok(Planes {
+            handles,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Give a negotiated connection to the next plane. On failure the hand-over comes back.
+    pub fn hand_over(&self, h: Handover) -> Result<(), Box<Handover>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        let hd = &self.handles[i];
+        match hd.tx.send(Msg::Conn(Box::new(h))) {
+            Ok(()) => {
+                hd.wake.signal();
+                Ok(())
+            }
+            Err(mpsc::SendError(msg)) => match msg {
+                Msg::Conn(h) => Err(h),
+                // `send` gives back the message it was given: the arm above
+                Msg::Done { .. } => Ok(()),
+            },
+        }
+    }
+}
+
+struct Conn {
+    stream: Stream,
+    session: Arc<Session>,
+    lim: Limits,
+    verbose: bool,
+    on_end: Option<Box<dyn FnOnce() + Send>>,
+    /// Received bytes; `inbuf[start..]` not decoded yet. `None` while a receive into it is in
+    /// flight.
+    inbuf: Option<Vec<u8>>,
+    start: usize,
+    /// Bytes the decoder needs at `start` before it can go on.
+    need: usize,
+    /// A write whose payload is being received into its own buffer.
+    big: Option<(RawRequest, Vec<u8>)>,
+    /// Payload bytes still to discard, and the request they belong to.
+    drain: Option<(RawRequest, u64)>,
+    recv_pending: bool,
+    /// Replies not yet handed to the ring.
+    out: ReplyBatch,
+    /// The batch being sent (owned by the ring while `send_pending`).
+    send_pending: bool,
+    sending_bytes: usize,
+    jobs: usize,
+    job_bytes: usize,
+    /// No more requests: the client closed, sent DISC, broke the protocol, or the socket failed.
+    stop_reading: bool,
+    /// Sending failed: replies are dropped.
+    broken: bool,
+}
+
+struct Plane {
+    ring: EventRing<ReplyBatch>,
+    rx: mpsc::Receiver<Msg>,
+    tx: mpsc::Sender<Msg>,
+    wake: Arc<WakeFd>,
+    pool: Pool,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    /// Connections to look at before the next wait.
+    dirty: Vec<usize>,
+    /// Empty batches for worker jobs, sharing the plane's buffer pool.
+    batches: Vec<ReplyBatch>,
+    /// Owner of the plane's buffer pool.
+    bufs: ReplyBatch,
+}
+
+fn log(msg: &str) {
+    eprintln!("qnbd: {msg}");
+}
+
+impl Plane {
+    fn run(mut self) {
+        if self.arm_wake().is_err() {
+            log("data plane: cannot wait on its wake-up descriptor");
+            return;
+        }
+        let mut done: Vec<RingDone<ReplyBatch>> = Vec::new();
+        loop {
+            self.take_messages();
+            while let Some(i) = self.dirty.pop() {
+                self.pump(i);
+            }
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                log(&format!("data plane: io_uring_enter failed: {e}"));
+                thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.ring.complete(&mut done);
+            for d in done.drain(..) {
+                self.completed(d);
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let fd = self.wake.raw();
+        self.ring
+            .push(WAKE_TOKEN, RingOp::Wake { fd })
+            .map_err(|(e, _)| e)
+    }
+
+    fn take_messages(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            match m {
+                Msg::Conn(h) => self.add(*h),
+                Msg::Done { conn, batch, cost } => {
+                    let mut batch = batch;
+                    if let Some(Some(c)) = self.conns.get_mut(conn) {
+                        c.jobs -= 1;
+                        c.job_bytes -= cost;
+                        if !c.broken {
+                            c.out.append(&mut batch);
+                        }
+                        self.dirty.push(conn);
+                    }
+                    batch.clear();
+                    self.batches.push(batch);
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, h: Handover) {
+        let Handover {
+            stream,
+            session,
+            pending,
+            verbose,
+            on_end,
+        } = h;
+        let lim = Limits {
+            size: session.export.size(),
+            mode: session.mode,
+            flags: session.flags,
+            contexts: session.contexts.len(),
+        };
+        let mut inbuf = Vec::with_capacity(RECV_BUF.max(pending.len()));
+        inbuf.extend_from_slice(&pending);
+        let c = Conn {
+            stream,
+            session: Arc::new(session),
+            lim,
+            verbose,
+            on_end: Some(on_end),
+            inbuf: Some(inbuf),
+            start: 0,
+            need: 0,
+            big: None,
+            drain: None,
+            recv_pending: false,
+            out: self.bufs.sharing_pool(),
+            send_pending: false,
+            sending_bytes: 0,
+            jobs: 0,
+            job_bytes: 0,
+            stop_reading: false,
+            broken: false,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.conns[i] = Some(c);
+                i
+            }
+            None => {
+                self.conns.push(Some(c));
+                self.conns.len() - 1
+            }
+        };
+        self.dirty.push(i);
+    }
+
+    fn completed(&mut self, d: RingDone<ReplyBatch>) {
+        if d.token == WAKE_TOKEN {
+            if self.arm_wake().is_err() {
+                log("data plane: cannot re-arm its wake-up descriptor");
+            }
+            return;
+        }
+        let i = (d.token >> 8) as usize;
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        match d.op {
+            RingOp::Recv { buf, .. } => {
+                c.recv_pending = false;
+                if d.result <= 0 {
+                    if d.result < 0 && c.verbose {
+                        log(&format!(
+                            "receive failed: {}",
+                            io::Error::from_raw_os_error(-d.result)
+                        ));
+                    }
+                    c.stop_reading = true;
+                }
+                match (d.token & 0xff, c.big.as_mut()) {
+                    (KIND_RECV_BIG, Some((_, v))) => *v = buf,
+                    _ => c.inbuf = Some(buf),
+                }
+            }
+            RingOp::Send { mut data, skip, .. } => {
+                c.send_pending = false;
+                let total = data.len();
+                if d.result <= 0 {
+                    if c.verbose && d.result < 0 {
+                        log(&format!(
+                            "send failed: {}",
+                            io::Error::from_raw_os_error(-d.result)
+                        ));
+                    }
+                    c.broken = true;
+                    c.stop_reading = true;
+                    c.stream.shutdown();
+                    data.clear();
+                    c.sending_bytes = 0;
+                } else {
+                    let skip = skip + d.result as usize;
+                    if skip < total {
+                        // a short send: the rest goes first, before anything queued since
+                        let fd = c.stream.fd();
+                        c.send_pending = true;
+                        c.sending_bytes = total - skip;
+                        let token = ((i as u64) << 8) | KIND_SEND;
+                        if let Err((_, op)) = self.ring.push(token, RingOp::Send { fd, data, skip })
+                        {
+                            c.send_pending = false;
+                            c.broken = true;
+                            c.stop_reading = true;
+                            c.stream.shutdown();
+                            if let RingOp::Send { mut data, .. } = op {
+                                data.clear();
+                            }
+                        }
+                        self.dirty.push(i);
+                        return;
+                    }
+                    data.clear();
+                    c.sending_bytes = 0;
+                }
+                // the sent batch's buffers are back in the pool; keep the empty batch
+                self.batches.push(*data);
+            }
+            _ => {}
+        }
+        self.dirty.push(i);
+    }
+
+    /// Decode and execute what the connection's buffer holds, then start its receive and send.
+    fn pump(&mut self, i: usize) {
+        self.decode(i);
+        self.start_io(i);
+        self.maybe_close(i);
+    }
+
+    fn decode(&mut self, i: usize) {
+        loop {
+            let Some(Some(c)) = self.conns.get_mut(i) else {
+                return;
+            };
+            if c.stop_reading
+                || c.big.is_some()
+                || c.jobs >= MAX_INFLIGHT
+                || c.job_bytes >= MAX_INFLIGHT_BYTES
+                || c.out.len() + c.sending_bytes >= MAX_QUEUED_REPLY
+            {
+                return;
+            }
+            let Some(inbuf) = c.inbuf.as_mut() else {
+                return;
+            };
+            if let Some((req, left)) = c.drain.take() {
+                let avail = (inbuf.len() - c.start) as u64;
+                let k = avail.min(left);
+                c.start += k as usize;
+                if k < left {
+                    c.drain = Some((req, left - k));
+                    c.need = 1;
+                    compact(inbuf, &mut c.start);
+                    return;
+                }
+                self.dispatch(i, req, None, true);
+                continue;
+            }
+            let avail = &inbuf[c.start..];
+            let (req, header_len, payload) = match transmission::decode_header(c.lim.mode, avail) {
+                Decoded::NeedMore(n) => {
+                    c.need = n;
+                    compact(inbuf, &mut c.start);
+                    return;
+                }
+                Decoded::Fatal(why) => {
+                    log(&format!(
+                        "Request handling failed: {why}; closing the connection"
+                    ));
+                    c.stop_reading = true;
+                    return;
+                }
+                Decoded::Request {
+                    req,
+                    header_len,
+                    payload,
+                } => (req, header_len, payload),
+            };
+            match payload {
+                Payload::None => {
+                    c.start += header_len;
+                    self.dispatch(i, req, None, false);
+                }
+                Payload::Take(n) => {
+                    let have = avail.len() - header_len;
+                    if have >= n {
+                        let s = c.start + header_len;
+                        let data = inbuf[s..s + n].to_vec();
+                        c.start = s + n;
+                        self.dispatch(i, req, Some(data), false);
+                    } else if header_len + n > RECV_BUF {
+                        // receive the rest straight into the command's own buffer
+                        let s = c.start + header_len;
+                        let mut v = Vec::with_capacity(n);
+                        v.extend_from_slice(&inbuf[s..]);
+                        c.start = inbuf.len();
+                        compact(inbuf, &mut c.start);
+                        c.big = Some((req, v));
+                        return;
+                    } else {
+                        c.need = header_len + n;
+                        compact(inbuf, &mut c.start);
+                        return;
+                    }
+                }
+                Payload::Drain(n) => {
+                    c.start += header_len;
+                    c.drain = Some((req, n));
+                }
+            }
+        }
+    }
+
+    /// Execute one validated-or-refused request of connection `i`.
+    fn dispatch(&mut self, i: usize, req: RawRequest, data: Option<Vec<u8>>, drained: bool) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let mode = c.lim.mode;
+        let cmd = match transmission::validate(&req, data, drained, &c.lim) {
+            Ok(cmd) => cmd,
+            Err(rej) => {
+                if c.verbose {
+                    log(&format!("request {:#x} refused: {}", req.cookie, rej.msg));
+                }
+                c.out.push_head(|o| {
+                    transmission::encode_error(o, mode, req.cookie, req.offset, rej.errno, &rej.msg)
+                });
+                return;
+            }
+        };
+        match cmd {
+            Command::Disc => {
+                c.stop_reading = true;
+                return;
+            }
+            Command::Read { offset, length, df } if length <= INLINE_READ_MAX => {
+                let done = c.session.export.read_into(
+                    mode,
+                    req.cookie,
+                    req.offset,
+                    offset,
+                    length,
+                    df,
+                    &mut c.out,
+                    Wait::Never,
+                );
+                if done == Completion::Done {
+                    return;
+                }
+            }
+            Command::Write {
+                ref data,
+                fua: false,
+                ..
+            } if data.len() <= INLINE_WRITE_MAX => {
+                let reply = c
+                    .session
+                    .export
+                    .execute(&c.session, req.cookie, req.offset, cmd);
+                c.out.push_head(|o| o.extend_from_slice(&reply));
+                return;
+            }
+            _ => {}
+        }
+        self.hand_to_worker(i, req, cmd);
+    }
+
+    fn hand_to_worker(&mut self, i: usize, req: RawRequest, cmd: Command) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let cost = match &cmd {
+            Command::Read { length, .. } => *length as usize,
+            Command::Write { data, .. } => data.len(),
+            Command::BlockStatus { .. } => 1 << 20,
+            _ => 0,
+        } + 64;
+        c.jobs += 1;
+        c.job_bytes += cost;
+        let mut batch = self
+            .batches
+            .pop()
+            .unwrap_or_else(|| self.bufs.sharing_pool());
+        let s = c.session.clone();
+        let (tx, wake) = (self.tx.clone(), self.wake.clone());
+        self.pool.run(Box::new(move || {
+            if let Command::Read { offset, length, df } = cmd {
+                s.export.read_into(
+                    s.mode,
+                    req.cookie,
+                    req.offset,
+                    offset,
+                    length,
+                    df,
+                    &mut batch,
+                    Wait::Block,
+                );
+            } else {
+                let out = s.export.execute(&s, req.cookie, req.offset, cmd);
+                batch.push_head(|o| o.extend_from_slice(&out));
+            }
+            let _ = tx.send(Msg::Done {
+                conn: i,
+                batch,
+                cost,
+            });
+            wake.signal();
+        }));
+    }
+
+    /// Start the connection's receive (when the decoder waits for bytes) and send (when replies
+    /// are queued and no send is in flight).
+    fn start_io(&mut self, i: usize) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let fd = c.stream.fd();
+        if !c.send_pending && !c.out.is_empty() && !c.broken {
+            let next = self
+                .batches
+                .pop()
+                .unwrap_or_else(|| self.bufs.sharing_pool());
+            let data = Box::new(std::mem::replace(&mut c.out, next));
+            c.sending_bytes = data.len();
+            c.send_pending = true;
+            let token = ((i as u64) << 8) | KIND_SEND;
+            if let Err((e, op)) = self.ring.push(token, RingOp::Send { fd, data, skip: 0 }) {
+                log(&format!("data plane: cannot queue a send: {e}"));
+                c.send_pending = false;
+                c.sending_bytes = 0;
+                c.broken = true;
+                c.stop_reading = true;
+                c.stream.shutdown();
+                if let RingOp::Send { mut data, .. } = op {
+                    data.clear();
+                    self.batches.push(*data);
+                }
+            }
+        }
+        if c.recv_pending || c.stop_reading {
+            return;
+        }
+        let mut token = ((i as u64) << 8) | KIND_RECV;
+        let op = if let Some((_, v)) = c.big.as_mut() {
+            let n = v.capacity() - v.len();
+            if n == 0 {
+                // the payload is complete: execute the write
+                let Some((req, v)) = c.big.take() else {
+                    return;
+                };
+                self.dispatch(i, req, Some(v), false);
+                self.dirty.push(i);
+                return;
+            }
+            token = ((i as u64) << 8) | KIND_RECV_BIG;
+            RingOp::Recv {
+                fd,
+                buf: std::mem::take(v),
+                max: n,
+            }
+        } else {
+            let throttled = c.jobs >= MAX_INFLIGHT
+                || c.job_bytes >= MAX_INFLIGHT_BYTES
+                || c.out.len() + c.sending_bytes >= MAX_QUEUED_REPLY;
+            let Some(mut buf) = c.inbuf.take() else {
+                return;
+            };
+            let have = buf.len() - c.start;
+            if throttled || (c.drain.is_none() && have >= c.need.max(1) && c.need > 0) {
+                // nothing to receive for now (decoding resumes when jobs finish)
+                c.inbuf = Some(buf);
+                return;
+            }
+            if c.drain.is_some() {
+                // discarded payload: receive over what was consumed
+                buf.clear();
+                c.start = 0;
+            }
+            let want = c.need.max(1);
+            if buf.capacity() < c.start + want {
+                buf.reserve(c.start + want - buf.len());
+            }
+            if buf.capacity() == buf.len() {
+                buf.reserve(RECV_BUF);
+            }
+            RingOp::Recv {
+                fd,
+                buf,
+                max: usize::MAX,
+            }
+        };
+        c.recv_pending = true;
+        if let Err((e, op)) = self.ring.push(token, op) {
+            log(&format!("data plane: cannot queue a receive: {e}"));
+            c.recv_pending = false;
+            c.stop_reading = true;
+            if let RingOp::Recv { buf, .. } = op {
+                match c.big.as_mut() {
+                    Some((_, v)) => *v = buf,
+                    None => c.inbuf = Some(buf),
+                }
+            }
+        }
+    }
+
+    /// Close the connection once it stopped reading and nothing of it is in flight.
+    fn maybe_close(&mut self, i: usize) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if !c.stop_reading || c.jobs > 0 || c.send_pending {
+            return;
+        }
+        if !c.out.is_empty() && !c.broken {
+            return;
+        }
+        if c.recv_pending {
+            // a receive may wait forever on a silent client: end it
+            c.stream.shutdown();
+            return;
+        }
+        let Some(c) = self.conns[i].take() else {
+            return;
+        };
+        self.free.push(i);
+        c.stream.shutdown();
+        if let Some(f) = c.on_end {
+            f();
+        }
+        let mut out = c.out;
+        out.clear();
+        self.batches.push(out);
+    }
+}
+
+/// Move the undecoded bytes of `buf` to its front.
+fn compact(buf: &mut Vec<u8>, start: &mut usize) {
+    if *start == 0 {
+        return;
+    }
+    if *start >= buf.len() {
+        buf.clear();
+    } else {
+        buf.drain(..*start);
+    }
+    *start = 0;
+}
