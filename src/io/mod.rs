@@ -234,10 +234,44 @@ impl<S: Storage + ?Sized> Storage for StickySync<S> {
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
         self.inner.read_many(reqs)
     }
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.inner.read_at_nowait(buf, off)
+    }
     fn engine_name(&self) -> &'static str {
         self.inner.engine_name()
     }
     fn identity(&self) -> Option<(u64, u64)> {
         self.inner.identity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// The wrapper must pass the page-cache-only read through: without it every NBD read would
+    /// take the workers' path.
+    #[test]
+    fn sticky_sync_forwards_nowait_reads() {
+        let dir = std::env::temp_dir().join(format!("qnbd-sticky-{}", std::process::id()));
+        std::fs::write(&dir, vec![7u8; 8192]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dir)
+            .unwrap();
+        let inner = Arc::new(sync::SyncFile::new(f));
+        let mut direct = vec![0u8; 4096];
+        let want = inner.read_at_nowait(&mut direct, 0);
+        let s = StickySync::new(inner);
+        let mut buf = vec![0u8; 4096];
+        let got = s.read_at_nowait(&mut buf, 0);
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(got.is_ok(), want.is_ok());
+        if let (Ok(a), Ok(b)) = (got, want) {
+            assert_eq!(a, b);
+            assert_eq!(buf, direct);
+        }
     }
 }

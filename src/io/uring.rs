@@ -339,9 +339,18 @@ pub struct EventRing<D> {
 }
 
 impl<D: SendData> EventRing<D> {
+    /// A ring for the calling thread only: completions' task work runs when this thread
+    /// waits (`DEFER_TASKRUN`), not as interrupts while it decodes and copies. Kernels without
+    /// those flags get a plain ring.
     pub fn new(entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
         Ok(EventRing {
-            ring: IoUring::new(entries)?,
+            ring,
             slots: Vec::new(),
             free: Vec::new(),
             busy: 0,

@@ -119,24 +119,41 @@ impl Planes {
         crate::io::uring::probe_event_ring()?;
         let mut handles = Vec::new();
         for i in 0..n.max(1) {
-            let ring = EventRing::new(RING_ENTRIES)?;
             let wake = Arc::new(WakeFd::new()?);
             let (tx, rx) = mpsc::channel();
-            let plane = Plane {
-                ring,
-                rx,
-                tx: tx.clone(),
-                wake: wake.clone(),
-                pool: pool.clone(),
-                conns: Vec::new(),
-                free: Vec::new(),
-                dirty: Vec::new(),
-                batches: Vec::new(),
-                bufs: ReplyBatch::new(),
-            };
+            let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let (pool, tx2, wake2) = (pool.clone(), tx.clone(), wake.clone());
             thread::Builder::new()
                 .name(format!("nbd-plane-{i}"))
-                .spawn(move || plane.run())?;
+                .spawn(move || {
+                    // the ring is made by the thread that submits to it (single issuer)
+                    let ring = match EventRing::new(RING_ENTRIES) {
+                        Ok(r) => {
+                            let _ = ready_tx.send(Ok(()));
+                            r
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    Plane {
+                        ring,
+                        rx,
+                        tx: tx2,
+                        wake: wake2,
+                        pool,
+                        conns: Vec::new(),
+                        free: Vec::new(),
+                        dirty: Vec::new(),
+                        batches: Vec::new(),
+                        bufs: ReplyBatch::new(),
+                    }
+                    .run()
+                })?;
+            ready_rx
+                .recv()
+                .map_err(|_| io::Error::other("data plane thread ended"))??;
             handles.push(Handle { tx, wake });
         }
         Ok(Planes {
