@@ -7,6 +7,7 @@
 use super::{Access, BlockDevice, CowSource, FileRole, Mapping, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact_or_zero;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 /// The answer of the chain for a guest range.
@@ -371,5 +372,71 @@ impl Chain {
             ErrorKind::Corrupt,
             "chain walk fell off the end",
         ))
+    }
+}
+
+/// One piece of a read planned for an asynchronous engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// `len` bytes at `host` of the file behind descriptor `fd`.
+    Data { fd: RawFd, host: u64, len: u64 },
+    /// `len` bytes that read as zeros.
+    Zero(u64),
+}
+
+impl Chain {
+    /// A value that changes before any layer can reuse host space it freed (see
+    /// [`BlockDevice::reuse_epoch`]).
+    pub fn reuse_epoch(&self) -> u64 {
+        self.layers
+            .iter()
+            .fold(0u64, |a, l| a.wrapping_add(l.reuse_epoch()))
+    }
+
+    /// Plan a read of `len` bytes at `off` as reads by file descriptor and zero runs, for an
+    /// engine that reads asynchronously without pinning the layers. `None` when some part
+    /// cannot be read that way (compressed clusters, storage without a descriptor). The data
+    /// read is right only if [`reuse_epoch`](Self::reuse_epoch), read before this call, is
+    /// unchanged once every read has completed; otherwise read again with [`Chain::read`].
+    /// Ranges past the end of a host file read short: treat a short read like a changed epoch.
+    pub fn plan_read(&self, off: u64, len: u64) -> Result<Option<Vec<Segment>>> {
+        self.check_range(off, len)?;
+        let mut segs: Vec<Segment> = Vec::new();
+        let mut pos = off;
+        let end = off + len;
+        while pos < end {
+            let r = resolve_in(&self.layers, pos, end - pos)?;
+            let n = r.len.clamp(1, end - pos);
+            let seg = match r.mapping {
+                Mapping::Data { file, host, .. } => {
+                    let layer = r
+                        .depth
+                        .checked_sub(1)
+                        .and_then(|i| self.layers.get(i))
+                        .ok_or_else(no_layer)?;
+                    let Some(fd) = layer.storage(file).and_then(|s| s.raw_fd()) else {
+                        return Ok(None);
+                    };
+                    Segment::Data { fd, host, len: n }
+                }
+                Mapping::Compressed => return Ok(None),
+                Mapping::Zero { .. } | Mapping::Backing { .. } => Segment::Zero(n),
+            };
+            // merge with the previous piece when contiguous
+            match (segs.last_mut(), seg) {
+                (Some(Segment::Zero(l)), Segment::Zero(k)) => *l += k,
+                (
+                    Some(Segment::Data { fd, host, len }),
+                    Segment::Data {
+                        fd: f2,
+                        host: h2,
+                        len: k,
+                    },
+                ) if *fd == f2 && *host + *len == h2 => *len += k,
+                _ => segs.push(seg),
+            }
+            pos += n;
+        }
+        Ok(Some(segs))
     }
 }

@@ -14,7 +14,7 @@ pub mod chain;
 pub mod create_raw;
 pub mod raw;
 
-pub use chain::{Chain, Completion, Resolved};
+pub use chain::{Chain, Completion, Resolved, Segment};
 
 /// Which host file of a layer holds a data run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +139,14 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Keep host clusters mapped by this layer from being reused until the pin is dropped.
     fn pin(&self) -> ReadPin<'_> {
         None
+    }
+
+    /// A counter that changes before host clusters this layer freed can be allocated again.
+    /// A reader that maps without a pin and reads later is right if the counter read before
+    /// mapping equals the one read after its data arrived (layers that never reuse host space
+    /// answer a constant).
+    fn reuse_epoch(&self) -> u64 {
+        0
     }
 
     fn access(&self) -> Access {

@@ -115,6 +115,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Name of the engine, for diagnostics ("sync", "io_uring", "mem").
     fn engine_name(&self) -> &'static str;
 
+    /// The file descriptor an asynchronous engine may read this storage's bytes from, at the
+    /// same offsets (`None`: in-memory doubles, and wrappers that transform the bytes).
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
     /// Device and inode identity, for loop detection in backing chains.
     fn identity(&self) -> Option<(u64, u64)> {
         None
@@ -236,6 +242,9 @@ impl<S: Storage + ?Sized> Storage for StickySync<S> {
     }
     fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         self.inner.read_at_nowait(buf, off)
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.raw_fd()
     }
     fn engine_name(&self) -> &'static str {
         self.inner.engine_name()

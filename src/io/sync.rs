@@ -62,6 +62,11 @@ pub(crate) fn seek_extent(file: &File, off: u64, len: u64) -> io::Result<Option<
 }
 
 impl Storage for SyncFile {
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.file.as_raw_fd())
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }

@@ -244,6 +244,10 @@ impl Storage for UringFile {
         "io_uring"
     }
 
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
     fn identity(&self) -> Option<(u64, u64)> {
         self.file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }

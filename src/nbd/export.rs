@@ -35,6 +35,13 @@ pub struct Status {
     pub depth: u32,
 }
 
+/// A READ planned as file reads and zero runs (see [`ExportBackend::plan_read`]).
+#[derive(Debug, Clone)]
+pub struct ReadPlan {
+    pub epoch: u64,
+    pub segments: Vec<crate::block::Segment>,
+}
+
 /// Whether a READ may wait for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
@@ -75,6 +82,19 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
 
     /// Status of the run at `off` (at most `len` bytes, `len > 0`).
     fn block_status(&self, off: u64, len: u64) -> Result<Status>;
+
+    /// A read of `len` bytes at `off` planned for asynchronous file reads, with the reuse
+    /// epoch read before planning (see `Chain::plan_read`). `None` (the default): read with
+    /// [`read`](Self::read) instead.
+    fn plan_read(&self, off: u64, len: u64) -> Option<ReadPlan> {
+        let _ = (off, len);
+        None
+    }
+
+    /// The reuse epoch a [`ReadPlan`] is checked against once its reads completed.
+    fn reuse_epoch(&self) -> u64 {
+        0
+    }
 
     fn access(&self) -> Access {
         Access::ReadOnly
@@ -193,6 +213,16 @@ impl ExportBackend for ChainBackend {
 
     fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<Completion> {
         self.chain.read_nowait(off, buf)
+    }
+
+    fn plan_read(&self, off: u64, len: u64) -> Option<ReadPlan> {
+        let epoch = self.chain.reuse_epoch();
+        let segments = self.chain.plan_read(off, len).ok()??;
+        Some(ReadPlan { epoch, segments })
+    }
+
+    fn reuse_epoch(&self) -> u64 {
+        self.chain.reuse_epoch()
     }
 
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {

@@ -26,11 +26,14 @@
 //! plus a bound on replies waiting for a slow reader: the plane stops decoding (and receiving)
 //! while any of them is reached.
 
-use super::export::{Completion, Wait};
+use super::export::{Completion, ReadPlan, Wait};
 use super::handshake::Session;
 use super::reply::ReplyBatch;
 use super::server::{Pool, MAX_INFLIGHT, MAX_INFLIGHT_BYTES};
-use super::transmission::{self, Command, Decoded, Limits, Payload, RawRequest};
+use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, RawRequest};
+use super::wire::NBD_REPLY_FLAG_DONE;
+use crate::block::Segment;
+use crate::io::buf::IoBuf;
 use crate::io::uring::{EventRing, RingDone, RingOp, WakeFd};
 use std::io;
 use std::net::TcpStream;
@@ -57,6 +60,20 @@ const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
 /// A receive into a big write's own payload buffer.
 const KIND_RECV_BIG: u64 = 3;
+/// A file read of a planned READ (`piece` says which).
+const KIND_FILE: u64 = 4;
+/// Data segments of one READ read on the ring at most (more: the workers read it).
+const MAX_RING_SEGMENTS: usize = 256;
+
+/// Ring tokens: bits 0-7 the kind, 8-23 a piece of a file read, 24-63 the connection or file
+/// read's index.
+fn token(idx: usize, piece: usize, kind: u64) -> u64 {
+    ((idx as u64) << 24) | (((piece as u64) & 0xffff) << 8) | kind
+}
+
+fn untoken(t: u64) -> (usize, usize, u64) {
+    ((t >> 24) as usize, ((t >> 8) & 0xffff) as usize, t & 0xff)
+}
 
 /// A negotiated plain connection.
 pub enum Stream {
@@ -148,6 +165,8 @@ impl Planes {
                         dirty: Vec::new(),
                         batches: Vec::new(),
                         bufs: ReplyBatch::new(),
+                        reads: Vec::new(),
+                        free_reads: Vec::new(),
                     }
                     .run()
                 })?;
@@ -224,6 +243,30 @@ struct Plane {
     batches: Vec<ReplyBatch>,
     /// Owner of the plane's buffer pool.
     bufs: ReplyBatch,
+    /// READs whose data is being read on the ring.
+    reads: Vec<Option<FileRead>>,
+    free_reads: Vec<usize>,
+}
+
+/// A READ answered from file reads on the plane's ring.
+struct FileRead {
+    conn: usize,
+    req: RawRequest,
+    offset: u64,
+    length: u32,
+    df: bool,
+    /// The backend's reuse epoch before planning; the data counts only if it is unchanged.
+    epoch: u64,
+    /// The reply: header bytes, and data buffers (taken by the ring while being filled).
+    pieces: Vec<Piece>,
+    outstanding: usize,
+    failed: bool,
+    cost: usize,
+}
+
+enum Piece {
+    Head(Vec<u8>),
+    Data(Option<IoBuf>, usize),
 }
 
 fn log(msg: &str) {
@@ -337,7 +380,11 @@ impl Plane {
             }
             return;
         }
-        let i = (d.token >> 8) as usize;
+        let (i, piece, kind) = untoken(d.token);
+        if kind == KIND_FILE {
+            self.file_read_done(i, piece, d);
+            return;
+        }
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return;
         };
@@ -353,7 +400,7 @@ impl Plane {
                     }
                     c.stop_reading = true;
                 }
-                match (d.token & 0xff, c.big.as_mut()) {
+                match (kind, c.big.as_mut()) {
                     (KIND_RECV_BIG, Some((_, v))) => *v = buf,
                     _ => c.inbuf = Some(buf),
                 }
@@ -380,7 +427,7 @@ impl Plane {
                         let fd = c.stream.fd();
                         c.send_pending = true;
                         c.sending_bytes = total - skip;
-                        let token = ((i as u64) << 8) | KIND_SEND;
+                        let token = token(i, 0, KIND_SEND);
                         if let Err((_, op)) = self.ring.push(token, RingOp::Send { fd, data, skip })
                         {
                             c.send_pending = false;
@@ -519,19 +566,28 @@ impl Plane {
                 c.stop_reading = true;
                 return;
             }
-            Command::Read { offset, length, df } if length <= INLINE_READ_MAX => {
-                let done = c.session.export.read_into(
-                    mode,
-                    req.cookie,
-                    req.offset,
-                    offset,
-                    length,
-                    df,
-                    &mut c.out,
-                    Wait::Never,
-                );
-                if done == Completion::Done {
-                    return;
+            Command::Read { offset, length, df } => {
+                if length <= INLINE_READ_MAX {
+                    let done = c.session.export.read_into(
+                        mode,
+                        req.cookie,
+                        req.offset,
+                        offset,
+                        length,
+                        df,
+                        &mut c.out,
+                        Wait::Never,
+                    );
+                    if done == Completion::Done {
+                        return;
+                    }
+                }
+                if length > 0 {
+                    if let Some(plan) = c.session.export.backend.plan_read(offset, length.into()) {
+                        if self.ring_read(i, req, offset, length, df, plan) {
+                            return;
+                        }
+                    }
                 }
             }
             Command::Write {
@@ -609,7 +665,7 @@ impl Plane {
             let data = Box::new(std::mem::replace(&mut c.out, next));
             c.sending_bytes = data.len();
             c.send_pending = true;
-            let token = ((i as u64) << 8) | KIND_SEND;
+            let token = token(i, 0, KIND_SEND);
             if let Err((e, op)) = self.ring.push(token, RingOp::Send { fd, data, skip: 0 }) {
                 log(&format!("data plane: cannot queue a send: {e}"));
                 c.send_pending = false;
@@ -626,7 +682,7 @@ impl Plane {
         if c.recv_pending || c.stop_reading {
             return;
         }
-        let mut token = ((i as u64) << 8) | KIND_RECV;
+        let mut tok = token(i, 0, KIND_RECV);
         let op = if let Some((_, v)) = c.big.as_mut() {
             let n = v.capacity() - v.len();
             if n == 0 {
@@ -638,7 +694,7 @@ impl Plane {
                 self.dirty.push(i);
                 return;
             }
-            token = ((i as u64) << 8) | KIND_RECV_BIG;
+            tok = token(i, 0, KIND_RECV_BIG);
             RingOp::Recv {
                 fd,
                 buf: std::mem::take(v),
@@ -676,7 +732,7 @@ impl Plane {
             }
         };
         c.recv_pending = true;
-        if let Err((e, op)) = self.ring.push(token, op) {
+        if let Err((e, op)) = self.ring.push(tok, op) {
             log(&format!("data plane: cannot queue a receive: {e}"));
             c.recv_pending = false;
             c.stop_reading = true;
@@ -730,4 +786,200 @@ fn compact(buf: &mut Vec<u8>, start: &mut usize) {
         buf.drain(..*start);
     }
     *start = 0;
+}
+
+impl Plane {
+    /// Start the file reads of a planned READ on the ring; false when it cannot be (the caller
+    /// then gives the READ to the workers).
+    fn ring_read(
+        &mut self,
+        i: usize,
+        req: RawRequest,
+        offset: u64,
+        length: u32,
+        df: bool,
+        plan: ReadPlan,
+    ) -> bool {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return false;
+        };
+        let data_segs = plan
+            .segments
+            .iter()
+            .filter(|s| matches!(s, Segment::Data { .. }))
+            .count();
+        if data_segs == 0 || data_segs > MAX_RING_SEGMENTS {
+            // all zeros: the inline path answers it; too fragmented: the workers
+            return false;
+        }
+        let mode = c.lim.mode;
+        let (cookie, roff) = (req.cookie, req.offset);
+        // the reply's pieces, and the file reads that fill its data buffers
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut reads: Vec<(usize, RawFd, u64, usize)> = Vec::new();
+        let mut add_data = |pieces: &mut Vec<Piece>, out: &mut ReplyBatch, s: &Segment| match *s {
+            Segment::Data { fd, host, len } => {
+                let len = len as usize;
+                reads.push((pieces.len(), fd, host, len));
+                pieces.push(Piece::Data(Some(out.take_buf(len)), len));
+            }
+            Segment::Zero(len) => {
+                let len = len as usize;
+                let mut b = out.take_buf(len);
+                b[..len].fill(0);
+                pieces.push(Piece::Data(Some(b), len));
+            }
+        };
+        if mode == HeaderMode::Simple {
+            let mut h = Vec::new();
+            transmission::encode_simple(&mut h, cookie, 0);
+            pieces.push(Piece::Head(h));
+            for s in &plan.segments {
+                add_data(&mut pieces, &mut c.out, s);
+            }
+        } else {
+            // structured: runs of zeros become holes (unless DF), data runs one chunk each
+            let is_zero = |s: &Segment| !df && matches!(s, Segment::Zero(_));
+            let seg_len = |s: &Segment| match *s {
+                Segment::Data { len, .. } | Segment::Zero(len) => len,
+            };
+            let mut groups: Vec<(bool, usize, usize)> = Vec::new();
+            for (k, s) in plan.segments.iter().enumerate() {
+                match groups.last_mut() {
+                    Some((z, _, e)) if *z == is_zero(s) => *e = k + 1,
+                    _ => groups.push((is_zero(s), k, k + 1)),
+                }
+            }
+            let mut pos = offset;
+            let last = groups.len() - 1;
+            for (g, (zero, a, b)) in groups.into_iter().enumerate() {
+                let flags = if g == last { NBD_REPLY_FLAG_DONE } else { 0 };
+                let n: u64 = plan.segments[a..b].iter().map(seg_len).sum();
+                let mut h = Vec::new();
+                if zero {
+                    transmission::encode_hole(&mut h, mode, cookie, roff, flags, pos, n as u32);
+                    pieces.push(Piece::Head(h));
+                } else {
+                    transmission::encode_data_header(
+                        &mut h, mode, cookie, roff, flags, pos, n as usize,
+                    );
+                    pieces.push(Piece::Head(h));
+                    for s in &plan.segments[a..b] {
+                        add_data(&mut pieces, &mut c.out, s);
+                    }
+                }
+                pos += n;
+            }
+        }
+        let cost = length as usize + 64;
+        c.jobs += 1;
+        c.job_bytes += cost;
+        let idx = match self.free_reads.pop() {
+            Some(k) => k,
+            None => {
+                self.reads.push(None);
+                self.reads.len() - 1
+            }
+        };
+        let mut fr = FileRead {
+            conn: i,
+            req,
+            offset,
+            length,
+            df,
+            epoch: plan.epoch,
+            pieces,
+            outstanding: 0,
+            failed: false,
+            cost,
+        };
+        for (piece, fd, host, len) in reads {
+            let Some(Piece::Data(slot, _)) = fr.pieces.get_mut(piece) else {
+                continue;
+            };
+            let Some(buf) = slot.take() else {
+                continue;
+            };
+            let op = RingOp::Read {
+                fd,
+                buf,
+                at: 0,
+                len,
+                off: host,
+            };
+            match self.ring.push(token(idx, piece, KIND_FILE), op) {
+                Ok(()) => fr.outstanding += 1,
+                Err((_, op)) => {
+                    if let RingOp::Read { buf, .. } = op {
+                        *slot = Some(buf);
+                    }
+                    fr.failed = true;
+                }
+            }
+        }
+        let finished = fr.outstanding == 0;
+        self.reads[idx] = Some(fr);
+        if finished {
+            self.finish_read(idx);
+        }
+        true
+    }
+
+    fn file_read_done(&mut self, idx: usize, piece: usize, d: RingDone<ReplyBatch>) {
+        let Some(Some(fr)) = self.reads.get_mut(idx) else {
+            return;
+        };
+        fr.outstanding = fr.outstanding.saturating_sub(1);
+        if let RingOp::Read { buf, len, .. } = d.op {
+            if d.result < 0 || d.result as usize != len {
+                // an error, or a short read (end of a host file): the workers' read decides
+                fr.failed = true;
+            }
+            if let Some(Piece::Data(slot, _)) = fr.pieces.get_mut(piece) {
+                *slot = Some(buf);
+            }
+        }
+        if fr.outstanding == 0 {
+            self.finish_read(idx);
+        }
+    }
+
+    /// All reads of a planned READ are back: queue its reply, or give it to the workers when a
+    /// read failed or a host cluster may have changed owner meanwhile.
+    fn finish_read(&mut self, idx: usize) {
+        let Some(fr) = self.reads.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        self.free_reads.push(idx);
+        let Some(Some(c)) = self.conns.get_mut(fr.conn) else {
+            return;
+        };
+        c.jobs -= 1;
+        c.job_bytes -= fr.cost;
+        self.dirty.push(fr.conn);
+        let stale = c.session.export.backend.reuse_epoch() != fr.epoch;
+        if fr.failed || stale || c.broken {
+            for p in fr.pieces {
+                if let Piece::Data(Some(b), _) = p {
+                    c.out.give_back(b);
+                }
+            }
+            if !c.broken {
+                let cmd = Command::Read {
+                    offset: fr.offset,
+                    length: fr.length,
+                    df: fr.df,
+                };
+                self.hand_to_worker(fr.conn, fr.req, cmd);
+            }
+            return;
+        }
+        for p in fr.pieces {
+            match p {
+                Piece::Head(h) => c.out.push_head(|o| o.extend_from_slice(&h)),
+                Piece::Data(Some(b), n) => c.out.push_data(b, n),
+                Piece::Data(None, _) => {}
+            }
+        }
+    }
 }

@@ -1122,6 +1122,9 @@ impl Qcow2 {
                     Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
                 },
             };
+            // unpinned readers (the data plane's ring reads) learn that a cluster they mapped
+            // may have changed owner
+            self.reuse_epoch.fetch_add(1, Ordering::SeqCst);
             let dec = std::mem::take(&mut m.pending_decrements);
             for (i, c) in dec.iter().enumerate() {
                 if let Err(e) = self.adjust_refcount(m, *c, -1) {

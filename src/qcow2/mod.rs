@@ -63,6 +63,9 @@ pub struct Qcow2 {
     /// Held shared by reads from mapping to the end of their data I/O; taken exclusively before
     /// freed clusters become reusable, so a freed cluster never changes under a reader.
     io_barrier: RwLock<()>,
+    /// Changes (before any of them can be allocated again) whenever freed clusters become
+    /// reusable: a read that did not hold the barrier checks it did not change meanwhile.
+    reuse_epoch: AtomicU64,
     /// Persistent dirty bitmaps (see `bitmaps.rs`).
     bitmaps_live: std::sync::Mutex<bitmaps::BitmapSet>,
     size: AtomicU64,
@@ -314,6 +317,7 @@ impl Qcow2 {
             size: AtomicU64::new(header.size),
             meta: RwLock::new(meta),
             io_barrier: RwLock::new(()),
+            reuse_epoch: AtomicU64::new(0),
             bitmaps_live: std::sync::Mutex::new(bitmaps::BitmapSet::default()),
             access: if opts.no_io || opts.snapshot.is_some() {
                 crate::block::Access::ReadOnly
@@ -535,6 +539,10 @@ impl BlockDevice for Qcow2 {
 
     fn read_compressed(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         tables::read_compressed(self, off, buf)
+    }
+
+    fn reuse_epoch(&self) -> u64 {
+        self.reuse_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn pin(&self) -> crate::block::ReadPin<'_> {
