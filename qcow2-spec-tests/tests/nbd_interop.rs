@@ -433,6 +433,12 @@ fn still_serves(sock: &Path) {
 
 #[test]
 fn hostile_requests_are_answered_and_the_server_keeps_serving() {
+    // the ring data plane (the default) and the threaded path decode requests separately
+    hostile_requests("--aio=io_uring");
+    hostile_requests("--aio=threads");
+}
+
+fn hostile_requests(aio: &str) {
     if !have(&["qemu-img", "qemu-io"]) {
         return;
     }
@@ -443,7 +449,16 @@ fn hostile_requests_are_answered_and_the_server_keeps_serving() {
     let s = qnbd(
         dir,
         "hostile",
-        &["-r", "-t", "-e", "0", "-f", "qcow2", img.to_str().unwrap()],
+        &[
+            "-r",
+            "-t",
+            "-e",
+            "0",
+            aio,
+            "-f",
+            "qcow2",
+            img.to_str().unwrap(),
+        ],
     );
     let size: u64 = 16 << 20;
 
@@ -740,7 +755,8 @@ fn writes_from_real_clients_land_like_on_qemu_nbd() {
     );
     for (img, flags) in [
         ("", &["--discard=unmap"][..]),
-        ("-small", &["--discard=ignore"][..]),
+        // the threaded path (--aio=threads) for the second image
+        ("-small", &["--discard=ignore", "--aio=threads"][..]),
     ] {
         let ours_file = d.join(format!("ours{img}.qcow2")).display().to_string();
         let theirs_file = d.join(format!("theirs{img}.qcow2")).display().to_string();

@@ -1,16 +1,21 @@
-//! Sockets and threads: the only part of `nbd/` that does I/O.
+//! Sockets and threads: with [`super::plane`], the only part of `nbd/` that does I/O.
 //!
-//! A [`Server`] owns its listeners (TCP, Unix, a socket-activation fd) and a small worker pool
-//! shared by every connection. Each connection has a reader thread that runs the handshake
-//! (under a time limit), then decodes requests as they arrive. Reads the page cache can answer
-//! (up to 256 KiB) and small writes without FUA are executed right there: no thread hand-off,
-//! and their replies are queued and leave in one vectored write before the thread next waits
-//! for the socket. Everything else (cache misses, big requests, flushes, zeroing, trims, block
-//! status) goes to the pool; workers execute it against the shared export and write the reply
-//! under the connection's writer lock as soon as it is ready, so replies leave in completion
-//! order (clients match them by cookie). Per connection, the number of requests in flight on
-//! the workers and the bytes they may hold are bounded; the reader stops reading while the
-//! bound is reached.
+//! A [`Server`] owns its listeners (TCP, Unix, a socket-activation fd), a small worker pool
+//! shared by every connection and, unless the portable engine was asked for, the ring data
+//! planes. Each connection starts on a thread of its own that runs the handshake (under a time
+//! limit). A plain socket connection then moves to a data plane (see `plane.rs`); TLS
+//! connections, and every connection when there are no planes, stay on their thread for
+//! transmission (the threaded path):
+//!
+//! The thread decodes requests as they arrive. Reads the page cache can answer (up to 256 KiB)
+//! and small writes without FUA are executed right there: no thread hand-off, and their replies
+//! are queued and leave in one vectored write before the thread next waits for the socket.
+//! Everything else (cache misses, big requests, flushes, zeroing, trims, block status) goes to
+//! the pool; workers execute it against the shared export and write the reply under the
+//! connection's writer lock as soon as it is ready, so replies leave in completion order
+//! (clients match them by cookie). Per connection, the number of requests in flight on the
+//! workers and the bytes they may hold are bounded; the reader stops reading while the bound is
+//! reached.
 //!
 //! With TLS configured, `NBD_OPT_STARTTLS` swaps the connection's stream for a
 //! [`super::tls::TlsStream`] in the middle of the handshake loop; the rest of the driver does
