@@ -287,9 +287,16 @@ pub trait SendData {
 /// An operation on an [`EventRing`], owning its buffers until its completion is reaped.
 pub enum RingOp<D> {
     /// Receive into the spare capacity of `buf` (at most `max` bytes); on completion the bytes
-    /// received are part of `buf` (its length grew by the result).
-    Recv { fd: RawFd, buf: Vec<u8>, max: usize },
-    /// Send `data` without its first `skip` bytes (one `sendmsg`, which may be short).
+    /// received are part of `buf` (its length grew by the result). With `all`, the kernel keeps
+    /// receiving until `max` bytes came (or the peer closed, or an error).
+    Recv {
+        fd: RawFd,
+        buf: Vec<u8>,
+        max: usize,
+        all: bool,
+    },
+    /// Send `data` without its first `skip` bytes. The kernel keeps sending until all of it is
+    /// sent (`MSG_WAITALL`), so a short result means an error or a closed peer.
     Send {
         fd: RawFd,
         data: Box<D>,
@@ -412,13 +419,16 @@ impl<D: SendData> EventRing<D> {
     fn entry(slot: &mut Slot<D>) -> io::Result<io_uring::squeue::Entry> {
         let len32 = |n: usize| u32::try_from(n).map_err(|_| einval());
         Ok(match &mut slot.op {
-            RingOp::Recv { fd, buf, max } => {
+            RingOp::Recv { fd, buf, max, all } => {
                 let room = (buf.capacity() - buf.len()).min(*max);
                 if room == 0 {
                     return Err(einval());
                 }
                 let spare = buf.spare_capacity_mut();
-                opcode::Recv::new(types::Fd(*fd), spare.as_mut_ptr().cast(), len32(room)?).build()
+                let flags = if *all { libc::MSG_WAITALL } else { 0 };
+                opcode::Recv::new(types::Fd(*fd), spare.as_mut_ptr().cast(), len32(room)?)
+                    .flags(flags)
+                    .build()
             }
             RingOp::Send { fd, data, skip } => {
                 let mut left = *skip;
@@ -445,7 +455,7 @@ impl<D: SendData> EventRing<D> {
                 msg.msg_iov = slot.iov.as_mut_ptr();
                 msg.msg_iovlen = slot.iov.len() as _;
                 let entry = opcode::SendMsg::new(types::Fd(*fd), &*msg as *const libc::msghdr)
-                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
                     .build();
                 slot.msg = Some(msg);
                 entry

@@ -699,6 +699,7 @@ impl Plane {
                 fd,
                 buf: std::mem::take(v),
                 max: n,
+                all: true,
             }
         } else {
             let throttled = c.jobs >= MAX_INFLIGHT
@@ -729,6 +730,7 @@ impl Plane {
                 fd,
                 buf,
                 max: usize::MAX,
+                all: false,
             }
         };
         c.recv_pending = true;
