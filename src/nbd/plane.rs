@@ -212,7 +212,7 @@ struct Conn {
     /// Bytes the decoder needs at `start` before it can go on.
     need: usize,
     /// A write whose payload is being received into its own buffer.
-    big: Option<(RawRequest, Vec<u8>)>,
+    big: Option<(RawRequest, Vec<u8>, usize)>,
     /// Payload bytes still to discard, and the request they belong to.
     drain: Option<(RawRequest, u64)>,
     recv_pending: bool,
@@ -401,7 +401,7 @@ impl Plane {
                     c.stop_reading = true;
                 }
                 match (kind, c.big.as_mut()) {
-                    (KIND_RECV_BIG, Some((_, v))) => *v = buf,
+                    (KIND_RECV_BIG, Some((_, v, _))) => *v = buf,
                     _ => c.inbuf = Some(buf),
                 }
             }
@@ -527,7 +527,7 @@ impl Plane {
                         v.extend_from_slice(&inbuf[s..]);
                         c.start = inbuf.len();
                         compact(inbuf, &mut c.start);
-                        c.big = Some((req, v));
+                        c.big = Some((req, v, n));
                         return;
                     } else {
                         c.need = header_len + n;
@@ -683,11 +683,12 @@ impl Plane {
             return;
         }
         let mut tok = token(i, 0, KIND_RECV);
-        let op = if let Some((_, v)) = c.big.as_mut() {
-            let n = v.capacity() - v.len();
+        let op = if let Some((_, v, want)) = c.big.as_mut() {
+            // exactly the payload's length: bytes past it belong to the next request
+            let n = *want - v.len();
             if n == 0 {
                 // the payload is complete: execute the write
-                let Some((req, v)) = c.big.take() else {
+                let Some((req, v, _)) = c.big.take() else {
                     return;
                 };
                 self.dispatch(i, req, Some(v), false);
@@ -740,7 +741,7 @@ impl Plane {
             c.stop_reading = true;
             if let RingOp::Recv { buf, .. } = op {
                 match c.big.as_mut() {
-                    Some((_, v)) => *v = buf,
+                    Some((_, v, _)) => *v = buf,
                     None => c.inbuf = Some(buf),
                 }
             }
