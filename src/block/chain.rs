@@ -74,6 +74,8 @@ impl MapEntry {
 #[derive(Debug, Clone)]
 pub struct Chain {
     layers: Vec<Arc<dyn BlockDevice>>,
+    /// Flush after every write and write-zeroes (`cache=writethrough`, `directsync`).
+    write_through: bool,
 }
 
 impl Chain {
@@ -82,7 +84,21 @@ impl Chain {
         if layers.is_empty() {
             return Err(Error::new(ErrorKind::InvalidArgument, "empty chain"));
         }
-        Ok(Chain { layers })
+        Ok(Chain {
+            layers,
+            write_through: false,
+        })
+    }
+
+    /// Make every write and write-zeroes durable before it returns, as if each carried FUA
+    /// (QEMU's BlockBackend with its write cache disabled: `cache=writethrough`, `directsync`).
+    pub fn with_write_through(mut self, on: bool) -> Chain {
+        self.write_through = on;
+        self
+    }
+
+    pub fn write_through(&self) -> bool {
+        self.write_through
     }
 
     pub fn top(&self) -> &Arc<dyn BlockDevice> {
@@ -138,13 +154,22 @@ impl Chain {
     /// Write guest bytes to the top layer (copy-on-write from the layers below).
     pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
-        self.layers[0].write(off, buf, &Below(&self.layers[1..]), fua)
+        self.layers[0].write(
+            off,
+            buf,
+            &Below(&self.layers[1..]),
+            fua || self.write_through,
+        )
     }
 
     /// Make a range read as zeros.
     pub fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode) -> Result<()> {
         self.check_range(off, len)?;
-        self.layers[0].write_zeroes(off, len, mode, &Below(&self.layers[1..]))
+        self.layers[0].write_zeroes(off, len, mode, &Below(&self.layers[1..]))?;
+        if self.write_through {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Release a range (advisory).

@@ -10,7 +10,9 @@ use std::fmt;
 use std::io;
 
 pub mod buf;
+pub mod direct;
 pub mod mem;
+pub mod noflush;
 pub mod sync;
 #[cfg(feature = "uring")]
 pub mod uring;
