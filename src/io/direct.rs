@@ -171,11 +171,11 @@ impl DirectFile {
     }
 
     fn mem_aligned(&self, p: *const u8) -> bool {
-        (p as usize) % self.align.memory == 0
+        (p as usize).is_multiple_of(self.align.memory)
     }
 
     fn aligned(&self, p: *const u8, len: usize, off: u64) -> bool {
-        self.mem_aligned(p) && (len as u64 | off) % self.block() == 0
+        self.mem_aligned(p) && (len as u64 | off).is_multiple_of(self.block())
     }
 
     /// Read whole blocks at the aligned `off` into `b` until it is full or the file ends;
@@ -186,7 +186,7 @@ impl DirectFile {
             let n = self.inner.read_at(&mut b[got..], off + got as u64)?;
             got += n;
             // end of file, or it falls inside the last block read: nothing aligned follows
-            if n == 0 || got as u64 % self.block() != 0 {
+            if n == 0 || !(got as u64).is_multiple_of(self.block()) {
                 break;
             }
         }
@@ -211,7 +211,7 @@ impl DirectFile {
         let bs = self.block();
         let end = off + buf.len() as u64;
         let mut pos = off;
-        if pos % bs != 0 || end - pos < bs {
+        if !pos.is_multiple_of(bs) || end - pos < bs {
             let blk = self.down(pos);
             let n = (end.min(blk + bs) - pos) as usize;
             self.rmw(blk, (pos - blk) as usize, &buf[..n])?;
@@ -368,9 +368,9 @@ mod tests {
 
     impl Strict {
         fn check(&self, p: *const u8, len: usize, off: u64) -> io::Result<()> {
-            if (p as usize) % self.align.memory != 0
-                || len % self.align.offset != 0
-                || off % self.align.offset as u64 != 0
+            if !(p as usize).is_multiple_of(self.align.memory)
+                || !len.is_multiple_of(self.align.offset)
+                || !off.is_multiple_of(self.align.offset as u64)
             {
                 return Err(einval());
             }
