@@ -669,6 +669,9 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     res
 }
 
+/// Default workers with `O_DIRECT` files: enough requests in flight to keep a device busy.
+const DIRECT_MIN_WORKERS: usize = 16;
+
 /// `--cache` / `-n` (given at most once, as qemu-nbd insists).
 fn cache_mode(a: &ServeArgs) -> Result<CacheMode> {
     if a.nocache && a.cache.is_some() {
@@ -729,10 +732,17 @@ fn serve(
         tls,
     };
     let workers = a.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
+        let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
-            .max(2)
+            .max(2);
+        // O_DIRECT: every read a worker does waits for the device, so the worker count is the
+        // device queue depth; page-cache reads mostly finish on the connection thread instead
+        if engine.1.direct() {
+            (cpus * 4).max(DIRECT_MIN_WORKERS)
+        } else {
+            cpus
+        }
     });
     if a.stdio {
         server::serve_stdio(&conn, workers);
