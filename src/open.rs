@@ -148,11 +148,71 @@ impl Default for OpenPolicy {
     }
 }
 
+/// Host cache mode of the image files, QEMU's `cache=` (qemu-nbd `--cache`, qemu-img `-t`):
+///
+/// | mode | `O_DIRECT` | every write flushed | flush syncs |
+/// |---|---|---|---|
+/// | `writeback` (default) | no | no | yes |
+/// | `none` | yes | no | yes |
+/// | `writethrough` | no | yes | yes |
+/// | `directsync` | yes | yes | yes |
+/// | `unsafe` | no | no | no |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    #[default]
+    Writeback,
+    None,
+    Writethrough,
+    DirectSync,
+    Unsafe,
+}
+
+impl CacheMode {
+    /// QEMU's names (`bdrv_parse_cache_mode`: `off` is `none`).
+    pub fn parse(s: &str) -> Option<CacheMode> {
+        match s {
+            "writeback" => Some(CacheMode::Writeback),
+            "none" | "off" => Some(CacheMode::None),
+            "writethrough" => Some(CacheMode::Writethrough),
+            "directsync" => Some(CacheMode::DirectSync),
+            "unsafe" => Some(CacheMode::Unsafe),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::DirectSync => "directsync",
+            CacheMode::Unsafe => "unsafe",
+        }
+    }
+
+    /// Files are opened with `O_DIRECT` (QEMU's `cache.direct`).
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
+    }
+
+    /// Every write is durable before it completes (QEMU's `cache.writeback=off`).
+    pub fn write_through(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
+    }
+
+    /// Flushes succeed without syncing (QEMU's `cache.no-flush`).
+    pub fn no_flush(self) -> bool {
+        self == CacheMode::Unsafe
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Format of the top image; probed when `None`.
     pub format: Option<Format>,
     pub engine: Engine,
+    /// Host cache mode of every file of the chain (data files included).
+    pub cache: CacheMode,
     pub writable: bool,
     pub policy: OpenPolicy,
     /// Do not open the backing chain (qemu-img info without --backing-chain).
@@ -200,7 +260,21 @@ pub fn uring_available() -> bool {
 
 /// Open a host file with the chosen engine; writable files get a sticky flush-failure state.
 pub fn open_storage(path: &str, engine: Engine, writable: bool) -> Result<Arc<dyn Storage>> {
-    let s = open_storage_raw(path, engine, writable)?;
+    open_storage_with(path, engine, writable, CacheMode::Writeback)
+}
+
+/// [`open_storage`] in a host cache mode: `O_DIRECT` files get the alignment layer
+/// ([`crate::io::direct::DirectFile`]), `unsafe` ignores flushes.
+pub fn open_storage_with(
+    path: &str,
+    engine: Engine,
+    writable: bool,
+    cache: CacheMode,
+) -> Result<Arc<dyn Storage>> {
+    let mut s = open_storage_raw(path, engine, writable, cache.direct())?;
+    if cache.no_flush() {
+        s = Arc::new(crate::io::noflush::NoFlush::new(s));
+    }
     Ok(if writable {
         Arc::new(crate::io::StickySync::new(s))
     } else {
@@ -208,18 +282,46 @@ pub fn open_storage(path: &str, engine: Engine, writable: bool) -> Result<Arc<dy
     })
 }
 
-fn open_storage_raw(path: &str, engine: Engine, writable: bool) -> Result<Arc<dyn Storage>> {
+fn open_storage_raw(
+    path: &str,
+    engine: Engine,
+    writable: bool,
+    direct: bool,
+) -> Result<Arc<dyn Storage>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = FsOpenOptions::new()
         .read(true)
         .write(writable)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
         .open(path)
-        .map_err(|e| Error::io(format!("Could not open '{path}'"), e))?;
+        .map_err(|e| {
+            if direct && e.raw_os_error() == Some(libc::EINVAL) {
+                // what open(2) answers on file systems without direct I/O (ramfs, old tmpfs)
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("Could not open '{path}': filesystem does not support O_DIRECT"),
+                )
+            } else {
+                Error::io(format!("Could not open '{path}'"), e)
+            }
+        })?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
             format!("Could not open '{path}': Is a directory"),
         ));
     }
+    if !direct {
+        return open_engine(path, file, engine);
+    }
+    let align = crate::io::direct::probe_alignment(&file);
+    let inner = open_engine(path, file, engine)?;
+    crate::io::direct::DirectFile::new(inner, align)
+        .map(|d| Arc::new(d) as Arc<dyn Storage>)
+        .map_err(|e| Error::io(format!("Could not open '{path}'"), e))
+}
+
+fn open_engine(path: &str, file: std::fs::File, engine: Engine) -> Result<Arc<dyn Storage>> {
     match engine {
         Engine::Sync => Ok(Arc::new(SyncFile::new(file))),
         Engine::Auto | Engine::Uring => {
@@ -296,7 +398,7 @@ fn open_layer(
     top: bool,
     roots: Option<&[PathBuf]>,
 ) -> Result<OpenedLayer> {
-    let storage = open_storage(open_path, opts.engine, opts.writable && top)?;
+    let storage = open_storage_with(open_path, opts.engine, opts.writable && top, opts.cache)?;
     let format = match format {
         Some(f) => f,
         None => probe(&*storage).map_err(|e| e.context(format!("Could not open '{filename}'")))?,
@@ -345,7 +447,9 @@ fn open_layer(
                 }
                 let path = combine_path(filename, &name);
                 let data = admit(&path, roots)
-                    .and_then(|p| open_storage(&p, opts.engine, opts.writable && top))
+                    .and_then(|p| {
+                        open_storage_with(&p, opts.engine, opts.writable && top, opts.cache)
+                    })
                     .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
                 q.set_data_file(data);
             }
@@ -423,7 +527,8 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
         }
         layers.push(layer);
     }
-    let chain = Chain::new(layers.iter().map(|l| l.device.clone()).collect())?;
+    let chain = Chain::new(layers.iter().map(|l| l.device.clone()).collect())?
+        .with_write_through(opts.cache.write_through());
     Ok(Image { layers, chain })
 }
 

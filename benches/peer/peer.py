@@ -54,6 +54,7 @@ QEMU_CONFIGS = {
     'wb-threads': '--cache=writeback --aio=threads',
     'none-uring': '--cache=none --aio=io_uring',
     'none-threads': '--cache=none --aio=threads',
+    'none-native': '--cache=none --aio=native',
 }
 
 
@@ -86,6 +87,8 @@ ap.add_argument('-q', '--qemu', default='wb-uring,wb-threads',
 ap.add_argument('--no-nbdkit', action='store_true', help='leave nbdkit out')
 ap.add_argument('--qnbd', default=os.path.join(REPO, 'target', 'release', 'qnbd'), help='qnbd binary')
 ap.add_argument('--qnbd-args', default='', help='extra arguments for qnbd serve (e.g. "--aio=threads")')
+ap.add_argument('--qnbd-cache', default='writeback',
+                help='cache mode of qnbd serve (default writeback; "none" to compare with the none-* settings)')
 ap.add_argument('--extra', action='append', default=[], metavar='NAME=CMD',
                 help='another server to measure (template with {SOCK} {PORT} {IMG} {RAW} {FMT}); repeatable')
 ap.add_argument('-c', '--ceiling', action='store_true', help="add nbdkit's null plugin (protocol ceiling) on read jobs")
@@ -189,7 +192,8 @@ sh('sync')
 print(f'# images ready in {time.time() - t0:.0f}s', flush=True)
 
 # ------------------------------------------------------------------------------ servers
-QNBD = f"{shlex.quote(a.qnbd)} serve -f {{FMT}} -t -e 0 --cache=writeback {a.qnbd_args} {{LISTEN}} {{IMG}}"
+QNBD = (f"{shlex.quote(a.qnbd)} serve -f {{FMT}} -t -e 0 --cache={a.qnbd_cache} {a.qnbd_args} "
+        f"{{LISTEN}} {{IMG}}")
 servers = [('qnbd', QNBD)]
 for c in qemu_cfgs:
     servers.append((f'qemu-nbd:{c}', f'qemu-nbd -f {{FMT}} -t -e 4 {QEMU_CONFIGS[c]} {{LISTEN}} {{IMG}}'))

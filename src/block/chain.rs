@@ -75,6 +75,8 @@ impl MapEntry {
 #[derive(Debug, Clone)]
 pub struct Chain {
     layers: Vec<Arc<dyn BlockDevice>>,
+    /// Flush after every write and write-zeroes (`cache=writethrough`, `directsync`).
+    write_through: bool,
 }
 
 impl Chain {
@@ -83,7 +85,32 @@ impl Chain {
         if layers.is_empty() {
             return Err(Error::new(ErrorKind::InvalidArgument, "empty chain"));
         }
-        Ok(Chain { layers })
+        Ok(Chain {
+            layers,
+            write_through: false,
+        })
+    }
+
+    /// Make every write and write-zeroes durable before it returns, as if each carried FUA
+    /// (QEMU's BlockBackend with its write cache disabled: `cache=writethrough`, `directsync`).
+    pub fn with_write_through(mut self, on: bool) -> Chain {
+        self.write_through = on;
+        self
+    }
+
+    pub fn write_through(&self) -> bool {
+        self.write_through
+    }
+
+    /// Whether a write completes in memory (page cache, no flush): cheap enough for the NBD
+    /// server to run on a connection's own thread. Not with `O_DIRECT` files or write-through.
+    pub fn writes_buffered(&self) -> bool {
+        let top = &self.layers[0];
+        !self.write_through
+            && [FileRole::Image, FileRole::DataFile]
+                .into_iter()
+                .filter_map(|r| top.storage(r))
+                .all(|s| s.buffered())
     }
 
     pub fn top(&self) -> &Arc<dyn BlockDevice> {
@@ -139,13 +166,22 @@ impl Chain {
     /// Write guest bytes to the top layer (copy-on-write from the layers below).
     pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
-        self.layers[0].write(off, buf, &Below(&self.layers[1..]), fua)
+        self.layers[0].write(
+            off,
+            buf,
+            &Below(&self.layers[1..]),
+            fua || self.write_through,
+        )
     }
 
     /// Make a range read as zeros.
     pub fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode) -> Result<()> {
         self.check_range(off, len)?;
-        self.layers[0].write_zeroes(off, len, mode, &Below(&self.layers[1..]))
+        self.layers[0].write_zeroes(off, len, mode, &Below(&self.layers[1..]))?;
+        if self.write_through {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Release a range (advisory).

@@ -17,7 +17,7 @@ use crate::nbd::client::{decode_simple_reply, encode_request, open_export, Targe
 use crate::nbd::wire::{
     NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_READ_ONLY,
 };
-use crate::open::open_image;
+use crate::open::{open_image, CacheMode};
 use clap::Args;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -53,7 +53,7 @@ pub struct BenchArgs {
     /// I/O engine: io_uring, threads/sync (qemu-img bench's -i).
     #[arg(short = 'i', long = "aio")]
     pub aio: Option<String>,
-    /// Cache mode (accepted for qemu-img compatibility: writeback, none, ...).
+    /// Host cache mode: writeback (default), none (O_DIRECT), writethrough, directsync, unsafe.
     #[arg(short = 't', long = "cache")]
     pub cache: Option<String>,
     /// Byte pattern written (qemu-img bench --pattern).
@@ -159,6 +159,10 @@ fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
                 format!("Invalid AIO option: '{aio}'"),
             )
         })?;
+    }
+    if let Some(c) = &a.cache {
+        opts.cache = CacheMode::parse(c)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "Invalid cache mode"))?;
     }
     opts.writable = a.write;
     let img = open_image(image, &opts)?;

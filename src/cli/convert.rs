@@ -4,11 +4,10 @@
 use super::open_options;
 use crate::block::{Chain, Mapping, NoBacking};
 use crate::error::{Error, ErrorKind, Result};
-use crate::open::{open_image, Format, OpenOptions};
+use crate::open::{open_image, CacheMode, Format, OpenOptions};
 use clap::Args;
 use std::fs::OpenOptions as FsOpenOptions;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
@@ -41,6 +40,14 @@ pub struct ConvertArgs {
     pub force_share: bool,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
     pub allow_backing: Vec<String>,
+    /// Host cache mode of the output: writeback (default), none, writethrough, directsync,
+    /// unsafe.
+    #[arg(short = 't')]
+    pub cache: Option<String>,
+    /// Host cache mode of the source: writeback (default), none, writethrough, directsync,
+    /// unsafe.
+    #[arg(short = 'T')]
+    pub src_cache: Option<String>,
     pub src: String,
     pub dst: String,
 }
@@ -89,19 +96,19 @@ trait Sink {
 }
 
 struct RawSink {
-    file: std::fs::File,
+    file: std::sync::Arc<dyn crate::io::Storage>,
     path: String,
 }
 
 impl Sink for RawSink {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.file
-            .write_all_at(data, off)
+            .write_at(data, off)
             .map_err(|e| Error::io(format!("Could not write to '{}' at {off:#x}", self.path), e))
     }
     fn finish(&mut self) -> Result<()> {
         self.file
-            .sync_data()
+            .sync()
             .map_err(|e| Error::io(format!("Could not flush '{}'", self.path), e))
     }
 }
@@ -222,8 +229,19 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             "Compression not supported for this file format",
         ));
     }
+    let cache_mode = |c: &Option<String>, what: &str| match c {
+        None => Ok(CacheMode::Writeback),
+        Some(c) => CacheMode::parse(c).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Invalid {what}cache option: {c}"),
+            )
+        }),
+    };
+    let dst_cache = cache_mode(&a.cache, "")?;
     let opts = OpenOptions {
         policy: super::open_policy(&a.allow_backing)?,
+        cache: cache_mode(&a.src_cache, "source ")?,
         ..open_options(a.format.as_deref())?
     };
     let img = open_image(&a.src, &opts)?;
@@ -249,8 +267,9 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                 .map_err(|e| Error::io(format!("Could not create '{}'", a.dst), e))?;
             file.set_len(size)
                 .map_err(|e| Error::io(format!("Could not resize '{}'", a.dst), e))?;
+            drop(file);
             let mut sink = RawSink {
-                file,
+                file: crate::open::open_storage_with(&a.dst, opts.engine, true, dst_cache)?,
                 path: a.dst.clone(),
             };
             copy(&img.chain, &mut sink, 2 << 20, false, false, &mut progress)?;
@@ -277,6 +296,7 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                 format: Some(Format::Qcow2),
                 writable: true,
                 engine: opts.engine,
+                cache: dst_cache,
                 policy: crate::open::OpenPolicy::trusted(),
                 ..OpenOptions::default()
             };

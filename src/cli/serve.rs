@@ -14,7 +14,7 @@ use crate::nbd::export::{ChainBackend, DiscardMode, Export, ExportBackend, Expor
 use crate::nbd::meta::Available;
 use crate::nbd::server::{self, ConnConfig, Server, ServerConfig, Stop};
 use crate::nbd::tls::{Credentials, TlsServer};
-use crate::open::{open_image, OpenPolicy};
+use crate::open::{open_image, CacheMode, OpenPolicy};
 use clap::Args;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -53,8 +53,8 @@ pub struct ServeArgs {
     /// Expose the image from this byte offset.
     #[arg(short = 'o', long = "offset", value_parser = super::parse_size_arg)]
     pub offset: Option<u64>,
-    /// Host cache mode (none, writeback, writethrough, directsync, unsafe); read-only exports
-    /// read through the page cache whatever the mode.
+    /// Host cache mode: writeback (default), none (O_DIRECT), writethrough (every write
+    /// flushed), directsync (both), unsafe (flushes do not sync).
     #[arg(long = "cache")]
     pub cache: Option<String>,
     /// Same as --cache=none.
@@ -162,6 +162,9 @@ impl ExportBackend for Offset {
     }
     fn reuse_epoch(&self) -> u64 {
         self.inner.reuse_epoch()
+    }
+    fn writes_buffered(&self) -> bool {
+        self.inner.writes_buffered()
     }
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {
         self.inner.block_status(off + self.offset, len)
@@ -302,7 +305,7 @@ fn discard_mode(v: &str) -> Result<DiscardMode> {
 
 fn build_export(
     spec: &ExportSpec,
-    engine: Engine,
+    (engine, cache): (Engine, CacheMode),
     policy: &OpenPolicy,
     offset: u64,
     multi_conn: bool,
@@ -319,6 +322,7 @@ fn build_export(
     }
     let mut opts = open_options(spec.format.as_deref())?;
     opts.engine = engine;
+    opts.cache = cache;
     opts.writable = !spec.readonly && spec.internal_snapshot.is_none();
     opts.qcow2.snapshot = spec.internal_snapshot.clone();
     opts.policy = policy.clone();
@@ -625,17 +629,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     if a.snapshot && a.load_snapshot.is_some() {
         return Err(bad("-s and -l cannot be used together"));
     }
-    if a.nocache && a.cache.is_some() {
-        return Err(bad("-n and --cache can only be specified once"));
-    }
-    if let Some(c) = &a.cache {
-        if !matches!(
-            c.as_str(),
-            "none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe"
-        ) {
-            return Err(bad(format!("Invalid cache mode '{c}'")));
-        }
-    }
+    let cache = cache_mode(a)?;
     if let Some(d) = &a.discard {
         if !matches!(d.as_str(), "ignore" | "off" | "unmap" | "on") {
             return Err(bad(format!("Invalid discard mode '{d}'")));
@@ -648,6 +642,12 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     }
     let engine = match a.aio.as_deref() {
         None => Engine::from_env().map_err(bad)?,
+        Some("native") if !cache.direct() => {
+            // qemu-nbd's refusal: Linux AIO only works on O_DIRECT files
+            return Err(bad(
+                "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+            ));
+        }
         Some("threads") | Some("native") => Engine::Sync,
         Some("io_uring") => Engine::Uring,
         Some(o) => return Err(bad(format!("Invalid aio mode '{o}'"))),
@@ -670,7 +670,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         .collect::<Result<_>>()?;
 
     let mut fork_pipe = if a.fork { Some(daemonize()?) } else { None };
-    let res = serve(a, engine, specs, tls, &policy, &mut fork_pipe);
+    let res = serve(a, (engine, cache), specs, tls, &policy, &mut fork_pipe);
     if let (Err(e), Some(p)) = (&res, fork_pipe.as_mut()) {
         p.send(format!("qnbd: {e}\n").as_bytes());
         std::process::exit(1);
@@ -678,9 +678,24 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     res
 }
 
+/// Default workers with `O_DIRECT` files: enough requests in flight to keep a device busy.
+const DIRECT_MIN_WORKERS: usize = 16;
+
+/// `--cache` / `-n` (given at most once, as qemu-nbd insists).
+fn cache_mode(a: &ServeArgs) -> Result<CacheMode> {
+    if a.nocache && a.cache.is_some() {
+        return Err(bad("-n and --cache can only be specified once"));
+    }
+    match &a.cache {
+        _ if a.nocache => Ok(CacheMode::None),
+        None => Ok(CacheMode::Writeback),
+        Some(c) => CacheMode::parse(c).ok_or_else(|| bad(format!("Invalid cache mode '{c}'"))),
+    }
+}
+
 fn serve(
     a: &ServeArgs,
-    engine: Engine,
+    engine: (Engine, CacheMode),
     specs: Vec<ExportSpec>,
     tls: Option<Arc<TlsServer>>,
     policy: &OpenPolicy,
@@ -728,10 +743,17 @@ fn serve(
         planes: None,
     };
     let workers = a.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
+        let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
-            .max(2)
+            .max(2);
+        // O_DIRECT: every read a worker does waits for the device, so the worker count is the
+        // device queue depth; page-cache reads mostly finish on the connection thread instead
+        if engine.1.direct() {
+            (cpus * 4).max(DIRECT_MIN_WORKERS)
+        } else {
+            cpus
+        }
     });
     if a.stdio {
         server::serve_stdio(&conn, workers);
@@ -768,7 +790,7 @@ fn serve(
             persistent: a.persistent,
             workers,
             // one ring data plane per core, unless the portable engine was asked for
-            planes: if engine == Engine::Sync {
+            planes: if engine.0 == Engine::Sync {
                 0
             } else {
                 std::thread::available_parallelism()

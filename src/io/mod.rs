@@ -10,7 +10,9 @@ use std::fmt;
 use std::io;
 
 pub mod buf;
+pub mod direct;
 pub mod mem;
+pub mod noflush;
 pub mod sync;
 #[cfg(feature = "uring")]
 pub mod uring;
@@ -119,6 +121,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// same offsets (`None`: in-memory doubles, and wrappers that transform the bytes).
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         None
+    }
+
+    /// Whether writes land in the page cache (`false`: `O_DIRECT`, every write waits for the
+    /// device).
+    fn buffered(&self) -> bool {
+        true
     }
 
     /// Device and inode identity, for loop detection in backing chains.
@@ -245,6 +253,9 @@ impl<S: Storage + ?Sized> Storage for StickySync<S> {
     }
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         self.inner.raw_fd()
+    }
+    fn buffered(&self) -> bool {
+        self.inner.buffered()
     }
     fn engine_name(&self) -> &'static str {
         self.inner.engine_name()

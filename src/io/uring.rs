@@ -6,6 +6,10 @@
 //! CQE of the batch has been reaped, so the kernel never writes into memory the caller got back.
 //! `probe()` decides at open time whether the kernel (or a seccomp sandbox) allows io_uring and
 //! the opcodes we use; `open.rs` falls back to the sync engine when it does not.
+//!
+//! Where a ring buys nothing the engine uses positioned I/O in the calling thread: writes (a
+//! buffered one is a page-cache copy, an `O_DIRECT` one a wait for the device either way) and
+//! single reads of `O_DIRECT` files. Page-cache hits are tried with `RWF_NOWAIT` first.
 
 use super::buf::IoBuf;
 use super::sync::seek_extent;
@@ -25,7 +29,7 @@ pub fn probe() -> io::Result<()> {
     let ring = IoUring::new(4)?;
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe)?;
-    for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE] {
+    for code in [opcode::Read::CODE, opcode::Fsync::CODE] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -53,7 +57,6 @@ impl std::fmt::Debug for UringFile {
 
 enum Op<'a> {
     Read(&'a mut [u8]),
-    Write(&'a [u8]),
     Fsync,
 }
 
@@ -106,12 +109,6 @@ impl UringFile {
                     Op::Read(buf) => {
                         let len = u32::try_from(buf.len()).map_err(|_| einval())?;
                         opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), len)
-                            .offset(*off)
-                            .build()
-                    }
-                    Op::Write(buf) => {
-                        let len = u32::try_from(buf.len()).map_err(|_| einval())?;
-                        opcode::Write::new(types::Fd(fd), buf.as_ptr(), len)
                             .offset(*off)
                             .build()
                     }
@@ -172,10 +169,22 @@ impl Storage for UringFile {
         }
         // A read the page cache can answer whole costs one syscall this way instead of a ring
         // round trip (io_uring would try the same non-blocking read inline first).
-        if let Ok(n) = super::pread_nowait(self.file.as_raw_fd(), buf, off) {
-            if n == buf.len() {
-                return Ok(n);
+        if self.buffered {
+            if let Ok(n) = super::pread_nowait(self.file.as_raw_fd(), buf, off) {
+                if n == buf.len() {
+                    return Ok(n);
+                }
             }
+        } else {
+            // O_DIRECT: the caller waits for the device either way, and one pread is one
+            // syscall where a ring round trip is a pool lock, a submission and a wait (with
+            // more waiting threads than pooled rings, a ring set up and torn down each time).
+            return loop {
+                match std::os::unix::fs::FileExt::read_at(&self.file, buf, off) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
         }
         let mut ops = [(off, Op::Read(buf))];
         let r = self.run(&mut ops)?;
@@ -184,22 +193,12 @@ impl Storage for UringFile {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         // A buffered write cannot be done without blocking in the submitting task on most file
-        // systems (ext4 refuses RWF_NOWAIT for them), so the ring hands it to an io-wq kernel
-        // thread: two context switches around a page-cache copy, for a caller that waits for
-        // the completion anyway. pwrite does the same copy in this thread.
-        if self.buffered {
-            return std::os::unix::fs::FileExt::write_all_at(&self.file, buf, off);
-        }
-        let mut done = 0usize;
-        while done < buf.len() {
-            let mut ops = [(off + done as u64, Op::Write(&buf[done..]))];
-            let n = check(self.run(&mut ops)?[0])?;
-            if n == 0 {
-                return Err(io::Error::from(io::ErrorKind::WriteZero));
-            }
-            done += n;
-        }
-        Ok(())
+        // systems (ext4 refuses RWF_NOWAIT for them), so the ring would hand it to an io-wq
+        // kernel thread: two context switches around a page-cache copy, for a caller that
+        // waits for the completion anyway; pwrite does the same copy in this thread. An
+        // O_DIRECT write waits for the device either way, and a blocking pwrite is the cheapest
+        // wait (see read_at).
+        std::os::unix::fs::FileExt::write_all_at(&self.file, buf, off)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

@@ -96,6 +96,12 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
         0
     }
 
+    /// Whether small writes complete in memory, so the server may run them on the connection's
+    /// own thread (false: each waits for the device or a flush; the workers run them).
+    fn writes_buffered(&self) -> bool {
+        true
+    }
+
     fn access(&self) -> Access {
         Access::ReadOnly
     }
@@ -223,6 +229,10 @@ impl ExportBackend for ChainBackend {
 
     fn reuse_epoch(&self) -> u64 {
         self.chain.reuse_epoch()
+    }
+
+    fn writes_buffered(&self) -> bool {
+        self.chain.writes_buffered()
     }
 
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {

@@ -594,7 +594,7 @@ impl Plane {
                 ref data,
                 fua: false,
                 ..
-            } if data.len() <= INLINE_WRITE_MAX => {
+            } if data.len() <= INLINE_WRITE_MAX && c.session.export.backend.writes_buffered() => {
                 let reply = c
                     .session
                     .export

@@ -639,6 +639,7 @@ pub fn serve_connection(
         // Small writes too: an in-place write is a page-cache copy, an allocating one changes
         // metadata under a lock that the workers would only queue on.
         if matches!(&cmd, Command::Write { data, fua: false, .. } if data.len() <= INLINE_WRITE_MAX)
+            && session.export.backend.writes_buffered()
         {
             let out = session
                 .export
