@@ -11,7 +11,7 @@ use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
 
 /// Bytes of idle data buffers a batch keeps for reuse.
-const POOL_BYTES: usize = 16 << 20;
+const POOL_BYTES: usize = 8 << 20;
 /// Data buffers up to this size are pooled; bigger ones are freed once sent.
 const POOL_MAX_BUF: usize = 1 << 20;
 
