@@ -118,7 +118,8 @@ impl Chain {
 
     /// Resolve consecutive runs from `off` (at most `len` bytes, `len > 0`): append at least one
     /// and at most `max` runs to `out`, contiguous from `off`. Each run answers as `resolve`
-    /// would for its bytes; each layer maps many runs per call (`BlockDevice::map_many`).
+    /// would for its bytes; each layer maps many runs per call (`BlockDevice::map_many`). An
+    /// error only fails the call when it concerns the first run.
     pub fn resolve_many(
         &self,
         off: u64,
@@ -127,8 +128,16 @@ impl Chain {
         out: &mut Vec<Resolved>,
     ) -> Result<()> {
         self.check_range(off, len)?;
-        let limit = out.len().saturating_add(max.max(1));
-        resolve_many_in(&self.layers, 0, off, len, limit, out, &mut Vec::new()).map(|_| ())
+        let first = out.len();
+        let limit = first.saturating_add(max.max(1));
+        match resolve_many_in(&self.layers, 0, off, len, limit, out, &mut Vec::new()) {
+            Ok(_) => Ok(()),
+            // runs are pushed whole and in order: the ones before the failure stand, and the
+            // error is reported when the caller asks for that range itself (as `resolve` run
+            // by run would)
+            Err(_) if out.len() > first => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Resolve `[off, off + len)` once, with every layer pinned, for reading (see [`ReadPlan`]).
@@ -588,6 +597,8 @@ mod tests {
     struct Scripted {
         runs: Vec<(u64, Mapping)>,
         file: Arc<dyn Storage>,
+        /// Mapping at or after this offset fails (a corrupt table).
+        fail_at: u64,
     }
 
     impl BlockDevice for Scripted {
@@ -601,6 +612,9 @@ mod tests {
             true
         }
         fn map(&self, off: u64, len: u64) -> Result<Run> {
+            if off >= self.fail_at {
+                return Err(Error::new(ErrorKind::Corrupt, "bad table"));
+            }
             let mut start = 0;
             for &(n, mapping) in &self.runs {
                 if off < start + n {
@@ -654,6 +668,7 @@ mod tests {
             Arc::new(Scripted {
                 runs,
                 file: file.clone(),
+                fail_at: u64::MAX,
             })
         };
         let zero = Mapping::Zero {
@@ -754,5 +769,25 @@ mod tests {
             // outside the plan: refused
             assert!(plan.read(off + len, &mut [0u8; 1], Wait::Block).is_err());
         }
+    }
+
+    #[test]
+    fn an_error_past_the_first_run_ends_the_batch_early() {
+        let file: Arc<dyn Storage> = Arc::new(MemStorage::new(vec![7; 4096]));
+        let top: Arc<dyn BlockDevice> = Arc::new(Scripted {
+            runs: vec![(100, data(0)), (100, BACKING), (100, data(200))],
+            file,
+            fail_at: 200,
+        });
+        let c = Chain::new(vec![top]).unwrap();
+        let mut runs = Vec::new();
+        c.resolve_many(0, 300, 10, &mut runs).unwrap();
+        assert_eq!(runs.iter().map(|r| r.len).sum::<u64>(), 200);
+        // asked for itself, the bad range fails, as a read through it does
+        assert!(c.resolve_many(200, 100, 10, &mut runs).is_err());
+        assert!(c.read(150, &mut [0u8; 100]).is_err());
+        let mut buf = [0u8; 100];
+        c.read(100, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 100]);
     }
 }

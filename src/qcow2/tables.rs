@@ -97,10 +97,20 @@ pub(crate) fn map_many(
             // only the first table can be out of range (later ones are entered below `end`)
             return Err(out_of_range(pos));
         }
-        let table = l2_for(q, &m, pos)?;
+        let table = match l2_for(q, &m, pos) {
+            Ok(t) => t,
+            Err(_) if left < max.max(1) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let table = table.as_ref().map(|(o, t)| (*o, t.as_slice()));
         while pos < table_end && left > 0 {
-            let run = map_in_table(q, &m, pos, table_end, table, prealloc)?;
+            let run = match map_in_table(q, &m, pos, table_end, table, prealloc) {
+                Ok(run) => run,
+                // the runs before a bad entry stand; the caller meets the error if it asks
+                // for that range itself
+                Err(_) if left < max.max(1) => return Ok(()),
+                Err(e) => return Err(e),
+            };
             pos += run.len;
             left -= 1;
             out.push(run);
