@@ -148,7 +148,7 @@ fn bench_layers(c: &mut Criterion) {
         b.iter(|| {
             for &o in &offs {
                 let o = o.min(size - (1 << 20));
-                black_box(chain.plan_read(o, 1 << 20).expect("plan"));
+                black_box(chain.plan_async(o, 1 << 20).expect("plan"));
             }
         })
     });

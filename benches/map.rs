@@ -77,6 +77,23 @@ fn bench_map(c: &mut Criterion) {
             assert!(n > 8000);
         })
     });
+    g.bench_function("chain-resolve-many/1GiB-fragmented", |b| {
+        let mut runs = Vec::new();
+        b.iter(|| {
+            let mut off = 0;
+            let mut n = 0;
+            while off < size {
+                runs.clear();
+                image
+                    .chain
+                    .resolve_many(off, size - off, 1024, &mut runs)
+                    .expect("resolve_many");
+                off += runs.iter().map(|r| r.len).sum::<u64>();
+                n += runs.len();
+            }
+            assert!(n > 8000);
+        })
+    });
     g.finish();
 }
 

@@ -4,7 +4,7 @@
 //! depth that `qemu:allocation-depth` exports; 0 means no layer holds the range). `read` plans a
 //! guest read from resolved runs; `map_entry` reproduces `qemu-img map`'s per-range answer.
 
-use super::{Access, BlockDevice, CowSource, FileRole, Mapping, ZeroMode};
+use super::{Access, BlockDevice, CowSource, FileRole, Mapping, ReadPin, Run, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact_or_zero;
 use std::os::fd::RawFd;
@@ -142,6 +142,36 @@ impl Chain {
     pub fn resolve(&self, off: u64, len: u64) -> Result<Resolved> {
         self.check_range(off, len)?;
         resolve_in(&self.layers, off, len)
+    }
+
+    /// Resolve consecutive runs from `off` (at most `len` bytes, `len > 0`): append at least one
+    /// and at most `max` runs to `out`, contiguous from `off`. Each run answers as `resolve`
+    /// would for its bytes; each layer maps many runs per call (`BlockDevice::map_many`). An
+    /// error only fails the call when it concerns the first run.
+    pub fn resolve_many(
+        &self,
+        off: u64,
+        len: u64,
+        max: usize,
+        out: &mut Vec<Resolved>,
+    ) -> Result<()> {
+        self.check_range(off, len)?;
+        let first = out.len();
+        let limit = first.saturating_add(max.max(1));
+        match resolve_many_in(&self.layers, 0, off, len, limit, out, &mut Vec::new()) {
+            Ok(_) => Ok(()),
+            // runs are pushed whole and in order: the ones before the failure stand, and the
+            // error is reported when the caller asks for that range itself (as `resolve` run
+            // by run would)
+            Err(_) if out.len() > first => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resolve `[off, off + len)` once, with every layer pinned, for reading (see [`ReadPlan`]).
+    pub fn plan_read(&self, off: u64, len: u64) -> Result<ReadPlan<'_>> {
+        self.check_range(off, len)?;
+        plan_in(&self.layers, off, len)
     }
 
     /// Read guest bytes.
@@ -291,27 +321,194 @@ fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Res
     }
 }
 
-/// Read guest bytes through `layers`. Every layer is pinned for the whole read, so no host
-/// cluster it maps can be freed and reused under us.
-fn read_in(
+/// Resolve consecutive runs of `[off, off + len)` through `layers` (the first is the top,
+/// `depth` layers above it in the whole chain) until `out` holds `limit` runs; returns how many
+/// bytes the appended runs cover (0 only when `out` was already full). `scratch` holds each
+/// layer's runs while they are walked (left as it was found).
+fn resolve_many_in(
     layers: &[Arc<dyn BlockDevice>],
+    depth: usize,
     off: u64,
-    buf: &mut [u8],
-    wait: Wait,
-) -> Result<Completion> {
-    let _pins: Vec<_> = layers.iter().map(|l| l.pin()).collect();
-    let layer_at = |depth: usize| depth.checked_sub(1).and_then(|i| layers.get(i));
-    {
+    len: u64,
+    limit: usize,
+    out: &mut Vec<Resolved>,
+    scratch: &mut Vec<Run>,
+) -> Result<u64> {
+    // zeros owned by no layer: below the bottom, or beyond the end of a (shorter) backing file
+    let unowned = |len| Resolved {
+        len,
+        mapping: Mapping::Backing {
+            file: FileRole::Image,
+            host: None,
+        },
+        depth: 0,
+    };
+    if out.len() >= limit || len == 0 {
+        return Ok(0);
+    }
+    let Some((layer, below)) = layers.split_first() else {
+        out.push(unowned(len));
+        return Ok(len);
+    };
+    let size = layer.size();
+    if off >= size {
+        out.push(unowned(len));
+        return Ok(len);
+    }
+    let inside = len.min(size - off);
+    let base = scratch.len();
+    let res = layer
+        .map_many(off, inside, limit - out.len(), scratch)
+        .and_then(|()| walk_runs(below, depth, off, inside, limit, out, scratch, base));
+    scratch.truncate(base);
+    let done = res?;
+    if done == inside && inside < len && out.len() < limit {
+        out.push(unowned(len - inside));
+        return Ok(len);
+    }
+    Ok(done)
+}
+
+/// The second half of `resolve_many_in`: turn the runs one layer mapped (`scratch[base..]`,
+/// from `off`, covering at most `inside` bytes) into resolved runs, walking `below` for the
+/// unallocated ones. Returns the bytes covered.
+#[allow(clippy::too_many_arguments)]
+fn walk_runs(
+    below: &[Arc<dyn BlockDevice>],
+    depth: usize,
+    off: u64,
+    inside: u64,
+    limit: usize,
+    out: &mut Vec<Resolved>,
+    scratch: &mut Vec<Run>,
+    base: usize,
+) -> Result<u64> {
+    let mut done = 0u64;
+    let mut i = base;
+    while let Some(&run) = scratch.get(i) {
+        i += 1;
+        let n = run.len.clamp(1, inside - done);
+        if out.len() >= limit {
+            return Ok(done);
+        }
+        if !matches!(run.mapping, Mapping::Backing { .. }) {
+            out.push(Resolved {
+                len: n,
+                mapping: run.mapping,
+                depth: depth + 1,
+            });
+        } else if below.is_empty() {
+            out.push(Resolved {
+                len: n,
+                mapping: Mapping::Backing {
+                    file: FileRole::Image,
+                    host: None,
+                },
+                depth: 0,
+            });
+        } else {
+            let got = resolve_many_in(below, depth + 1, off + done, n, limit, out, scratch)?;
+            if got < n {
+                return Ok(done + got);
+            }
+        }
+        done += n;
+        if done >= inside {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+/// Pin every layer, then resolve `[off, off + len)` through `layers` completely.
+fn plan_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<ReadPlan<'_>> {
+    // pinned before mapping: a host cluster the plan names cannot be freed and reused until
+    // the plan (and so the data I/O done through it) is finished
+    let pins: Vec<_> = layers.iter().map(|l| l.pin()).collect();
+    let mut runs = Vec::new();
+    let mut starts = Vec::new();
+    let mut scratch = Vec::new();
+    let mut pos = off;
+    let end = off + len;
+    while pos < end {
+        let first = runs.len();
+        let limit = first.saturating_add(1024);
+        let got = resolve_many_in(layers, 0, pos, end - pos, limit, &mut runs, &mut scratch)?;
+        for r in &runs[first..] {
+            starts.push(pos);
+            pos += r.len;
+        }
+        if got == 0 {
+            return Err(no_layer());
+        }
+    }
+    Ok(ReadPlan {
+        layers,
+        _pins: pins,
+        off,
+        len,
+        runs,
+        starts,
+    })
+}
+
+/// A guest range resolved once through the chain, every layer pinned while the plan lives:
+/// the runs tell what reads as zeros and what is data (so a reply can send holes), and
+/// [`ReadPlan::read`] reads from the host offsets they name, without mapping again. No host
+/// cluster the plan names can be freed and reused before the plan is dropped.
+pub struct ReadPlan<'a> {
+    layers: &'a [Arc<dyn BlockDevice>],
+    _pins: Vec<ReadPin<'a>>,
+    off: u64,
+    len: u64,
+    runs: Vec<Resolved>,
+    /// Guest offset where each run starts.
+    starts: Vec<u64>,
+}
+
+impl std::fmt::Debug for ReadPlan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadPlan")
+            .field("off", &self.off)
+            .field("len", &self.len)
+            .field("runs", &self.runs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadPlan<'_> {
+    /// The resolved runs, in guest order, covering the planned range exactly.
+    pub fn runs(&self) -> &[Resolved] {
+        &self.runs
+    }
+
+    /// Read `buf.len()` guest bytes at `off` (inside the planned range). With `Wait::Never`,
+    /// `Completion::WouldBlock` when that would wait for the disk (`buf` then unspecified);
+    /// compressed clusters always answer `WouldBlock` then.
+    pub fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion> {
+        let end = off.checked_add(buf.len() as u64);
+        if off < self.off || end.is_none_or(|e| e > self.off + self.len) {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("read {off:#x}+{:#x} outside the planned range", buf.len()),
+            ));
+        }
+        let layer_at = |depth: usize| depth.checked_sub(1).and_then(|i| self.layers.get(i));
+        let mut i = self.starts.partition_point(|&s| s <= off).saturating_sub(1);
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
-            let r = resolve_in(layers, pos, (buf.len() - done) as u64)?;
-            let n = usize::try_from(r.len)
+            let (Some(r), Some(&start)) = (self.runs.get(i), self.starts.get(i)) else {
+                return Err(no_layer());
+            };
+            let into = pos - start;
+            let n = usize::try_from(r.len - into)
                 .unwrap_or(usize::MAX)
                 .min(buf.len() - done);
             let dst = &mut buf[done..done + n];
             match r.mapping {
                 Mapping::Data { file, host, .. } => {
+                    let host = host + into;
                     let layer = layer_at(r.depth).ok_or_else(no_layer)?;
                     let st = layer.storage(file).ok_or_else(|| {
                         Error::new(ErrorKind::Corrupt, "data run in a missing data file")
@@ -344,15 +541,29 @@ fn read_in(
                 Mapping::Zero { .. } | Mapping::Backing { .. } => dst.fill(0),
             }
             done += n;
+            i += 1;
         }
         Ok(Completion::Done)
     }
 }
 
+/// Read guest bytes through `layers`: resolved once, every layer pinned for the whole read, so
+/// no host cluster it maps can be freed and reused under us.
+fn read_in(
+    layers: &[Arc<dyn BlockDevice>],
+    off: u64,
+    buf: &mut [u8],
+    wait: Wait,
+) -> Result<Completion> {
+    plan_in(layers, off, buf.len() as u64)?.read(off, buf, wait)
+}
+
 /// Whether a read may wait for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wait {
+pub enum Wait {
+    /// Block until the data is read.
     Block,
+    /// Only read what is in memory (the page cache).
     Never,
 }
 
@@ -435,7 +646,7 @@ impl Chain {
     /// read is right only if [`reuse_epoch`](Self::reuse_epoch), read before this call, is
     /// unchanged once every read has completed; otherwise read again with [`Chain::read`].
     /// Ranges past the end of a host file read short: treat a short read like a changed epoch.
-    pub fn plan_read(&self, off: u64, len: u64) -> Result<Option<Vec<Segment>>> {
+    pub fn plan_async(&self, off: u64, len: u64) -> Result<Option<Vec<Segment>>> {
         self.check_range(off, len)?;
         let mut segs: Vec<Segment> = Vec::new();
         let mut pos = off;
@@ -474,5 +685,212 @@ impl Chain {
             pos += n;
         }
         Ok(Some(segs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::mem::MemStorage;
+    use crate::io::Storage;
+
+    /// A scripted layer: `runs` of (length, mapping) from guest offset 0; data reads come from
+    /// `file`.
+    #[derive(Debug)]
+    struct Scripted {
+        runs: Vec<(u64, Mapping)>,
+        file: Arc<dyn Storage>,
+        /// Mapping at or after this offset fails (a corrupt table).
+        fail_at: u64,
+    }
+
+    impl BlockDevice for Scripted {
+        fn size(&self) -> u64 {
+            self.runs.iter().map(|r| r.0).sum()
+        }
+        fn format_name(&self) -> &'static str {
+            "scripted"
+        }
+        fn supports_backing(&self) -> bool {
+            true
+        }
+        fn map(&self, off: u64, len: u64) -> Result<Run> {
+            if off >= self.fail_at {
+                return Err(Error::new(ErrorKind::Corrupt, "bad table"));
+            }
+            let mut start = 0;
+            for &(n, mapping) in &self.runs {
+                if off < start + n {
+                    let into = off - start;
+                    let mapping = match mapping {
+                        Mapping::Data { file, host, zero } => Mapping::Data {
+                            file,
+                            host: host + into,
+                            zero,
+                        },
+                        m => m,
+                    };
+                    return Ok(Run {
+                        len: (n - into).min(len),
+                        mapping,
+                    });
+                }
+                start += n;
+            }
+            Err(Error::new(ErrorKind::OutOfRange, "beyond the end"))
+        }
+        fn storage(&self, _role: FileRole) -> Option<&Arc<dyn Storage>> {
+            Some(&self.file)
+        }
+        fn read_compressed(&self, _off: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0xcc);
+            Ok(())
+        }
+    }
+
+    fn data(host: u64) -> Mapping {
+        Mapping::Data {
+            file: FileRole::Image,
+            host,
+            zero: false,
+        }
+    }
+
+    const BACKING: Mapping = Mapping::Backing {
+        file: FileRole::Image,
+        host: None,
+    };
+
+    /// top: data, backing, zero, backing, compressed, backing; mid (shorter than the top):
+    /// backing, data, backing; base: data everywhere it exists (shorter still).
+    fn chain() -> Chain {
+        let file: Arc<dyn Storage> = Arc::new(MemStorage::new(
+            (0..8192u32).map(|i| (i % 251) as u8).collect(),
+        ));
+        let layer = |runs: Vec<(u64, Mapping)>| -> Arc<dyn BlockDevice> {
+            Arc::new(Scripted {
+                runs,
+                file: file.clone(),
+                fail_at: u64::MAX,
+            })
+        };
+        let zero = Mapping::Zero {
+            file: FileRole::Image,
+            host: None,
+        };
+        Chain::new(vec![
+            layer(vec![
+                (100, data(1000)),
+                (300, BACKING),
+                (50, zero),
+                (250, BACKING),
+                (64, Mapping::Compressed),
+                (236, BACKING),
+            ]),
+            layer(vec![(150, BACKING), (200, data(3000)), (450, BACKING)]),
+            layer(vec![(600, data(5000))]),
+        ])
+        .unwrap()
+    }
+
+    /// Per byte: (mapping with the host offset of that byte, depth).
+    fn per_byte(runs: &[Resolved]) -> Vec<(Mapping, usize)> {
+        let mut v = Vec::new();
+        for r in runs {
+            for i in 0..r.len {
+                let m = match r.mapping {
+                    Mapping::Data { file, host, zero } => Mapping::Data {
+                        file,
+                        host: host + i,
+                        zero,
+                    },
+                    m => m,
+                };
+                v.push((m, r.depth));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn resolve_many_answers_as_resolve_per_byte() {
+        let c = chain();
+        let size = c.size();
+        for off in [0, 1, 99, 100, 149, 420, 599, 600, 777] {
+            let mut single = Vec::new();
+            let mut pos = off;
+            while pos < size {
+                let r = c.resolve(pos, size - pos).unwrap();
+                pos += r.len;
+                single.push(r);
+            }
+            let expect = per_byte(&single);
+            for max in [1, 2, 3, 1000] {
+                let mut many = Vec::new();
+                let mut pos = off;
+                while pos < size {
+                    let before = many.len();
+                    c.resolve_many(pos, size - pos, max, &mut many).unwrap();
+                    let got = &many[before..];
+                    assert!(!got.is_empty() && got.len() <= max);
+                    pos += got.iter().map(|r| r.len).sum::<u64>();
+                }
+                assert_eq!(pos, size);
+                assert_eq!(per_byte(&many), expect, "off {off} max {max}");
+            }
+        }
+    }
+
+    #[test]
+    fn planned_reads_equal_reads_and_cover_the_range() {
+        let c = chain();
+        let size = c.size() as usize;
+        let mut whole = vec![0u8; size];
+        c.read(0, &mut whole).unwrap();
+        assert_eq!(whole[0], (1000 % 251) as u8);
+        // 150..350 comes from the middle layer, 400..450 is a zero cluster, 450..600 from the
+        // base (the middle layer's run is unallocated there), 600..700 beyond the base: zeros
+        assert_eq!(whole[150], (3000 % 251) as u8);
+        assert!(whole[400..450].iter().all(|&b| b == 0));
+        assert_eq!(whole[450], (5450 % 251) as u8);
+        assert!(whole[600..700].iter().all(|&b| b == 0));
+        assert!(whole[700..764].iter().all(|&b| b == 0xcc));
+        for (off, len) in [(0, 800), (90, 300), (399, 2), (450, 151)] {
+            let plan = c.plan_read(off, len).unwrap();
+            assert_eq!(plan.runs().iter().map(|r| r.len).sum::<u64>(), len);
+            let mut buf = vec![0u8; len as usize];
+            assert_eq!(
+                plan.read(off, &mut buf, Wait::Block).unwrap(),
+                Completion::Done
+            );
+            assert_eq!(buf, whole[off as usize..(off + len) as usize]);
+            // a piece from the middle of the plan
+            let mut piece = vec![0u8; (len / 2) as usize];
+            plan.read(off + len / 4, &mut piece, Wait::Block).unwrap();
+            let s = (off + len / 4) as usize;
+            assert_eq!(piece, whole[s..s + piece.len()]);
+            // outside the plan: refused
+            assert!(plan.read(off + len, &mut [0u8; 1], Wait::Block).is_err());
+        }
+    }
+
+    #[test]
+    fn an_error_past_the_first_run_ends_the_batch_early() {
+        let file: Arc<dyn Storage> = Arc::new(MemStorage::new(vec![7; 4096]));
+        let top: Arc<dyn BlockDevice> = Arc::new(Scripted {
+            runs: vec![(100, data(0)), (100, BACKING), (100, data(200))],
+            file,
+            fail_at: 200,
+        });
+        let c = Chain::new(vec![top]).unwrap();
+        let mut runs = Vec::new();
+        c.resolve_many(0, 300, 10, &mut runs).unwrap();
+        assert_eq!(runs.iter().map(|r| r.len).sum::<u64>(), 200);
+        // asked for itself, the bad range fails, as a read through it does
+        assert!(c.resolve_many(200, 100, 10, &mut runs).is_err());
+        assert!(c.read(150, &mut [0u8; 100]).is_err());
+        let mut buf = [0u8; 100];
+        c.read(100, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 100]);
     }
 }

@@ -14,7 +14,7 @@ pub mod chain;
 pub mod create_raw;
 pub mod raw;
 
-pub use chain::{Chain, Completion, Resolved, Segment};
+pub use chain::{Chain, Completion, ReadPlan, Resolved, Segment, Wait};
 
 /// Which host file of a layer holds a data run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +128,37 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Map the range starting at `off` (`off < size()`, `len > 0`). The returned run is non-empty
     /// and at most `len` bytes (also clamped to `size()`).
     fn map(&self, off: u64, len: u64) -> Result<Run>;
+
+    /// Map consecutive runs from `off` (`off < size()`, `len > 0`, `max > 0`): append to `out`
+    /// at least one and at most `max` runs, contiguous from `off` and covering at most `len`
+    /// bytes (clamped to `size()`). Each run answers exactly as `map` would for its bytes; only
+    /// where runs are cut may differ. An error after the first run ends the batch early instead
+    /// (the error belongs to a range the caller may never ask about). Formats override it to
+    /// map many runs per metadata lock and table lookup.
+    fn map_many(&self, off: u64, len: u64, max: usize, out: &mut Vec<Run>) -> Result<()> {
+        let end = off.saturating_add(len).min(self.size());
+        if end <= off {
+            // out of range: `map` gives the error
+            out.push(self.map(off, len)?);
+            return Ok(());
+        }
+        let mut pos = off;
+        for i in 0..max.max(1) {
+            let run = match self.map(pos, end - pos) {
+                Ok(run) => run,
+                // the runs before a failing one stand; asking for that range reports it
+                Err(_) if i > 0 => break,
+                Err(e) => return Err(e),
+            };
+            let n = run.len.clamp(1, end - pos);
+            out.push(Run { len: n, ..run });
+            pos += n;
+            if pos >= end {
+                break;
+            }
+        }
+        Ok(())
+    }
 
     /// The storage behind a [`FileRole`].
     fn storage(&self, role: FileRole) -> Option<&Arc<dyn Storage>>;

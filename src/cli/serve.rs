@@ -157,8 +157,8 @@ impl ExportBackend for Offset {
     fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<crate::nbd::export::Completion> {
         self.inner.read_nowait(off + self.offset, buf)
     }
-    fn plan_read(&self, off: u64, len: u64) -> Option<crate::nbd::export::ReadPlan> {
-        self.inner.plan_read(off + self.offset, len)
+    fn plan_async(&self, off: u64, len: u64) -> Option<crate::nbd::export::AsyncPlan> {
+        self.inner.plan_async(off + self.offset, len)
     }
     fn reuse_epoch(&self) -> u64 {
         self.inner.reuse_epoch()

@@ -35,9 +35,9 @@ pub struct Status {
     pub depth: u32,
 }
 
-/// A READ planned as file reads and zero runs (see [`ExportBackend::plan_read`]).
+/// A READ planned as file reads and zero runs (see [`ExportBackend::plan_async`]).
 #[derive(Debug, Clone)]
-pub struct ReadPlan {
+pub struct AsyncPlan {
     pub epoch: u64,
     pub segments: Vec<crate::block::Segment>,
 }
@@ -84,14 +84,14 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
     fn block_status(&self, off: u64, len: u64) -> Result<Status>;
 
     /// A read of `len` bytes at `off` planned for asynchronous file reads, with the reuse
-    /// epoch read before planning (see `Chain::plan_read`). `None` (the default): read with
+    /// epoch read before planning (see `Chain::plan_async`). `None` (the default): read with
     /// [`read`](Self::read) instead.
-    fn plan_read(&self, off: u64, len: u64) -> Option<ReadPlan> {
+    fn plan_async(&self, off: u64, len: u64) -> Option<AsyncPlan> {
         let _ = (off, len);
         None
     }
 
-    /// The reuse epoch a [`ReadPlan`] is checked against once its reads completed.
+    /// The reuse epoch an [`AsyncPlan`] is checked against once its reads completed.
     fn reuse_epoch(&self) -> u64 {
         0
     }
@@ -100,6 +100,49 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
     /// own thread (false: each waits for the device or a flush; the workers run them).
     fn writes_buffered(&self) -> bool {
         true
+    }
+
+    /// Statuses of consecutive runs from `off` (at most `len` bytes, `len > 0`): append at least
+    /// one and at most `max` to `out`. The default asks `block_status` once; a backend that can
+    /// answer many runs per metadata lookup overrides it.
+    fn block_status_many(
+        &self,
+        off: u64,
+        len: u64,
+        max: usize,
+        out: &mut Vec<Status>,
+    ) -> Result<()> {
+        let _ = max;
+        out.push(self.block_status(off, len)?);
+        Ok(())
+    }
+
+    /// Resolve `[off, off + len)` (`len > 0`) once and call `f` with its split into pieces
+    /// that read as zeros and data, in order, neighbours merged (one data piece covering the
+    /// range when `holes` is false), and a reader for data inside the range, valid until `f`
+    /// returns.
+    /// The default splits with `block_status` and reads with `read` / `read_nowait`.
+    fn read_planned(
+        &self,
+        off: u64,
+        len: u64,
+        holes: bool,
+        f: &mut PlanUser<'_>,
+    ) -> Result<Completion> {
+        let mut runs: Vec<Piece> = Vec::new();
+        let end = off + len;
+        if holes {
+            let mut pos = off;
+            while pos < end {
+                let st = self.block_status(pos, end - pos)?;
+                let n = st.len.clamp(1, end - pos);
+                push_run(&mut runs, st.allocation & NBD_STATE_ZERO != 0, n);
+                pos += n;
+            }
+        } else {
+            runs.push(Piece::Data(len));
+        }
+        f(&runs, &Direct(self))
     }
 
     fn access(&self) -> Access {
@@ -155,6 +198,73 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
         Err(Error::unsupported(format!(
             "Bitmap '{name}' is not found (bitmap support not available yet)"
         )))
+    }
+}
+
+/// Reads data inside a range that [`ExportBackend::read_planned`] resolved.
+pub trait PlannedRead {
+    /// Read `buf.len()` bytes at `off`; with `Wait::Never`, `WouldBlock` (and `buf` in an
+    /// unspecified state) when that would wait for the disk.
+    fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion>;
+}
+
+/// Reads straight through a backend (each read maps its range again).
+struct Direct<'a, B: ?Sized>(&'a B);
+
+impl<B: ExportBackend + ?Sized> PlannedRead for Direct<'_, B> {
+    fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion> {
+        match wait {
+            Wait::Block => self.0.read(off, buf).map(|_| Completion::Done),
+            Wait::Never => self.0.read_nowait(off, buf),
+        }
+    }
+}
+
+impl PlannedRead for crate::block::ReadPlan<'_> {
+    fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion> {
+        let wait = match wait {
+            Wait::Block => crate::block::Wait::Block,
+            Wait::Never => crate::block::Wait::Never,
+        };
+        crate::block::ReadPlan::read(self, off, buf, wait)
+    }
+}
+
+/// One part of a READ's range: sent as an OFFSET_HOLE chunk or as data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// `len` bytes that read as zeros.
+    Hole(u64),
+    /// `len` bytes to read.
+    Data(u64),
+}
+
+/// What [`ExportBackend::read_planned`] calls: with the range's hole/data split, in order,
+/// and a reader for the data.
+pub type PlanUser<'f> = dyn FnMut(&[Piece], &dyn PlannedRead) -> Result<Completion> + 'f;
+
+/// Append a run to a hole/data split, merging it into the last piece when they agree.
+fn push_run(runs: &mut Vec<Piece>, zero: bool, n: u64) {
+    match (runs.last_mut(), zero) {
+        (Some(Piece::Hole(l)), true) | (Some(Piece::Data(l)), false) => *l += n,
+        (_, true) => runs.push(Piece::Hole(n)),
+        (_, false) => runs.push(Piece::Data(n)),
+    }
+}
+
+/// `base:allocation` and `qemu:allocation-depth` of a resolved run.
+fn status_of(r: &crate::block::Resolved) -> Status {
+    let mut allocation = 0;
+    if !r.is_data() {
+        allocation |= NBD_STATE_HOLE;
+    }
+    if r.reads_zero() {
+        allocation |= NBD_STATE_ZERO;
+    }
+    Status {
+        len: r.len,
+        allocation,
+        depth: u32::try_from(r.depth).unwrap_or(u32::MAX),
     }
 }
 
@@ -221,10 +331,10 @@ impl ExportBackend for ChainBackend {
         self.chain.read_nowait(off, buf)
     }
 
-    fn plan_read(&self, off: u64, len: u64) -> Option<ReadPlan> {
+    fn plan_async(&self, off: u64, len: u64) -> Option<AsyncPlan> {
         let epoch = self.chain.reuse_epoch();
-        let segments = self.chain.plan_read(off, len).ok()??;
-        Some(ReadPlan { epoch, segments })
+        let segments = self.chain.plan_async(off, len).ok()??;
+        Some(AsyncPlan { epoch, segments })
     }
 
     fn reuse_epoch(&self) -> u64 {
@@ -237,18 +347,42 @@ impl ExportBackend for ChainBackend {
 
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {
         let r = self.chain.resolve(off, len)?;
-        let mut allocation = 0;
-        if !r.is_data() {
-            allocation |= NBD_STATE_HOLE;
-        }
-        if r.reads_zero() {
-            allocation |= NBD_STATE_ZERO;
-        }
         Ok(Status {
             len: r.len.clamp(1, len),
-            allocation,
-            depth: u32::try_from(r.depth).unwrap_or(u32::MAX),
+            ..status_of(&r)
         })
+    }
+
+    fn block_status_many(
+        &self,
+        off: u64,
+        len: u64,
+        max: usize,
+        out: &mut Vec<Status>,
+    ) -> Result<()> {
+        let mut runs = Vec::new();
+        self.chain.resolve_many(off, len, max, &mut runs)?;
+        out.extend(runs.iter().map(status_of));
+        Ok(())
+    }
+
+    fn read_planned(
+        &self,
+        off: u64,
+        len: u64,
+        holes: bool,
+        f: &mut PlanUser<'_>,
+    ) -> Result<Completion> {
+        let plan = self.chain.plan_read(off, len)?;
+        let mut runs: Vec<Piece> = Vec::new();
+        if holes {
+            for r in plan.runs() {
+                push_run(&mut runs, r.reads_zero(), r.len);
+            }
+        } else {
+            runs.push(Piece::Data(len));
+        }
+        f(&runs, &plan)
     }
 
     fn access(&self) -> Access {
@@ -463,20 +597,14 @@ impl Export {
 
     /// Read `len` bytes at `pos` into a pooled buffer and queue it.
     fn read_piece(
-        &self,
+        reader: &dyn PlannedRead,
         pos: u64,
         len: usize,
         batch: &mut ReplyBatch,
         wait: Wait,
     ) -> Result<Completion> {
         let mut buf = batch.take_buf(len);
-        let res = match wait {
-            Wait::Block => self
-                .backend
-                .read(pos, &mut buf[..len])
-                .map(|_| Completion::Done),
-            Wait::Never => self.backend.read_nowait(pos, &mut buf[..len]),
-        };
+        let res = reader.read(pos, &mut buf[..len], wait);
         match res {
             Ok(Completion::Done) => {
                 batch.push_data(buf, len);
@@ -507,7 +635,7 @@ impl Export {
             if len == 0 {
                 return Ok(Completion::Done);
             }
-            return self.read_piece(offset, len, batch, wait);
+            return Self::read_piece(&Direct(&*self.backend), offset, len, batch, wait);
         }
         if len == 0 {
             batch.push_head(|out| {
@@ -529,46 +657,41 @@ impl Export {
             return Ok(Completion::Done);
         }
         // Structured READ: content chunks in offset order, the last one flagged DONE; ranges
-        // that read as zeros become OFFSET_HOLE chunks unless the client set DF.
-        let end = offset + len as u64;
-        let mut runs: Vec<(bool, u64)> = Vec::new();
-        if df {
-            runs.push((false, len as u64));
-        } else {
-            let mut pos = offset;
-            while pos < end {
-                let st = self.backend.block_status(pos, end - pos)?;
-                let n = st.len.clamp(1, end - pos);
-                let zero = st.allocation & NBD_STATE_ZERO != 0;
-                match runs.last_mut() {
-                    Some((z, l)) if *z == zero => *l += n,
-                    _ => runs.push((zero, n)),
+        // that read as zeros become OFFSET_HOLE chunks unless the client set DF. The range is
+        // resolved once: the same plan splits the holes and reads the data.
+        self.backend
+            .read_planned(offset, len as u64, !df, &mut |runs, reader| {
+                let mut pos = offset;
+                let last = runs.len().saturating_sub(1);
+                for (i, &piece) in runs.iter().enumerate() {
+                    let flags = if i == last { NBD_REPLY_FLAG_DONE } else { 0 };
+                    let (zero, n) = match piece {
+                        Piece::Hole(n) => (true, n),
+                        Piece::Data(n) => (false, n),
+                    };
+                    if zero {
+                        // n <= 32 MiB fits the 32-bit hole size
+                        batch.push_head(|out| {
+                            transmission::encode_hole(
+                                out, mode, cookie, req_offset, flags, pos, n as u32,
+                            )
+                        });
+                    } else {
+                        batch.push_head(|out| {
+                            transmission::encode_data_header(
+                                out, mode, cookie, req_offset, flags, pos, n as usize,
+                            )
+                        });
+                        if Self::read_piece(reader, pos, n as usize, batch, wait)?
+                            == Completion::WouldBlock
+                        {
+                            return Ok(Completion::WouldBlock);
+                        }
+                    }
+                    pos += n;
                 }
-                pos += n;
-            }
-        }
-        let mut pos = offset;
-        let last = runs.len() - 1;
-        for (i, (zero, n)) in runs.into_iter().enumerate() {
-            let flags = if i == last { NBD_REPLY_FLAG_DONE } else { 0 };
-            if zero {
-                // n <= 32 MiB fits the 32-bit hole size
-                batch.push_head(|out| {
-                    transmission::encode_hole(out, mode, cookie, req_offset, flags, pos, n as u32)
-                });
-            } else {
-                batch.push_head(|out| {
-                    transmission::encode_data_header(
-                        out, mode, cookie, req_offset, flags, pos, n as usize,
-                    )
-                });
-                if self.read_piece(pos, n as usize, batch, wait)? == Completion::WouldBlock {
-                    return Ok(Completion::WouldBlock);
-                }
-            }
-            pos += n;
-        }
-        Ok(Completion::Done)
+                Ok(Completion::Done)
+            })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -674,16 +797,28 @@ impl Export {
             let end = offset + length;
             let mut pos = offset;
             let busy = |b: &Option<ExtentBuilder>| b.as_ref().is_some_and(|b| !b.is_done());
+            // Runs come in batches (one metadata lookup per L2 table, not per run), small at
+            // first so that a REQ_ONE or short query maps little more than it answers.
+            let mut statuses = Vec::new();
+            let mut want = if req_one { 2 } else { 16 };
             while pos < end && (busy(&alloc) || busy(&depth)) {
-                let st = self.backend.block_status(pos, end - pos)?;
-                let n = st.len.clamp(1, end - pos);
-                if let Some(b) = alloc.as_mut() {
-                    b.push(n, st.allocation.into());
+                statuses.clear();
+                self.backend
+                    .block_status_many(pos, end - pos, want, &mut statuses)?;
+                want = (want * 4).min(STATUS_BATCH_MAX);
+                for st in &statuses {
+                    if pos >= end || !(busy(&alloc) || busy(&depth)) {
+                        break;
+                    }
+                    let n = st.len.clamp(1, end - pos);
+                    if let Some(b) = alloc.as_mut() {
+                        b.push(n, st.allocation.into());
+                    }
+                    if let Some(b) = depth.as_mut() {
+                        b.push(n, st.depth.into());
+                    }
+                    pos += n;
                 }
-                if let Some(b) = depth.as_mut() {
-                    b.push(n, st.depth.into());
-                }
-                pos += n;
             }
             for (id, ctx) in &selected {
                 match ctx {
@@ -724,6 +859,10 @@ fn encode_failure(out: &mut Vec<u8>, mode: HeaderMode, cookie: u64, req_offset: 
         &e.to_string(),
     );
 }
+
+/// Block-status runs asked of the backend per call at most (a batch is mapped under one
+/// metadata lock per L2 table it crosses).
+const STATUS_BATCH_MAX: usize = 1024;
 
 /// Advertised block sizes: minimum, preferred, maximum (qemu-nbd's values).
 pub const BLOCK_SIZES: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD);

@@ -26,7 +26,7 @@
 //! plus a bound on replies waiting for a slow reader: the plane stops decoding (and receiving)
 //! while any of them is reached.
 
-use super::export::{Completion, ReadPlan, Wait};
+use super::export::{AsyncPlan, Completion, Wait};
 use super::handshake::Session;
 use super::reply::ReplyBatch;
 use super::server::{Pool, MAX_INFLIGHT, MAX_INFLIGHT_BYTES};
@@ -583,7 +583,7 @@ impl Plane {
                     }
                 }
                 if length > 0 {
-                    if let Some(plan) = c.session.export.backend.plan_read(offset, length.into()) {
+                    if let Some(plan) = c.session.export.backend.plan_async(offset, length.into()) {
                         if self.ring_read(i, req, offset, length, df, plan) {
                             return;
                         }
@@ -801,7 +801,7 @@ impl Plane {
         offset: u64,
         length: u32,
         df: bool,
-        plan: ReadPlan,
+        plan: AsyncPlan,
     ) -> bool {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return false;

@@ -530,6 +530,16 @@ impl BlockDevice for Qcow2 {
         tables::map(self, off, len)
     }
 
+    fn map_many(&self, off: u64, len: u64, max: usize, out: &mut Vec<Run>) -> Result<()> {
+        if self.no_io {
+            return Err(Error::new(
+                crate::ErrorKind::Denied,
+                "image opened for metadata only",
+            ));
+        }
+        tables::map_many(self, off, len, max, out)
+    }
+
     fn storage(&self, role: FileRole) -> Option<&Arc<dyn Storage>> {
         match role {
             FileRole::Image => Some(&self.file),

@@ -9,6 +9,7 @@ use crate::block::{Mapping, Run};
 use crate::error::{Error, Result};
 use crate::io::{read_exact_or_zero, Extent};
 use std::sync::Arc;
+use zerocopy::IntoBytes;
 
 /// Load the L2 table at host offset `l2_off`, decoded to native u64s: the dirty copy when a
 /// write changed it, else through the cache.
@@ -23,17 +24,14 @@ pub(crate) fn load_l2_in(q: &Qcow2, m: &super::alloc::Meta, l2_off: u64) -> Resu
 pub(crate) fn load_l2(q: &Qcow2, l2_off: u64) -> Result<Arc<Vec<u64>>> {
     q.l2_cache.get_or_load(l2_off, || {
         let cs = q.cluster_size() as usize;
-        let mut raw = vec![0u8; cs];
-        read_exact_or_zero(&**q.file(), &mut raw, l2_off)
+        // read straight into the table and swap in place: no second buffer
+        let mut table = vec![0u64; cs / 8];
+        read_exact_or_zero(&**q.file(), table.as_mut_slice().as_mut_bytes(), l2_off)
             .map_err(|e| Error::io(format!("Could not read L2 table at {l2_off:#x}"), e))?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                u64::from_be_bytes(a)
-            })
-            .collect())
+        for e in &mut table {
+            *e = u64::from_be(*e);
+        }
+        Ok(table)
     })
 }
 
@@ -77,6 +75,59 @@ pub(crate) fn map(q: &Qcow2, off: u64, len: u64) -> Result<Run> {
     map_in(q, &m, off, len, prealloc)
 }
 
+/// `map` for consecutive runs (see `BlockDevice::map_many`): the metadata lock is taken and the
+/// L2 table looked up once per L2 table the runs cross, not once per run.
+pub(crate) fn map_many(
+    q: &Qcow2,
+    off: u64,
+    len: u64,
+    max: usize,
+    out: &mut Vec<Run>,
+) -> Result<()> {
+    let prealloc = q.metadata_preallocation();
+    let cov = q.header.l2_coverage();
+    let want_end = off.saturating_add(len);
+    let mut pos = off;
+    let mut left = max.max(1);
+    loop {
+        let m = q.meta_read();
+        let end = want_end.min(m.size);
+        let table_end = (pos / cov + 1).saturating_mul(cov).min(end);
+        if table_end <= pos {
+            // only the first table can be out of range (later ones are entered below `end`)
+            return Err(out_of_range(pos));
+        }
+        let table = match l2_for(q, &m, pos) {
+            Ok(t) => t,
+            Err(_) if left < max.max(1) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let table = table.as_ref().map(|(o, t)| (*o, t.as_slice()));
+        while pos < table_end && left > 0 {
+            let run = match map_in_table(q, &m, pos, table_end, table, prealloc) {
+                Ok(run) => run,
+                // the runs before a bad entry stand; the caller meets the error if it asks
+                // for that range itself
+                Err(_) if left < max.max(1) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            pos += run.len;
+            left -= 1;
+            out.push(run);
+        }
+        if left == 0 || pos >= end {
+            return Ok(());
+        }
+    }
+}
+
+fn out_of_range(off: u64) -> Error {
+    Error::new(
+        crate::ErrorKind::OutOfRange,
+        format!("map request at {off:#x} beyond the end of the image"),
+    )
+}
+
 /// `map` with the metadata lock held. `prealloc`: look into the host file for holes inside
 /// data clusters (QEMU's behaviour for preallocated images).
 pub(crate) fn map_in(
@@ -86,20 +137,37 @@ pub(crate) fn map_in(
     len: u64,
     prealloc: bool,
 ) -> Result<Run> {
+    let cov = q.header.l2_coverage();
+    let table_end = (off / cov + 1).saturating_mul(cov);
+    let end = off.saturating_add(len).min(table_end).min(m.size);
+    if end <= off {
+        return Err(out_of_range(off));
+    }
+    let table = l2_for(q, m, off)?;
+    map_in_table(
+        q,
+        m,
+        off,
+        end,
+        table.as_ref().map(|(o, t)| (*o, t.as_slice())),
+        prealloc,
+    )
+}
+
+/// The run at `off` up to `end` (`off < end`, both in the L2 table that covers `off`), given
+/// that table (`None`: the L1 entry is empty) as `(host offset, entries)`.
+fn map_in_table(
+    q: &Qcow2,
+    m: &super::alloc::Meta,
+    off: u64,
+    end: u64,
+    table: Option<(u64, &[u64])>,
+    prealloc: bool,
+) -> Result<Run> {
     let h = &q.header;
     let cs = h.cluster_size();
     let cb = h.cluster_bits;
-    let cov = h.l2_coverage();
-    let size = m.size;
-    let table_end = (off / cov + 1).saturating_mul(cov);
-    let end = off.saturating_add(len).min(table_end).min(size);
-    if end <= off {
-        return Err(Error::new(
-            crate::ErrorKind::OutOfRange,
-            format!("map request at {off:#x} beyond the end of the image"),
-        ));
-    }
-    let Some((l2_off, table)) = l2_for(q, m, off)? else {
+    let Some((l2_off, table)) = table else {
         return Ok(Run {
             len: end - off,
             mapping: Mapping::Backing {
@@ -182,6 +250,20 @@ pub(crate) fn map_in(
         let mut pos = guest_cluster + (first_sc as u64 + 1) * sc_size;
         let mut idx = first_l2_idx;
         let mut sc = first_sc + 1;
+        if !ext && !ty.has_host_offset() {
+            // Fast path over long unallocated or zero stretches: an entry equal to the first
+            // one classifies the same (without subclusters the type depends on the entry only).
+            let last = (end - guest_cluster)
+                .div_ceil(cs)
+                .min(l2_entries - first_l2_idx);
+            let from = first_l2_idx as usize + 1;
+            let to = first_l2_idx as usize + last as usize;
+            let same = table
+                .get(from..to.max(from))
+                .map_or(0, |t| t.iter().take_while(|&&e| e == e0).count());
+            pos += same as u64 * cs;
+            idx += same as u64;
+        }
         'outer: while pos < end {
             if sc as u64 == spc {
                 idx += 1;
