@@ -22,14 +22,15 @@
 //! straight from there. A write payload larger than the receive buffer is received directly
 //! into the buffer the write command owns.
 //!
-//! Bounds per connection as in the threaded path ([`MAX_INFLIGHT`], [`MAX_INFLIGHT_BYTES`]),
+//! Bounds per connection: at most [`MAX_INFLIGHT`] requests on the workers and the ring, holding
+//! at most [`MAX_JOB_BYTES`] (one request may exceed it when nothing else is in flight),
 //! plus a bound on replies waiting for a slow reader: the plane stops decoding (and receiving)
 //! while any of them is reached.
 
 use super::export::{AsyncPlan, Completion, Wait};
 use super::handshake::Session;
 use super::reply::ReplyBatch;
-use super::server::{Pool, MAX_INFLIGHT, MAX_INFLIGHT_BYTES};
+use super::server::{Pool, MAX_INFLIGHT};
 use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, RawRequest};
 use super::wire::NBD_REPLY_FLAG_DONE;
 use crate::block::Segment;
@@ -50,8 +51,13 @@ const INLINE_WRITE_MAX: usize = 128 << 10;
 /// The receive buffer's usual size; a write payload that does not fit is received into its
 /// own buffer.
 const RECV_BUF: usize = 256 << 10;
-/// Reply bytes queued (not yet sent) per connection before the plane stops decoding.
-const MAX_QUEUED_REPLY: usize = 16 << 20;
+/// Reply bytes queued or being sent per connection before the plane stops decoding. Small: a
+/// client that keeps many reads in flight (nbdcopy: 64 x 256 KiB on each of 4 connections) must
+/// not make the plane copy far ahead of the socket, or the reply buffers outgrow the pool and
+/// every one is a fresh allocation (page faults) again.
+const MAX_QUEUED_REPLY: usize = 1 << 20;
+/// Bytes held by the requests of one connection that are on the workers or the ring.
+const MAX_JOB_BYTES: usize = 8 << 20;
 /// Submission queue entries per plane ring.
 const RING_ENTRIES: u32 = 256;
 
@@ -467,7 +473,7 @@ impl Plane {
             if c.stop_reading
                 || c.big.is_some()
                 || c.jobs >= MAX_INFLIGHT
-                || c.job_bytes >= MAX_INFLIGHT_BYTES
+                || c.job_bytes >= MAX_JOB_BYTES
                 || c.out.len() + c.sending_bytes >= MAX_QUEUED_REPLY
             {
                 return;
@@ -704,7 +710,7 @@ impl Plane {
             }
         } else {
             let throttled = c.jobs >= MAX_INFLIGHT
-                || c.job_bytes >= MAX_INFLIGHT_BYTES
+                || c.job_bytes >= MAX_JOB_BYTES
                 || c.out.len() + c.sending_bytes >= MAX_QUEUED_REPLY;
             let Some(mut buf) = c.inbuf.take() else {
                 return;
