@@ -2,16 +2,17 @@
 //! chain, read planning, NBD request decoding and block-status extent building. The whole-image
 //! walks are in `map.rs`, bitmaps in `bitmap.rs`, the write path in `write.rs`.
 //!
-//! The image is `map.rs`'s fragmented 1 GiB qcow2 (built there, or here on first use).
+//! The image is the fragmented 1 GiB qcow2 of `common/mod.rs`, shared with `map.rs`.
 
+mod common;
+
+use common::fragmented_image;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use qnbd::nbd::extents::ExtentBuilder;
 use qnbd::nbd::transmission::{decode_header, Decoded, HeaderMode};
 use qnbd::open::{open_image, OpenOptions};
 use qnbd::qcow2::spec::entries::{EntryLayout, OFLAG_COPIED};
 use std::hint::black_box;
-use std::path::PathBuf;
-use std::process::Command;
 
 /// A small deterministic generator (xorshift), so every run measures the same work.
 struct Rng(u64);
@@ -23,40 +24,6 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-}
-
-fn image() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let img = dir.join("bench-layers.qcow2");
-    if img.exists() {
-        return Some(img);
-    }
-    let tmp = dir.join("bench-layers.qcow2.tmp");
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=64k"])
-        .arg(&tmp)
-        .arg("1G")
-        .status()
-        .ok()?
-        .success();
-    // every other 64 KiB cluster of the first 512 MiB written, in one qemu-io call each 4 MiB
-    let mut args = vec!["-f".to_string(), "qcow2".to_string()];
-    for i in 0..4096u64 {
-        args.push("-c".into());
-        args.push(format!("write -q -P {} {} 64k", i % 251, i * 2 * 65536));
-    }
-    let ok = ok
-        && Command::new("qemu-io")
-            .args(&args)
-            .arg(&tmp)
-            .status()
-            .ok()?
-            .success();
-    if !ok {
-        return None;
-    }
-    std::fs::rename(&tmp, &img).ok()?;
-    Some(img)
 }
 
 fn bench_layers(c: &mut Criterion) {
@@ -122,7 +89,7 @@ fn bench_layers(c: &mut Criterion) {
         })
     });
 
-    let Some(img) = image() else {
+    let Some(img) = fragmented_image() else {
         eprintln!("skipping the image benches: qemu-img/qemu-io not available");
         g.finish();
         return;

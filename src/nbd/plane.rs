@@ -30,7 +30,7 @@
 use super::export::{AsyncPlan, Completion, Wait};
 use super::handshake::Session;
 use super::reply::ReplyBatch;
-use super::server::{Pool, MAX_INFLIGHT};
+use super::server::{job_cost, Pool, INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_INFLIGHT};
 use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, RawRequest};
 use super::wire::NBD_REPLY_FLAG_DONE;
 use crate::block::Segment;
@@ -44,10 +44,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
-/// Reads up to this size may be answered on the plane thread from the page cache.
-const INLINE_READ_MAX: u32 = 256 << 10;
-/// Writes (without FUA) up to this size are done on the plane thread.
-const INLINE_WRITE_MAX: usize = 128 << 10;
 /// The receive buffer's usual size; a write payload that does not fit is received into its
 /// own buffer.
 const RECV_BUF: usize = 256 << 10;
@@ -617,12 +613,7 @@ impl Plane {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return;
         };
-        let cost = match &cmd {
-            Command::Read { length, .. } => *length as usize,
-            Command::Write { data, .. } => data.len(),
-            Command::BlockStatus { .. } => 1 << 20,
-            _ => 0,
-        } + 64;
+        let cost = job_cost(&cmd);
         c.jobs += 1;
         c.job_bytes += cost;
         let mut batch = self
@@ -880,7 +871,7 @@ impl Plane {
                 pos += n;
             }
         }
-        let cost = length as usize + 64;
+        let cost = job_cost(&Command::Read { offset, length, df });
         c.jobs += 1;
         c.job_bytes += cost;
         let idx = match self.free_reads.pop() {

@@ -652,12 +652,7 @@ pub fn serve_connection(
             }
             continue;
         }
-        let cost = match &cmd {
-            Command::Read { length, .. } => *length as usize,
-            Command::Write { data, .. } => data.len(),
-            Command::BlockStatus { .. } => 1 << 20,
-            _ => 0,
-        } + 64;
+        let cost = job_cost(&cmd);
         inflight.acquire(cost);
         let (s, w, inf, br, c2) = (
             session.clone(),
@@ -713,11 +708,23 @@ pub fn serve_connection(
 /// (or before the thread next waits for the socket).
 const BATCH_BYTES: usize = 256 << 10;
 const BATCH_PIECES: usize = 256;
-/// Reads up to this size may be answered on the connection thread; bigger ones go to the
-/// workers, so that copying one request's data overlaps with sending another's.
-const INLINE_READ_MAX: u32 = 256 << 10;
-/// Writes (without FUA) up to this size are done on the connection thread.
-const INLINE_WRITE_MAX: usize = 128 << 10;
+/// Reads up to this size may be answered on the connection's thread (or its plane) from the page
+/// cache; bigger ones go to the workers (or the plane's ring), so that copying one request's
+/// data overlaps with sending another's.
+pub(crate) const INLINE_READ_MAX: u32 = 256 << 10;
+/// Writes (without FUA) up to this size are done on the connection's thread (or its plane) when
+/// they complete in the page cache.
+pub(crate) const INLINE_WRITE_MAX: usize = 128 << 10;
+
+/// What a request handed to the workers counts against its connection's in-flight bytes.
+pub(crate) fn job_cost(cmd: &Command) -> usize {
+    64 + match cmd {
+        Command::Read { length, .. } => *length as usize,
+        Command::Write { data, .. } => data.len(),
+        Command::BlockStatus { .. } => 1 << 20,
+        _ => 0,
+    }
+}
 /// I/O vectors per `writev` (Linux's `IOV_MAX`).
 const MAX_IOV: usize = 1024;
 
