@@ -39,45 +39,12 @@ pub fn open_and_map(data: &[u8]) -> Result<()> {
 /// raw export (with `qemu:allocation-depth`), discarding the replies. The fuzz target for the
 /// handshake and transmission phases; returns the number of reply bytes the server wrote.
 pub fn nbd_session(data: &[u8]) -> usize {
-    use crate::nbd::export::{ChainBackend, Export, ExportSet};
-    use crate::nbd::meta::Available;
-    use crate::nbd::server::{serve_connection, ConnConfig, Pool};
+    use crate::nbd::server::{serve_connection, Pool};
     use std::io::{Cursor, Write};
     use std::sync::Mutex;
 
-    let mut img = vec![0u8; 1 << 20];
-    img[..4096].fill(0xab);
-    let storage = Arc::new(MemStorage::new(img));
-    let Ok(dev) = open_storage_image(
-        storage,
-        Some(crate::open::Format::Raw),
-        &Qcow2Options {
-            access: crate::block::Access::ReadWrite,
-            ..Qcow2Options::default()
-        },
-    ) else {
+    let Some(cfg) = fuzz_export_config() else {
         return 0;
-    };
-    let Ok(chain) = Chain::new(vec![dev]) else {
-        return 0;
-    };
-    let export = Arc::new(Export {
-        name: String::new(),
-        description: Some("fuzz".into()),
-        backend: Arc::new(ChainBackend::new(chain)),
-        contexts: Available {
-            allocation_depth: true,
-            bitmaps: Vec::new(),
-        },
-        multi_conn: true,
-    });
-    let cfg = ConnConfig {
-        exports: Arc::new(ExportSet::new(vec![export])),
-        handshake_limit: None,
-        verbose: false,
-        tls: None,
-        #[cfg(feature = "uring")]
-        planes: None,
     };
     #[derive(Clone, Default)]
     struct Counter(Arc<Mutex<usize>>);
@@ -103,4 +70,117 @@ pub fn nbd_session(data: &[u8]) -> usize {
     drop(pool);
     let n = *out.0.lock().unwrap_or_else(|e| e.into_inner());
     n
+}
+
+/// The export of the NBD fuzz sessions: a writable 1 MiB in-memory raw image.
+fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
+    use crate::nbd::export::{ChainBackend, Export, ExportSet};
+    use crate::nbd::meta::Available;
+    use crate::nbd::server::ConnConfig;
+
+    let mut img = vec![0u8; 1 << 20];
+    img[..4096].fill(0xab);
+    let storage = Arc::new(MemStorage::new(img));
+    let dev = open_storage_image(
+        storage,
+        Some(crate::open::Format::Raw),
+        &Qcow2Options {
+            access: crate::block::Access::ReadWrite,
+            ..Qcow2Options::default()
+        },
+    )
+    .ok()?;
+    let chain = Chain::new(vec![dev]).ok()?;
+    let export = Arc::new(Export {
+        name: String::new(),
+        description: Some("fuzz".into()),
+        backend: Arc::new(ChainBackend::new(chain)),
+        contexts: Available {
+            allocation_depth: true,
+            bitmaps: Vec::new(),
+        },
+        multi_conn: true,
+    });
+    Some(ConnConfig {
+        exports: Arc::new(ExportSet::new(vec![export])),
+        handshake_limit: None,
+        verbose: false,
+        tls: None,
+        #[cfg(feature = "uring")]
+        planes: None,
+    })
+}
+
+/// [`nbd_session`] over a real Unix socket pair, with the connection handed to a ring data plane
+/// after negotiation (as `qnbd serve` does): the client bytes are written from another thread
+/// and the half-closed, the replies read until the server closes. Returns the number of reply
+/// bytes; panics if the server neither answers nor closes within 20 s (a hang). `None` when the
+/// kernel refuses io_uring here.
+#[cfg(feature = "uring")]
+pub fn nbd_plane_session(data: &[u8]) -> Option<usize> {
+    use crate::nbd::plane::Planes;
+    use crate::nbd::server::{serve_connection, ConnEnd, EndHook, Pool, Transport};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    static SHARED: OnceLock<Option<(Pool, Arc<Planes>)>> = OnceLock::new();
+    let (pool, planes) = SHARED
+        .get_or_init(|| {
+            let pool = Pool::new(2);
+            let planes = Planes::start(2, pool.clone()).ok()?;
+            Some((pool, Arc::new(planes)))
+        })
+        .as_ref()?;
+    let mut cfg = fuzz_export_config()?;
+    cfg.planes = Some(planes.clone());
+    let (server, mut client) = UnixStream::pair().ok()?;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let hook: EndHook = Arc::new(move |_end: ConnEnd| {
+        let _ = done_tx.send(());
+    });
+    let pool = pool.clone();
+    let srv = std::thread::spawn(move || {
+        let (r, c) = (server.try_clone().ok()?, server.try_clone().ok()?);
+        let end = serve_connection(
+            Box::new(r),
+            Box::new(server),
+            Some(Box::new(c) as Box<dyn Transport>),
+            &cfg,
+            &pool,
+            Some(&hook),
+        );
+        if end != ConnEnd::HandedOver {
+            hook(end);
+        }
+        Some(())
+    });
+    let mut w = client.try_clone().ok()?;
+    let input = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&input);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the plane session neither answered nor closed: {e}"),
+        }
+    }
+    let _ = writer.join();
+    let _ = srv.join();
+    // the end hook runs once the plane (or the negotiation thread) let go of the connection
+    done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the connection's end was never reported");
+    Some(total)
 }
