@@ -631,6 +631,18 @@ pub enum Segment {
     Zero(u64),
 }
 
+/// Runs resolved per batch while planning an asynchronous read.
+const PLAN_BATCH: usize = 64;
+
+impl Segment {
+    /// Guest bytes this piece covers.
+    pub fn bytes(&self) -> u64 {
+        match *self {
+            Segment::Data { len, .. } | Segment::Zero(len) => len,
+        }
+    }
+}
+
 impl Chain {
     /// A value that changes before any layer can reuse host space it freed (see
     /// [`BlockDevice::reuse_epoch`]).
@@ -649,40 +661,53 @@ impl Chain {
     pub fn plan_async(&self, off: u64, len: u64) -> Result<Option<Vec<Segment>>> {
         self.check_range(off, len)?;
         let mut segs: Vec<Segment> = Vec::new();
-        let mut pos = off;
+        let mut runs = Vec::new();
         let end = off + len;
+        let mut pos = off;
         while pos < end {
-            let r = resolve_in(&self.layers, pos, end - pos)?;
-            let n = r.len.clamp(1, end - pos);
-            let seg = match r.mapping {
-                Mapping::Data { file, host, .. } => {
-                    let layer = r
-                        .depth
-                        .checked_sub(1)
-                        .and_then(|i| self.layers.get(i))
-                        .ok_or_else(no_layer)?;
-                    let Some(fd) = layer.storage(file).and_then(|s| s.raw_fd()) else {
-                        return Ok(None);
-                    };
-                    Segment::Data { fd, host, len: n }
+            // many runs per layer lookup (`map_many`); an error stops a batch at its run, and
+            // is reported when the next batch starts there
+            runs.clear();
+            self.resolve_many(pos, end - pos, PLAN_BATCH, &mut runs)?;
+            for r in &runs {
+                let n = r.len.clamp(1, end - pos);
+                let seg = if r.reads_zero() {
+                    // zeros whatever the mapping (as the hole/data split of a READ counts them)
+                    Segment::Zero(n)
+                } else {
+                    match r.mapping {
+                        Mapping::Data { file, host, .. } => {
+                            let layer = r
+                                .depth
+                                .checked_sub(1)
+                                .and_then(|i| self.layers.get(i))
+                                .ok_or_else(no_layer)?;
+                            let Some(fd) = layer.storage(file).and_then(|s| s.raw_fd()) else {
+                                return Ok(None);
+                            };
+                            Segment::Data { fd, host, len: n }
+                        }
+                        _ => return Ok(None),
+                    }
+                };
+                // merge with the previous piece when contiguous
+                match (segs.last_mut(), seg) {
+                    (Some(Segment::Zero(l)), Segment::Zero(k)) => *l += k,
+                    (
+                        Some(Segment::Data { fd, host, len }),
+                        Segment::Data {
+                            fd: f2,
+                            host: h2,
+                            len: k,
+                        },
+                    ) if *fd == f2 && *host + *len == h2 => *len += k,
+                    _ => segs.push(seg),
                 }
-                Mapping::Compressed => return Ok(None),
-                Mapping::Zero { .. } | Mapping::Backing { .. } => Segment::Zero(n),
-            };
-            // merge with the previous piece when contiguous
-            match (segs.last_mut(), seg) {
-                (Some(Segment::Zero(l)), Segment::Zero(k)) => *l += k,
-                (
-                    Some(Segment::Data { fd, host, len }),
-                    Segment::Data {
-                        fd: f2,
-                        host: h2,
-                        len: k,
-                    },
-                ) if *fd == f2 && *host + *len == h2 => *len += k,
-                _ => segs.push(seg),
+                pos += n;
+                if pos >= end {
+                    break;
+                }
             }
-            pos += n;
         }
         Ok(Some(segs))
     }

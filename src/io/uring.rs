@@ -328,7 +328,8 @@ struct Slot<D> {
     /// the slot does.
     iov: Vec<libc::iovec>,
     msg: Option<Box<libc::msghdr>>,
-    counter: Box<u64>,
+    /// The eventfd counter a `Wake` reads into.
+    counter: Option<Box<u64>>,
 }
 
 // SAFETY: the raw pointers in `iov` and `msg` point only into heap memory owned by the same
@@ -380,7 +381,7 @@ impl<D: SendData> EventRing<D> {
             op,
             iov: Vec::new(),
             msg: None,
-            counter: Box::new(0),
+            counter: None,
         };
         let entry = match Self::entry(&mut slot) {
             Ok(e) => e,
@@ -476,7 +477,7 @@ impl<D: SendData> EventRing<D> {
                     .build()
             }
             RingOp::Wake { fd } => {
-                let p: *mut u64 = &mut *slot.counter;
+                let p: *mut u64 = &mut **slot.counter.insert(Box::new(0));
                 opcode::Read::new(types::Fd(*fd), p.cast(), 8).build()
             }
         })
@@ -503,13 +504,8 @@ impl<D: SendData> EventRing<D> {
 
     /// Move every ready completion to `out`.
     pub fn complete(&mut self, out: &mut Vec<RingDone<D>>) {
-        let cq: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (user, result) in cq {
-            let idx = user as usize;
+        for cqe in self.ring.completion() {
+            let (idx, result) = (cqe.user_data() as usize, cqe.result());
             let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
                 continue;
             };

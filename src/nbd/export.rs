@@ -239,16 +239,49 @@ pub enum Piece {
     Data(u64),
 }
 
+impl Piece {
+    /// Guest bytes the piece covers.
+    #[allow(clippy::len_without_is_empty)] // a piece is never empty
+    pub fn len(self) -> u64 {
+        match self {
+            Piece::Hole(n) | Piece::Data(n) => n,
+        }
+    }
+}
+
 /// What [`ExportBackend::read_planned`] calls: with the range's hole/data split, in order,
 /// and a reader for the data.
 pub type PlanUser<'f> = dyn FnMut(&[Piece], &dyn PlannedRead) -> Result<Completion> + 'f;
 
 /// Append a run to a hole/data split, merging it into the last piece when they agree.
-fn push_run(runs: &mut Vec<Piece>, zero: bool, n: u64) {
+pub(crate) fn push_run(runs: &mut Vec<Piece>, zero: bool, n: u64) {
     match (runs.last_mut(), zero) {
         (Some(Piece::Hole(l)), true) | (Some(Piece::Data(l)), false) => *l += n,
         (_, true) => runs.push(Piece::Hole(n)),
         (_, false) => runs.push(Piece::Data(n)),
+    }
+}
+
+/// The chunk header of one piece of a structured READ reply at guest offset `pos` (`last`: the
+/// DONE flag): `OFFSET_HOLE` for a hole, the `OFFSET_DATA` header for data (its bytes follow).
+pub(crate) fn encode_read_chunk(
+    out: &mut Vec<u8>,
+    mode: HeaderMode,
+    cookie: u64,
+    req_offset: u64,
+    last: bool,
+    pos: u64,
+    piece: Piece,
+) {
+    let flags = if last { NBD_REPLY_FLAG_DONE } else { 0 };
+    match piece {
+        // n <= 32 MiB fits the 32-bit hole size
+        Piece::Hole(n) => {
+            transmission::encode_hole(out, mode, cookie, req_offset, flags, pos, n as u32)
+        }
+        Piece::Data(n) => {
+            transmission::encode_data_header(out, mode, cookie, req_offset, flags, pos, n as usize)
+        }
     }
 }
 
@@ -664,31 +697,17 @@ impl Export {
                 let mut pos = offset;
                 let last = runs.len().saturating_sub(1);
                 for (i, &piece) in runs.iter().enumerate() {
-                    let flags = if i == last { NBD_REPLY_FLAG_DONE } else { 0 };
-                    let (zero, n) = match piece {
-                        Piece::Hole(n) => (true, n),
-                        Piece::Data(n) => (false, n),
-                    };
-                    if zero {
-                        // n <= 32 MiB fits the 32-bit hole size
-                        batch.push_head(|out| {
-                            transmission::encode_hole(
-                                out, mode, cookie, req_offset, flags, pos, n as u32,
-                            )
-                        });
-                    } else {
-                        batch.push_head(|out| {
-                            transmission::encode_data_header(
-                                out, mode, cookie, req_offset, flags, pos, n as usize,
-                            )
-                        });
+                    batch.push_head(|out| {
+                        encode_read_chunk(out, mode, cookie, req_offset, i == last, pos, piece)
+                    });
+                    if let Piece::Data(n) = piece {
                         if Self::read_piece(reader, pos, n as usize, batch, wait)?
                             == Completion::WouldBlock
                         {
                             return Ok(Completion::WouldBlock);
                         }
                     }
-                    pos += n;
+                    pos += piece.len();
                 }
                 Ok(Completion::Done)
             })

@@ -27,12 +27,11 @@
 //! plus a bound on replies waiting for a slow reader: the plane stops decoding (and receiving)
 //! while any of them is reached.
 
-use super::export::{AsyncPlan, Completion, Wait};
+use super::export::{self, AsyncPlan, Completion, Wait};
 use super::handshake::Session;
 use super::reply::ReplyBatch;
 use super::server::{job_cost, Pool, INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_INFLIGHT};
 use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, RawRequest};
-use super::wire::NBD_REPLY_FLAG_DONE;
 use crate::block::Segment;
 use crate::io::buf::IoBuf;
 use crate::io::uring::{EventRing, RingDone, RingOp, WakeFd};
@@ -838,37 +837,30 @@ impl Plane {
                 add_data(&mut pieces, &mut c.out, s);
             }
         } else {
-            // structured: runs of zeros become holes (unless DF), data runs one chunk each
-            let is_zero = |s: &Segment| !df && matches!(s, Segment::Zero(_));
-            let seg_len = |s: &Segment| match *s {
-                Segment::Data { len, .. } | Segment::Zero(len) => len,
-            };
-            let mut groups: Vec<(bool, usize, usize)> = Vec::new();
-            for (k, s) in plan.segments.iter().enumerate() {
-                match groups.last_mut() {
-                    Some((z, _, e)) if *z == is_zero(s) => *e = k + 1,
-                    _ => groups.push((is_zero(s), k, k + 1)),
-                }
+            // structured: the hole/data split and chunk headers of a READ on the other paths
+            // (zero runs are holes unless DF; each data piece one chunk over its segments)
+            let mut split: Vec<export::Piece> = Vec::new();
+            for s in &plan.segments {
+                let zero = !df && matches!(s, Segment::Zero(_));
+                export::push_run(&mut split, zero, s.bytes());
             }
+            let mut segs = plan.segments.iter();
             let mut pos = offset;
-            let last = groups.len() - 1;
-            for (g, (zero, a, b)) in groups.into_iter().enumerate() {
-                let flags = if g == last { NBD_REPLY_FLAG_DONE } else { 0 };
-                let n: u64 = plan.segments[a..b].iter().map(seg_len).sum();
+            let last = split.len().saturating_sub(1);
+            for (k, piece) in split.into_iter().enumerate() {
                 let mut h = Vec::new();
-                if zero {
-                    transmission::encode_hole(&mut h, mode, cookie, roff, flags, pos, n as u32);
-                    pieces.push(Piece::Head(h));
-                } else {
-                    transmission::encode_data_header(
-                        &mut h, mode, cookie, roff, flags, pos, n as usize,
-                    );
-                    pieces.push(Piece::Head(h));
-                    for s in &plan.segments[a..b] {
+                export::encode_read_chunk(&mut h, mode, cookie, roff, k == last, pos, piece);
+                pieces.push(Piece::Head(h));
+                // a piece is a merge of whole segments: take those it covers
+                let mut covered = 0;
+                while covered < piece.len() {
+                    let Some(s) = segs.next() else { break };
+                    covered += s.bytes();
+                    if let export::Piece::Data(_) = piece {
                         add_data(&mut pieces, &mut c.out, s);
                     }
                 }
-                pos += n;
+                pos += piece.len();
             }
         }
         let cost = job_cost(&Command::Read { offset, length, df });
