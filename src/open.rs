@@ -236,6 +236,8 @@ pub struct OpenedLayer {
     /// The backing name resolved against this image's directory.
     pub full_backing_filename: Option<String>,
     pub backing_format: Option<String>,
+    /// (device, inode) of the external data file, when there is one.
+    pub data_identity: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -419,6 +421,7 @@ fn open_layer(
                 backing_filename: None,
                 full_backing_filename: None,
                 backing_format: None,
+                data_identity: None,
             })
         }
         Format::Qcow2 => {
@@ -433,6 +436,7 @@ fn open_layer(
             };
             let mut q = Qcow2::open(storage.clone(), &qopts)
                 .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
+            let mut data_identity = None;
             if q.header().has_data_file() && !opts.no_io {
                 let Some(name) = q.data_file_name().map(str::to_string) else {
                     return Err(Error::invalid(format!(
@@ -451,6 +455,13 @@ fn open_layer(
                         open_storage_with(&p, opts.engine, opts.writable && top, opts.cache)
                     })
                     .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
+                data_identity = data.identity();
+                if data_identity.is_some() && data_identity == storage.identity() {
+                    // its data writes would land on its own header and tables
+                    return Err(Error::invalid(format!(
+                        "Could not open '{filename}': its data file '{name}' is the image itself"
+                    )));
+                }
                 q.set_data_file(data);
             }
             let backing = q.backing_name().map(str::to_string);
@@ -466,6 +477,7 @@ fn open_layer(
                 backing_filename: backing,
                 full_backing_filename: full,
                 backing_format: bfmt,
+                data_identity,
             })
         }
     }
@@ -527,9 +539,54 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
         }
         layers.push(layer);
     }
+    check_distinct_files(&layers)?;
     let chain = Chain::new(layers.iter().map(|l| l.device.clone()).collect())?
         .with_write_through(opts.cache.write_through());
     Ok(Image { layers, chain })
+}
+
+/// A data file must be no image of the chain and no other layer's data file (compared by
+/// device and inode, so other names of the same file are caught): writes through it would
+/// overwrite that image's metadata.
+fn check_distinct_files(layers: &[OpenedLayer]) -> Result<()> {
+    for (i, l) in layers.iter().enumerate() {
+        let Some(d) = l.data_identity else { continue };
+        for (j, other) in layers.iter().enumerate() {
+            let clash =
+                other.storage.identity() == Some(d) || (j != i && other.data_identity == Some(d));
+            if clash {
+                return Err(Error::invalid(format!(
+                    "Could not open '{}': its data file is also used by '{}' of the same backing chain",
+                    l.filename, other.filename
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Image {
+    /// (device, inode) of every file this image has open: each layer and each data file.
+    pub fn file_identities(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            out.extend(l.storage.identity());
+            out.extend(l.data_identity);
+        }
+        out
+    }
+
+    /// (device, inode) of the files writes go to: the top image and its data file.
+    pub fn written_identities(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if let Some(top) = self.layers.first() {
+            if top.device.access() == crate::block::Access::ReadWrite {
+                out.extend(top.storage.identity());
+                out.extend(top.data_identity);
+            }
+        }
+        out
+    }
 }
 
 /// Open a single image from an in-memory or test storage (no backing chain).

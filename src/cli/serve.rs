@@ -278,13 +278,7 @@ fn temporary_overlay(file: &str, format: Option<&str>) -> Result<String> {
     let size = base.chain.size();
     drop(base);
     let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
-    let path = format!("{dir}/qnbd-snapshot-{}-{}.qcow2", std::process::id(), {
-        use std::time::{SystemTime, UNIX_EPOCH};
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-    });
+    let path = create_private_file(&dir, "qnbd-snapshot-", ".qcow2")?;
     let copts = crate::qcow2::create::CreateOptions {
         size,
         backing_file: Some(abs),
@@ -295,11 +289,71 @@ fn temporary_overlay(file: &str, format: Option<&str>) -> Result<String> {
     Ok(path)
 }
 
+/// Create a new file in `dir` with an unpredictable name, mode 0600, refusing to reuse or
+/// follow anything already there (`O_CREAT | O_EXCL`); returns its path.
+fn create_private_file(dir: &str, prefix: &str, suffix: &str) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last = None;
+    for _ in 0..16 {
+        let mut r = [0u8; 8];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut r))
+            .map_err(|e| Error::io("Could not read /dev/urandom", e))?;
+        let path = format!("{dir}/{prefix}{:016x}{suffix}", u64::from_ne_bytes(r));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(_) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("Could not create a temporary overlay in '{dir}'"),
+                    e,
+                ))
+            }
+        }
+    }
+    Err(Error::io(
+        format!("Could not create a temporary overlay in '{dir}'"),
+        last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EEXIST)),
+    ))
+}
+
 fn discard_mode(v: &str) -> Result<DiscardMode> {
     match v {
         "ignore" | "off" => Ok(DiscardMode::Ignore),
         "unmap" | "on" => Ok(DiscardMode::Unmap),
         _ => Err(bad(format!("Invalid discard mode '{v}'"))),
+    }
+}
+
+/// The files an export has open, by (device, inode).
+struct ExportFiles {
+    name: String,
+    all: Vec<(u64, u64)>,
+    /// The files its writes go to (the top image and its data file).
+    written: Vec<(u64, u64)>,
+}
+
+impl ExportFiles {
+    /// A file one export writes must not be open in another export (as image, backing file or
+    /// data file): the two would overwrite each other's data and metadata.
+    fn check_against(&self, others: &[ExportFiles]) -> Result<()> {
+        for o in others {
+            let clash = self.written.iter().any(|id| o.all.contains(id))
+                || o.written.iter().any(|id| self.all.contains(id));
+            if clash {
+                return Err(bad(format!(
+                    "exports '{}' and '{}' use the same file and one of them writes it",
+                    o.name, self.name
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -309,7 +363,7 @@ fn build_export(
     policy: &OpenPolicy,
     offset: u64,
     multi_conn: bool,
-) -> Result<Arc<Export>> {
+) -> Result<(Arc<Export>, ExportFiles)> {
     if spec.name.len() > crate::nbd::wire::NBD_MAX_STRING {
         return Err(bad(format!("export name '{}' too long", spec.name)));
     }
@@ -353,6 +407,11 @@ fn build_export(
         let _ = std::fs::remove_file(&file);
     }
     let image = image.map_err(|e| e.context(format!("Failed to blk_new_open '{}'", spec.file)))?;
+    let files = ExportFiles {
+        name: spec.name.clone(),
+        all: image.file_identities(),
+        written: image.written_identities(),
+    };
     let mut backend: Arc<dyn ExportBackend> = Arc::new(
         ChainBackend::new(image.chain)
             .with_discard(spec.discard)
@@ -369,7 +428,7 @@ fn build_export(
             offset,
         });
     }
-    Ok(Arc::new(Export {
+    let export = Arc::new(Export {
         name: spec.name.clone(),
         description: spec.description.clone(),
         backend,
@@ -378,7 +437,8 @@ fn build_export(
             bitmaps: spec.bitmaps.clone(),
         },
         multi_conn,
-    }))
+    });
+    Ok((export, files))
 }
 
 /// One `--object` value: its type and its properties (QEMU's syntax: the type first, or
@@ -703,6 +763,7 @@ fn serve(
 ) -> Result<i32> {
     let multi_conn = a.shared != 1;
     let mut exports = Vec::new();
+    let mut files: Vec<ExportFiles> = Vec::new();
     if let Some(img) = &a.image {
         let spec = ExportSpec {
             name: a.export_name.clone(),
@@ -719,19 +780,19 @@ fn serve(
             overlay: a.snapshot,
             internal_snapshot: a.load_snapshot.clone(),
         };
-        exports.push(build_export(
-            &spec,
-            engine,
-            policy,
-            a.offset.unwrap_or(0),
-            multi_conn,
-        )?);
+        let (e, f) = build_export(&spec, engine, policy, a.offset.unwrap_or(0), multi_conn)?;
+        f.check_against(&files)?;
+        exports.push(e);
+        files.push(f);
     }
     for s in &specs {
         if exports.iter().any(|e: &Arc<Export>| e.name == s.name) {
             return Err(bad(format!("export name '{}' given twice", s.name)));
         }
-        exports.push(build_export(s, engine, policy, 0, multi_conn)?);
+        let (e, f) = build_export(s, engine, policy, 0, multi_conn)?;
+        f.check_against(&files)?;
+        exports.push(e);
+        files.push(f);
     }
     let to_flush: Vec<Arc<Export>> = exports.clone();
     let conn = ConnConfig {

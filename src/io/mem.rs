@@ -2,7 +2,7 @@
 
 use super::{Extent, Storage};
 use std::io;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 #[derive(Debug, Default)]
 pub struct MemStorage {
@@ -199,6 +199,8 @@ impl Storage for CrashStorage {
 /// Which fault a `FaultStorage` injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
+    /// No fault (yet): see `FaultStorage::arm`.
+    None,
     /// Writes fail with EIO after `n` successful ones.
     WriteEio { after: u64 },
     /// Writes fail with ENOSPC once the file would grow past `limit` bytes.
@@ -209,29 +211,81 @@ pub enum Fault {
     ReadEio,
     /// Sync number `at` fails with EIO, the others succeed (a transient fsync error).
     SyncEioOnce { at: u64 },
+    /// Storage operation number `at` fails with `errno`; operations are writes, syncs and
+    /// length changes, counted together from 0 (across every storage sharing the counter).
+    /// `sticky`: later operations fail too; for ENOSPC only those that would grow the file
+    /// (a full disk still takes overwrites and syncs), for any other errno all of them (a
+    /// dead disk).
+    AtOp { at: u64, errno: i32, sticky: bool },
 }
 
 /// A storage that injects one kind of fault.
 #[derive(Debug)]
 pub struct FaultStorage {
     inner: MemStorage,
-    fault: Fault,
+    fault: std::sync::Mutex<Fault>,
     writes: std::sync::atomic::AtomicU64,
     syncs: std::sync::atomic::AtomicU64,
+    ops: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FaultStorage {
     pub fn new(data: Vec<u8>, fault: Fault) -> Self {
+        Self::with_counter(data, fault, Arc::default())
+    }
+
+    /// A storage whose operations are numbered by `ops`, shared with other storages (an
+    /// image and its data file) so that `Fault::AtOp` can name any operation of them.
+    pub fn with_counter(
+        data: Vec<u8>,
+        fault: Fault,
+        ops: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         FaultStorage {
             inner: MemStorage::new(data),
-            fault,
+            fault: std::sync::Mutex::new(fault),
             writes: 0.into(),
             syncs: 0.into(),
+            ops,
         }
+    }
+
+    /// Replace the fault from now on.
+    pub fn arm(&self, fault: Fault) {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+
+    /// Operations (writes, syncs, length changes) numbered so far.
+    pub fn ops(&self) -> u64 {
+        self.ops.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The current bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let len = self.inner.len().unwrap_or(0) as usize;
+        let mut v = vec![0u8; len];
+        let _ = self.inner.read_at(&mut v, 0);
+        v
     }
 
     pub fn into_inner(self) -> Vec<u8> {
         self.inner.into_inner()
+    }
+
+    fn fault(&self) -> Fault {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number this operation; the errno it fails with under `Fault::AtOp`, if any.
+    fn op_fault(&self, grows: bool) -> Option<i32> {
+        let n = self.ops.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match self.fault() {
+            Fault::AtOp { at, errno, sticky } => {
+                let hit = n == at || (sticky && n > at && (errno != libc::ENOSPC || grows));
+                hit.then_some(errno)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -241,7 +295,7 @@ impl Storage for FaultStorage {
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        if self.fault == Fault::ReadEio {
+        if self.fault() == Fault::ReadEio {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.inner.read_at(buf, off)
@@ -249,7 +303,11 @@ impl Storage for FaultStorage {
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         use std::sync::atomic::Ordering;
-        let fail = match self.fault {
+        let grows = off.saturating_add(buf.len() as u64) > self.inner.len()?;
+        if let Some(errno) = self.op_fault(grows) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let fail = match self.fault() {
             Fault::WriteEio { after } => {
                 (self.writes.fetch_add(1, Ordering::SeqCst) >= after).then_some(libc::EIO)
             }
@@ -265,13 +323,25 @@ impl Storage for FaultStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        let grows = len > self.inner.len()?;
+        if let Some(errno) = self.op_fault(grows) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        if let Fault::Enospc { limit } = self.fault() {
+            if len > limit.max(self.inner.len()?) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
         self.inner.set_len(len)
     }
 
     fn sync(&self) -> io::Result<()> {
         use std::sync::atomic::Ordering;
+        if let Some(errno) = self.op_fault(false) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let n = self.syncs.fetch_add(1, Ordering::SeqCst);
-        match self.fault {
+        match self.fault() {
             Fault::SyncEio { after } if n >= after => {
                 return Err(io::Error::from_raw_os_error(libc::EIO))
             }

@@ -128,21 +128,94 @@ impl UringFile {
             }
             let mut pending = chunk.len();
             while pending > 0 {
-                match ring.submit_and_wait(pending) {
+                match submit_and_wait(ring, pending) {
                     Ok(_) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => return Err(e),
-                }
-                for cqe in ring.completion() {
-                    let idx = cqe.user_data() as usize;
-                    if let Some(slot) = results.get_mut(idx) {
-                        *slot = cqe.result();
+                    Err(e) => {
+                        // What the kernel took is in flight and writes into `ops`' buffers:
+                        // wait for all of it before the buffers can be given back.
+                        Self::reap(ring, &mut results, &mut pending);
+                        let in_flight = pending.saturating_sub(ring.submission().len());
+                        Self::drain(ring, in_flight);
+                        return Err(e);
                     }
-                    pending = pending.saturating_sub(1);
                 }
+                Self::reap(ring, &mut results, &mut pending);
             }
         }
         Ok(results)
+    }
+
+    fn reap(ring: &mut IoUring, results: &mut [i32], pending: &mut usize) {
+        for cqe in ring.completion() {
+            let idx = cqe.user_data() as usize;
+            if let Some(slot) = results.get_mut(idx) {
+                *slot = cqe.result();
+            }
+            *pending = pending.saturating_sub(1);
+        }
+    }
+
+    /// Wait, without submitting anything more, until `in_flight` operations have completed.
+    /// Used after a failed submission; the ring is dropped afterwards (entries it never took
+    /// stay unsubmitted). If the kernel keeps refusing to wait, the process aborts: returning
+    /// would let the kernel write into freed memory.
+    fn drain(ring: &mut IoUring, mut in_flight: usize) {
+        /// `IORING_ENTER_GETEVENTS`
+        const GETEVENTS: u32 = 1;
+        let mut failures = 0u32;
+        while in_flight > 0 {
+            let want = u32::try_from(in_flight).unwrap_or(u32::MAX);
+            // SAFETY: io_uring_enter with nothing to submit only waits for completions; no
+            // argument struct is passed.
+            let r = unsafe {
+                ring.submitter()
+                    .enter::<libc::sigset_t>(0, want, GETEVENTS, None)
+            };
+            if let Err(e) = r {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    failures += 1;
+                    if failures > 10_000 {
+                        eprintln!("qnbd: io_uring: cannot wait for {in_flight} operations in flight ({e}); aborting");
+                        std::process::abort();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            for _ in ring.completion() {
+                in_flight -= 1;
+            }
+        }
+    }
+}
+
+/// `submit_and_wait`, with an error injected after a successful submission when a test asks
+/// for it (the entries are then in flight, as after a real failure of the wait).
+fn submit_and_wait(ring: &mut IoUring, want: usize) -> io::Result<usize> {
+    #[cfg(any(test, feature = "test-utils"))]
+    if let Some(errno) = inject::take() {
+        ring.submit()?;
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    ring.submit_and_wait(want)
+}
+
+/// Fault injection for the submission path (tests only).
+#[cfg(any(test, feature = "test-utils"))]
+pub mod inject {
+    use std::cell::Cell;
+
+    thread_local! {
+        static NEXT: Cell<Option<i32>> = const { Cell::new(None) };
+    }
+
+    /// Make the next wait of this thread fail with `errno` after its entries were submitted.
+    pub fn fail_next_wait(errno: i32) {
+        NEXT.with(|c| c.set(Some(errno)));
+    }
+
+    pub(super) fn take() -> Option<i32> {
+        NEXT.with(|c| c.take())
     }
 }
 
@@ -570,5 +643,58 @@ impl WakeFd {
                 std::mem::size_of::<u64>(),
             )
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A wait that fails with operations in flight returns only once they have all completed:
+    /// the reads here are on a socket that has no data until a thread writes it later, so they
+    /// are surely in flight when the injected error comes; the call must wait for them (the
+    /// buffers hold the bytes) and nothing may complete after it returned.
+    #[test]
+    fn a_failed_wait_reaps_everything_in_flight() {
+        let Ok(mut ring) = IoUring::new(RING_ENTRIES) else {
+            assert!(
+                !matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1")),
+                "io_uring is refused here (CI: a failure)"
+            );
+            eprintln!("SKIP: io_uring is refused here");
+            return;
+        };
+        for errno in [libc::EBUSY, libc::EAGAIN, libc::EIO] {
+            let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let mut bufs = vec![vec![0u8; 512]; 4];
+            let writer = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                b.write_all(&[7u8; 2048]).unwrap();
+                b
+            });
+            let started = std::time::Instant::now();
+            {
+                let mut ops: Vec<(u64, Op<'_>)> =
+                    bufs.iter_mut().map(|b| (0, Op::Read(b))).collect();
+                inject::fail_next_wait(errno);
+                let r = UringFile::run_on(&mut ring, a.as_raw_fd(), &mut ops);
+                assert_eq!(r.unwrap_err().raw_os_error(), Some(errno));
+            }
+            let waited = started.elapsed();
+            let _b = writer.join().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            ring.submit().unwrap();
+            assert_eq!(
+                ring.completion().len(),
+                0,
+                "operations completed after run_on returned (errno {errno})"
+            );
+            assert!(
+                waited >= std::time::Duration::from_millis(80),
+                "returned after {waited:?}, before the reads completed"
+            );
+            assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 7)));
+        }
     }
 }

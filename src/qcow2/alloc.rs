@@ -15,6 +15,7 @@
 //! A crash at any point leaves at worst leaked clusters, never a reference to a cluster with a
 //! too-low refcount. Writes that would land on metadata set the corrupt bit and fail.
 
+use super::cluster_set::ClusterSet;
 use super::compress;
 use super::spec::entries::{
     SubclusterType, L2E_OFFSET_MASK, L2_BITMAP_ALL_ALLOC, OFLAG_COPIED, OFLAG_ZERO,
@@ -27,7 +28,7 @@ use super::Qcow2;
 use crate::block::{Access, CowSource, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{read_exact_or_zero, Storage};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -60,7 +61,7 @@ pub(crate) struct Meta {
     pub bitmaps_ext: Option<super::spec::extensions::BitmapsExt>,
     prepared: bool,
     /// Host clusters holding metadata (for overlap checks), built before the first write.
-    metadata: Option<HashSet<u64>>,
+    metadata: Option<ClusterSet>,
 }
 
 impl Meta {
@@ -177,18 +178,16 @@ impl Qcow2 {
     }
 
     /// Host clusters that hold metadata.
-    fn metadata_clusters(&self, m: &Meta) -> Result<HashSet<u64>> {
+    fn metadata_clusters(&self, m: &Meta) -> Result<ClusterSet> {
         let cs = self.cs();
-        let mut set = HashSet::new();
+        let mut set = ClusterSet::default();
         let mut add_range = |off: u64, len: u64| {
             if len == 0 {
                 return;
             }
             let first = off / cs;
-            let last = (off + len - 1) / cs;
-            for c in first..=last.min(first + (1 << 24)) {
-                set.insert(c);
-            }
+            let last = off.saturating_add(len - 1) / cs;
+            set.insert_range(first, last.saturating_add(1));
         };
         add_range(0, cs);
         add_range(m.l1_offset, m.l1.len() as u64 * 8);
@@ -292,7 +291,7 @@ impl Qcow2 {
         // Every cluster this block covers has refcount 0, so its first cluster not used as
         // metadata is free: place the block there and let it count itself.
         let mut at = block_idx * per;
-        while m.metadata.as_ref().is_some_and(|s| s.contains(&at)) {
+        while m.metadata.as_ref().is_some_and(|s| s.contains(at)) {
             at += 1;
         }
         let mut block = vec![0u8; cs as usize];
@@ -420,7 +419,7 @@ impl Qcow2 {
                 s.insert(c);
             }
             for c in 0..old_clusters {
-                s.remove(&(old_off / cs + c));
+                s.remove(old_off / cs + c);
             }
         }
         // the old table is unreferenced now: free it
@@ -463,7 +462,7 @@ impl Qcow2 {
 
     /// Whether host cluster `c` can be handed out.
     fn cluster_free(&self, m: &Meta, c: u64) -> Result<bool> {
-        Ok(!m.metadata.as_ref().is_some_and(|s| s.contains(&c)) && self.refcount_in(m, c)? == 0)
+        Ok(!m.metadata.as_ref().is_some_and(|s| s.contains(c)) && self.refcount_in(m, c)? == 0)
     }
 
     /// First cluster of `[from, to)` that cannot be handed out.
@@ -636,6 +635,10 @@ impl Qcow2 {
 
     /// The L2 table covering `guest`, ready to be modified: allocated if missing, copied if it is
     /// shared with a snapshot. Returns (L1 index, L2 offset, table).
+    ///
+    /// A new or copied table is stored as a dirty table before L1 is repointed at it, so every
+    /// state this leaves behind (also when the caller fails afterwards) can be flushed: L1 never
+    /// names a cluster that holds no table.
     fn l2_for_write(&self, m: &mut Meta, guest: u64) -> Result<(usize, u64, Vec<u64>)> {
         let cs = self.cs();
         let l1_idx = (guest / self.header.l2_coverage()) as usize;
@@ -647,27 +650,22 @@ impl Qcow2 {
         }
         let l1e = m.l1[l1_idx];
         let words = (cs / 8) as usize;
-        if let Some((l2_off, table)) = l2_for(self, m, guest)? {
-            if l1e & OFLAG_COPIED != 0 {
-                return Ok((l1_idx, l2_off, (*table).clone()));
+        let (table, old_off) = match l2_for(self, m, guest)? {
+            Some((l2_off, table)) if l1e & OFLAG_COPIED != 0 => {
+                return Ok((l1_idx, l2_off, (*table).clone()))
             }
             // shared with a snapshot: copy it
-            let new_off = self.alloc_clusters(m, 1)?;
-            if let Some(s) = m.metadata.as_mut() {
-                s.insert(new_off / cs);
-            }
-            m.pending_decrements.push(l2_off / cs);
-            m.l1[l1_idx] = new_off | OFLAG_COPIED;
-            m.l1_dirty.insert(l1_idx);
-            return Ok((l1_idx, new_off, (*table).clone()));
-        }
-        let new_off = self.alloc_clusters(m, 1)?;
-        if let Some(s) = m.metadata.as_mut() {
-            s.insert(new_off / cs);
-        }
+            Some((l2_off, table)) => ((*table).clone(), Some(l2_off)),
+            None => (vec![0u64; words], None),
+        };
+        let new_off = self.alloc_meta_clusters(m, 1)?;
+        m.dirty_l2.insert(new_off, Arc::new(table.clone()));
         m.l1[l1_idx] = new_off | OFLAG_COPIED;
         m.l1_dirty.insert(l1_idx);
-        Ok((l1_idx, new_off, vec![0u64; words]))
+        if let Some(old) = old_off {
+            m.pending_decrements.push(old / cs);
+        }
+        Ok((l1_idx, new_off, table))
     }
 
     fn store_l2(&self, m: &mut Meta, l2_off: u64, table: Vec<u64>) {
@@ -677,7 +675,7 @@ impl Qcow2 {
     /// Check that an in-place write to host cluster `host` does not hit metadata.
     fn check_overlap(&self, m: &mut Meta, host: u64) -> Result<()> {
         let c = host / self.cs();
-        if m.metadata.as_ref().is_some_and(|s| s.contains(&c)) {
+        if m.metadata.as_ref().is_some_and(|s| s.contains(c)) {
             let why = format!("Preventing invalid write on metadata (host cluster {host:#x})");
             return Err(self.mark_corrupt(m, why));
         }
@@ -804,11 +802,12 @@ impl Qcow2 {
         let entry = table[idx];
         let bitmap = if ext { table[idx + 1] } else { 0 };
         let host_off = entry & L2E_OFFSET_MASK;
-        if host_off != 0 && host_off & (cs as u64 - 1) != 0 {
+        let compressed = entry & super::spec::entries::OFLAG_COMPRESSED != 0;
+        // (a compressed descriptor's offset is a byte offset: no alignment to check)
+        if !compressed && host_off != 0 && host_off & (cs as u64 - 1) != 0 {
             let why = format!("Cluster allocation offset {host_off:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {:#x})", idx / w);
             return Err(self.mark_corrupt(m, why));
         }
-        let compressed = entry & super::spec::entries::OFLAG_COMPRESSED != 0;
         let has_host = !compressed
             && (host_off != 0 || (self.header.has_data_file() && entry & OFLAG_COPIED != 0));
         let owned = has_host && entry & OFLAG_COPIED != 0;
@@ -850,22 +849,23 @@ impl Qcow2 {
             } else {
                 buf[in_off..in_off + data.len()].copy_from_slice(data);
             }
-            let host = if ty == SubclusterType::ZeroAlloc && owned {
+            let reuse = ty == SubclusterType::ZeroAlloc && owned;
+            let host = if reuse {
                 let h = self.host_of(entry, guest_cluster);
                 if !self.header.has_data_file() {
                     self.check_overlap(m, h)?;
                 }
                 h
             } else {
-                let h = self.new_data_cluster(m, guest_cluster)?;
-                if has_host || compressed {
-                    self.release_entry(m, entry);
-                }
-                h
+                self.new_data_cluster(m, guest_cluster)?
             };
             self.write_data(m, host, &buf)?;
             table[idx] = host | OFLAG_COPIED;
             self.store_l2(m, l2_off, table);
+            // the old cluster is released only once the table no longer names it
+            if !reuse && (has_host || compressed) {
+                self.release_entry(m, entry);
+            }
             return Ok(());
         }
 
@@ -873,6 +873,7 @@ impl Qcow2 {
         let sc = cs / 32;
         let first_sc = in_off / sc;
         let last_sc = (in_off + data.len() - 1) / sc;
+        let mut release = None;
         let (host, mut new_bitmap) = if owned {
             let h = self.host_of(entry, guest_cluster);
             if !self.header.has_data_file() {
@@ -889,7 +890,8 @@ impl Qcow2 {
                 bitmap
             };
             self.write_data(m, h, &content)?;
-            self.release_entry(m, entry);
+            // released once the table names the new cluster (below)
+            release = Some(entry);
             (h, bm)
         } else {
             (self.new_data_cluster(m, guest_cluster)?, bitmap)
@@ -918,6 +920,9 @@ impl Qcow2 {
         table[idx] = host | OFLAG_COPIED;
         table[idx + 1] = new_bitmap;
         self.store_l2(m, l2_off, table);
+        if let Some(old) = release {
+            self.release_entry(m, old);
+        }
         Ok(())
     }
 
@@ -944,6 +949,7 @@ impl Qcow2 {
         let ext = self.header.extended_l2();
         let w = if ext { 2 } else { 1 };
         let v3 = self.header.version >= 3;
+        let mut released = Vec::new();
         for k in 0..n {
             let g = guest + k * cs;
             let idx = ((g / cs) % self.header.l2_entries()) as usize * w;
@@ -1005,7 +1011,7 @@ impl Qcow2 {
                 }
             };
             if (has_host || compressed) && !keep {
-                self.release_entry(m, entry);
+                released.push(entry);
             }
             table[idx] = ne;
             if ext {
@@ -1013,6 +1019,10 @@ impl Qcow2 {
             }
         }
         self.store_l2(m, l2_off, table);
+        // only once the table no longer names them (an error above left them referenced)
+        for e in released {
+            self.release_entry(m, e);
+        }
         Ok(())
     }
 
@@ -1133,7 +1143,7 @@ impl Qcow2 {
                 }
                 if self.refcount_in(m, *c).unwrap_or(1) == 0 {
                     if let Some(s) = m.metadata.as_mut() {
-                        s.remove(c);
+                        s.remove(*c);
                     }
                 }
             }
@@ -1237,7 +1247,7 @@ fn write_in_place(q: &Qcow2, off: u64, buf: &[u8]) -> Result<InPlace> {
             if !data_file
                 && (host & (cs - 1) != 0
                     || host + cs > m.file_len
-                    || m.metadata.as_ref().is_none_or(|s| s.contains(&(host / cs))))
+                    || m.metadata.as_ref().is_none_or(|s| s.contains(host / cs)))
             {
                 return Ok(InPlace::NotApplicable);
             }
@@ -1329,12 +1339,83 @@ pub(crate) fn write_zeroes(
             pos = piece_end;
             continue;
         }
+        if q.header.extended_l2() && !raw_data_file && subcluster_aligned(q, &m, pos, piece_end) {
+            // whole subclusters: zero flags in the bitmap, no data written
+            if q.zero_subclusters(&mut m, gc, pos, piece_end)? {
+                pos = piece_end;
+                q.maybe_flush(&mut m)?;
+                continue;
+            }
+        }
         let zeros = vec![0u8; (piece_end - pos) as usize];
         q.write_in_cluster(&mut m, gc, (pos - gc) as usize, &zeros, below)?;
         pos = piece_end;
         q.maybe_flush(&mut m)?;
     }
     Ok(())
+}
+
+/// Whether `[from, to)` covers whole subclusters (the image's partial last one counts as whole).
+fn subcluster_aligned(q: &Qcow2, m: &Meta, from: u64, to: u64) -> bool {
+    let sc = q.cs() / 32;
+    from.is_multiple_of(sc) && (to.is_multiple_of(sc) || to == m.size)
+}
+
+/// Whether write-zeroes of `[off, off+len)` changes metadata only (NBD's FAST_ZERO): whole
+/// clusters (v3), or whole subclusters of clusters that are not compressed (extended L2).
+pub(crate) fn zero_is_fast(q: &Qcow2, off: u64, len: u64) -> Result<bool> {
+    if q.header.version < 3 || q.header.data_file_raw() {
+        return Ok(false);
+    }
+    let cs = q.cs();
+    let m = q.meta_read();
+    let end = match off.checked_add(len) {
+        Some(e) if e <= m.size => e,
+        _ => return Ok(false),
+    };
+    let whole = |a: u64, b: u64| a.is_multiple_of(cs) && (b.is_multiple_of(cs) || b == m.size);
+    if whole(off, end) {
+        return Ok(true);
+    }
+    if !q.header.extended_l2() || !subcluster_aligned(q, &m, off, end) {
+        return Ok(false);
+    }
+    // the partial clusters at either end are zeroed through their bitmaps: not possible for a
+    // compressed cluster (its data would have to be rewritten)
+    for gc in [off & !(cs - 1), (end - 1) & !(cs - 1)] {
+        if let Some((_, table)) = l2_for(q, &m, gc)? {
+            let idx = ((gc / cs) % q.header.l2_entries()) as usize * 2;
+            if table.get(idx).copied().unwrap_or(0) & super::spec::entries::OFLAG_COMPRESSED != 0 {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+impl Qcow2 {
+    /// Mark the subclusters covering `[from, to)` (inside the cluster at `gc`) as zero in the
+    /// extended L2 bitmap. False (nothing changed) when the cluster is compressed.
+    fn zero_subclusters(&self, m: &mut Meta, gc: u64, from: u64, to: u64) -> Result<bool> {
+        let cs = self.cs();
+        let sc = cs / 32;
+        let idx = ((gc / cs) % self.header.l2_entries()) as usize * 2;
+        if let Some((_, t)) = l2_for(self, m, gc)? {
+            if t.get(idx).copied().unwrap_or(0) & super::spec::entries::OFLAG_COMPRESSED != 0 {
+                return Ok(false);
+            }
+        }
+        let (_, l2_off, mut table) = self.l2_for_write(m, gc)?;
+        let first = (from - gc) / sc;
+        let last = ((to - gc).div_ceil(sc)).min(32) - 1;
+        let mut bm = table[idx + 1];
+        for s in first..=last {
+            bm = (bm & !(1u64 << s)) | (1u64 << (32 + s));
+        }
+        table[idx + 1] = bm;
+        self.store_l2(m, l2_off, table);
+        Ok(true)
+    }
 }
 
 /// Release whole clusters of `[off, off+len)`; partial clusters are left alone.
@@ -1434,12 +1515,13 @@ impl Qcow2 {
         let (_, l2_off, mut table) = self.l2_for_write(m, guest)?;
         let ext = self.header.extended_l2();
         let w = if ext { 2 } else { 1 };
+        let mut released = Vec::new();
         for k in 0..n {
             let idx = (((guest + k * cs) / cs) % self.header.l2_entries()) as usize * w;
             let e = table[idx];
             let compressed = e & super::spec::entries::OFLAG_COMPRESSED != 0;
             if compressed || e & L2E_OFFSET_MASK != 0 {
-                self.release_entry(m, e);
+                released.push(e);
             }
             table[idx] = 0;
             if ext {
@@ -1447,6 +1529,9 @@ impl Qcow2 {
             }
         }
         self.store_l2(m, l2_off, table);
+        for e in released {
+            self.release_entry(m, e);
+        }
         Ok(())
     }
 
@@ -1512,6 +1597,7 @@ impl Qcow2 {
         };
         let mut m = self.meta_write();
         self.prepare(&mut m)?;
+        self.mark_bitmaps(guest, data.len() as u64);
         let (_, l2_off, mut table) = self.l2_for_write(&mut m, guest)?;
         let ext = self.header.extended_l2();
         let w = if ext { 2 } else { 1 };
@@ -1523,14 +1609,14 @@ impl Qcow2 {
         let sectors = (c.len() as u64).div_ceil(512);
         let csize_shift = 62 - (self.header.cluster_bits - 8);
         let entry = super::spec::entries::OFLAG_COMPRESSED | ((sectors - 1) << csize_shift) | host;
-        if old & super::spec::entries::OFLAG_COMPRESSED != 0 || old & L2E_OFFSET_MASK != 0 {
-            self.release_entry(&mut m, old);
-        }
         table[idx] = entry;
         if ext {
             table[idx + 1] = 0;
         }
         self.store_l2(&mut m, l2_off, table);
+        if old & super::spec::entries::OFLAG_COMPRESSED != 0 || old & L2E_OFFSET_MASK != 0 {
+            self.release_entry(&mut m, old);
+        }
         self.maybe_flush(&mut m)
     }
 }

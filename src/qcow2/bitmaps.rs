@@ -214,6 +214,12 @@ impl Qcow2 {
 
     /// The data of a consistent bitmap (loaded on first use).
     pub fn bitmap(&self, name: &str) -> Result<Arc<RwLock<DirtyBitmap>>> {
+        // Lock order: the metadata lock before the bitmaps lock, as the writers take them
+        // (they mark the bitmaps with the metadata lock held); never the other way round.
+        let (size, file_len) = {
+            let m = self.meta_read();
+            (m.size, m.file_len)
+        };
         let mut set = self.bitmaps_lock();
         let Some(b) = set.list.iter_mut().find(|b| b.entry.name == name) else {
             return Err(Error::new(
@@ -227,10 +233,6 @@ impl Qcow2 {
         if let Some(d) = &b.data {
             return Ok(d.clone());
         }
-        let (size, file_len) = {
-            let m = self.meta_read();
-            (m.size, m.file_len)
-        };
         let data = Arc::new(RwLock::new(
             self.load_bitmap_data(&b.entry, size, file_len)?,
         ));

@@ -15,6 +15,7 @@
 pub mod alloc;
 pub mod bitmaps;
 pub mod check;
+mod cluster_set;
 pub mod compress;
 pub mod create;
 pub mod luks;
@@ -186,6 +187,13 @@ impl Qcow2 {
             .collect();
 
         let snapshots = read_snapshots(&*file, &header, file_len)?;
+        if opts.access == crate::block::Access::ReadWrite && !opts.no_io {
+            // the write side keeps every snapshot's L1 table out of reach of allocation: each
+            // must be a valid table (QEMU's qcow2_validate_table, checked here at open)
+            for sn in &snapshots {
+                validate_snapshot_l1(sn, header.cluster_size(), file_len)?;
+            }
+        }
         let mut header = header;
         let mut l1 = l1;
         if let Some(want) = &opts.snapshot {
@@ -459,6 +467,24 @@ fn ext_area<'a>(first: &'a [u8], h: &Header) -> &'a [u8] {
     &first[start..end]
 }
 
+/// QEMU's `qcow2_validate_table` for a snapshot's L1 table, with its messages.
+fn validate_snapshot_l1(sn: &Snapshot, cluster_size: u64, file_len: u64) -> Result<()> {
+    let bytes = u64::from(sn.l1_size) * 8;
+    let why = if bytes > spec::limits::MAX_L1_SIZE {
+        "Snapshot L1 table too large"
+    } else if !sn.l1_table_offset.is_multiple_of(cluster_size) {
+        "Snapshot L1 table offset invalid"
+    } else if sn.l1_table_offset.saturating_add(bytes) > file_len {
+        "Snapshot L1 table exceeds the end of the file"
+    } else {
+        return Ok(());
+    };
+    Err(Error::corrupt(format!(
+        "{why} (snapshot '{}', id {}); the image cannot be opened read-write",
+        sn.name, sn.id
+    )))
+}
+
 fn read_snapshots(file: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
     let mut out = Vec::new();
     let mut off = h.snapshots_offset;
@@ -614,17 +640,6 @@ impl BlockDevice for Qcow2 {
     }
 
     fn zero_is_fast(&self, off: u64, len: u64) -> bool {
-        // zero flags exist in v3; a raw external data file needs real zeros; partial
-        // (sub)clusters at either end would need data writes
-        if self.header.version < 3 || self.header.data_file_raw() {
-            return false;
-        }
-        let unit = if self.header.extended_l2() {
-            self.cluster_size() / 32
-        } else {
-            self.cluster_size()
-        };
-        let end = off.saturating_add(len);
-        off.is_multiple_of(unit) && (end.is_multiple_of(unit) || end == self.size())
+        alloc::zero_is_fast(self, off, len).unwrap_or(false)
     }
 }

@@ -102,16 +102,8 @@ impl Qcow2 {
                 index / per_block
             )));
         }
-        let block = self.refblock_cache.get_or_load(block_off, || {
-            let mut raw = vec![0u8; h.cluster_size() as usize];
-            read_exact_or_zero(&**self.file(), &mut raw, block_off).map_err(|e| {
-                Error::io(
-                    format!("Could not read refcount block at {block_off:#x}"),
-                    e,
-                )
-            })?;
-            Ok::<_, Error>(raw)
-        })?;
+        // the dirty copy when a change is not on disk yet
+        let block = self.refblock(m, block_off)?;
         refblock::get(&block, h.refcount_order, index % per_block)
             .ok_or_else(|| Error::corrupt("refcount index outside its block"))
     }
