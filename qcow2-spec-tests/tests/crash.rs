@@ -32,17 +32,96 @@ impl Rng {
     }
 }
 
+/// A new image with `opts`. Two recipes made by QEMU rather than created empty:
+/// `compressed:OPTS` (1.5 MiB of data packed by `qemu-img convert -c`) and `snapshot:OPTS`
+/// (data written by qemu-io, then an internal snapshot sharing every cluster and L2 table).
 fn fresh_image(dir: &Path, opts: &str, size: u64) -> Vec<u8> {
     let p = dir.join("fresh.qcow2");
     let _ = std::fs::remove_file(&p);
-    let o = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", opts])
-        .arg(&p)
-        .arg(size.to_string())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sh = |prog: &str, args: &[&str]| {
+        let o = Command::new(prog)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{prog} {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let size_s = size.to_string();
+    if let Some(o) = opts.strip_prefix("compressed:") {
+        sh(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "src.raw", &size_s],
+        );
+        sh(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x71 0 1M",
+                "-c",
+                "write -P 0x72 1M 512k",
+                "src.raw",
+            ],
+        );
+        sh(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                o,
+                "src.raw",
+                "fresh.qcow2",
+            ],
+        );
+    } else if let Some(o) = opts.strip_prefix("snapshot:") {
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                o,
+                "fresh.qcow2",
+                &size_s,
+            ],
+        );
+        sh("qemu-io", &["-c", "write -P 0x73 0 1536k", "fresh.qcow2"]);
+        sh("qemu-img", &["snapshot", "-c", "s1", "fresh.qcow2"]);
+    } else {
+        sh(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "fresh.qcow2",
+                &size_s,
+            ],
+        );
+    }
     std::fs::read(&p).unwrap()
+}
+
+/// Guest contents of an image before the workload (zeros for an empty one).
+fn initial_content(dir: &Path, image: &[u8], size: u64) -> Vec<u8> {
+    let p = dir.join("initial.qcow2");
+    std::fs::write(&p, image).unwrap();
+    let mut v = guest_content(&p, &dir.join("initial.raw")).expect("read the initial image");
+    v.resize(size as usize, 0);
+    v
 }
 
 /// Shared between the workload and the crash checker.
@@ -116,8 +195,9 @@ fn crash_workload(opts: &str, seed: u64) -> Vec<String> {
     let dpath = dir.path().to_path_buf();
     let size: u64 = 2 << 20;
     let image = fresh_image(&dpath, opts, size);
+    let initial = initial_content(&dpath, &image, size);
     let progress = Arc::new(Mutex::new(Progress {
-        flushed: vec![0; size as usize],
+        flushed: initial.clone(),
         dirty: vec![false; size as usize],
         ..Progress::default()
     }));
@@ -167,7 +247,7 @@ fn crash_workload(opts: &str, seed: u64) -> Vec<String> {
     let dev = open_storage_image(storage.clone(), Some(Format::Qcow2), &opts_q).unwrap();
     let chain = Chain::new(vec![dev]).unwrap();
     let mut rng = Rng(seed.wrapping_mul(7919) | 1);
-    let mut shadow = vec![0u8; size as usize];
+    let mut shadow = initial;
     for step in 0..40 {
         let off = rng.below(size);
         let len = (1 + rng.below(200_000)).min(size - off);
@@ -232,6 +312,12 @@ fn crash_at_every_sync_point_leaves_a_consistent_image() {
         ("cluster_size=512,refcount_bits=16", 3),
         ("extended_l2=on,cluster_size=32k", 4),
         ("compat=0.10,cluster_size=16k", 5),
+        ("compressed:cluster_size=16k", 6),
+        (
+            "compressed:compression_type=zstd,extended_l2=on,cluster_size=32k",
+            7,
+        ),
+        ("snapshot:cluster_size=8k", 8),
     ] {
         for f in crash_workload(opts, seed) {
             failures.push(format!("[{opts}] {f}"));
