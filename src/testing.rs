@@ -39,12 +39,17 @@ pub fn open_and_map(data: &[u8]) -> Result<()> {
 /// raw export (with `qemu:allocation-depth`), discarding the replies. The fuzz target for the
 /// handshake and transmission phases; returns the number of reply bytes the server wrote.
 pub fn nbd_session(data: &[u8]) -> usize {
-    use crate::nbd::server::{serve_connection, Pool};
+    nbd_session_end(data).0
+}
+
+/// [`nbd_session`], also saying how the connection ended (whether it entered transmission).
+pub fn nbd_session_end(data: &[u8]) -> (usize, crate::nbd::server::ConnEnd) {
+    use crate::nbd::server::{serve_connection, ConnEnd, Pool};
     use std::io::{Cursor, Write};
     use std::sync::Mutex;
 
     let Some(cfg) = fuzz_export_config() else {
-        return 0;
+        return (0, ConnEnd::NotNegotiated);
     };
     #[derive(Clone, Default)]
     struct Counter(Arc<Mutex<usize>>);
@@ -59,7 +64,7 @@ pub fn nbd_session(data: &[u8]) -> usize {
     }
     let out = Counter::default();
     let pool = Pool::new(1);
-    let _ = serve_connection(
+    let end = serve_connection(
         Box::new(Cursor::new(data.to_vec())),
         Box::new(out.clone()),
         None,
@@ -69,7 +74,7 @@ pub fn nbd_session(data: &[u8]) -> usize {
     );
     drop(pool);
     let n = *out.0.lock().unwrap_or_else(|e| e.into_inner());
-    n
+    (n, end)
 }
 
 /// The export of the NBD fuzz sessions: a writable 1 MiB in-memory raw image.
@@ -111,6 +116,21 @@ fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
     })
 }
 
+/// `Ok` when the kernel gives this process what a ring data plane needs (the io_uring opcodes,
+/// an eventfd and a ring of the planes' size); otherwise the error that makes
+/// [`Planes::start`](crate::nbd::plane::Planes::start) fail, and `qnbd serve` serve every
+/// connection on threads. Starts no plane.
+#[cfg(feature = "uring")]
+pub fn ring_plane_available() -> std::io::Result<()> {
+    use crate::io::uring::{probe_event_ring, EventRing, WakeFd};
+    use crate::nbd::reply::ReplyBatch;
+
+    probe_event_ring()?;
+    let _wake = WakeFd::new()?;
+    let _ring = EventRing::<ReplyBatch>::new(crate::nbd::plane::RING_ENTRIES)?;
+    Ok(())
+}
+
 /// [`nbd_session`] over a real Unix socket pair, with the connection handed to a ring data plane
 /// after negotiation (as `qnbd serve` does): the client bytes are written from another thread
 /// and the half-closed, the replies read until the server closes. Returns the number of reply
@@ -118,6 +138,15 @@ fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
 /// kernel refuses io_uring here.
 #[cfg(feature = "uring")]
 pub fn nbd_plane_session(data: &[u8]) -> Option<usize> {
+    nbd_plane_session_end(data).map(|(n, _)| n)
+}
+
+/// [`nbd_plane_session`], also saying how the negotiation thread let go of the connection:
+/// [`ConnEnd::HandedOver`](crate::nbd::server::ConnEnd::HandedOver) when a plane served its
+/// transmission phase, [`ConnEnd::Negotiated`](crate::nbd::server::ConnEnd::Negotiated) when
+/// it entered transmission but stayed on the threaded path.
+#[cfg(feature = "uring")]
+pub fn nbd_plane_session_end(data: &[u8]) -> Option<(usize, crate::nbd::server::ConnEnd)> {
     use crate::nbd::plane::Planes;
     use crate::nbd::server::{serve_connection, ConnEnd, EndHook, Pool, Transport};
     use std::io::{Read, Write};
@@ -154,7 +183,7 @@ pub fn nbd_plane_session(data: &[u8]) -> Option<usize> {
         if end != ConnEnd::HandedOver {
             hook(end);
         }
-        Some(())
+        Some(end)
     });
     let mut w = client.try_clone().ok()?;
     let input = data.to_vec();
@@ -177,10 +206,10 @@ pub fn nbd_plane_session(data: &[u8]) -> Option<usize> {
         }
     }
     let _ = writer.join();
-    let _ = srv.join();
+    let end = srv.join().ok().flatten();
     // the end hook runs once the plane (or the negotiation thread) let go of the connection
     done_rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the connection's end was never reported");
-    Some(total)
+    Some((total, end?))
 }

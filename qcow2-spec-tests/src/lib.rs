@@ -3,8 +3,9 @@
 //! What lives here, in the order a test meets it:
 //!
 //! * [`require_tools`] — the oracle tools a test needs. A developer without them gets a printed
-//!   `SKIP` line; under `CI=true` a missing tool fails the test instead (`scripts/test` installs
-//!   them).
+//!   `SKIP` line; under CI ([`in_ci`]: `CI=true` or `CI=1`) a missing tool fails the test
+//!   instead (`scripts/test` installs them). [`skip`] does the same for any other reason a test
+//!   cannot run here.
 //! * [`reference_set`] — the reference images and QEMU's ground truth, built by
 //!   `images/make-reference-images.sh` into `target/reference-images/`. Built once and shared by
 //!   every test binary: a lock file keeps parallel builders out, and a stamp (hash of the script
@@ -78,9 +79,19 @@ pub fn scratch_dir() -> tempfile::TempDir {
 // ---------------------------------------------------------------------------------------------
 // Tools
 
-/// `CI=true` (or `1`): missing tools are failures, not skips.
+/// `CI=true` (or `1`): missing tools are failures, not skips. The one test of the `CI`
+/// variable in the tests (`scripts/test` reads it the same way).
 pub fn in_ci() -> bool {
     matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+}
+
+/// Skips (part of) a test: prints `SKIP what: why` and returns, or panics under CI, where every
+/// test must run in full. The caller returns (or leaves the skipped part out) afterwards.
+pub fn skip(what: &str, why: &str) {
+    if in_ci() {
+        panic!("{what}: {why} (CI: a skip is a failure)");
+    }
+    eprintln!("SKIP {what}: {why}");
 }
 
 /// Whether an executable named `tool` is on `PATH`.
@@ -96,17 +107,19 @@ pub fn have_tool(tool: &str) -> bool {
 }
 
 /// True when every tool is present. Otherwise prints why `what` is skipped and returns false, or
-/// panics under `CI=true`.
+/// panics under CI.
 pub fn require_tools(what: &str, tools: &[&str]) -> bool {
     let missing: Vec<&str> = tools.iter().copied().filter(|t| !have_tool(t)).collect();
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{what}: missing tool(s): {}", missing.join(", "));
-    if in_ci() {
-        panic!("{msg} (CI=true: a missing oracle tool is a failure; scripts/test installs them)");
-    }
-    eprintln!("SKIP {msg} (scripts/test installs them when run as root)");
+    skip(
+        what,
+        &format!(
+            "missing tool(s): {} (scripts/test installs them when run as root)",
+            missing.join(", ")
+        ),
+    );
     false
 }
 

@@ -30,6 +30,9 @@ fn convert_to_qcow2_is_valid_and_identical() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    // top.qcow2 over base.qcow2; rnd.raw random (incompressible); mixed.qcow2 (4 KiB
+    // clusters): rnd.raw's data in its first 3000000 bytes, a 64 KiB pattern over its start, a
+    // compressed cluster at 3 MiB, the rest unallocated
     let (rc, out) = sh(
         "qemu-img create -q -f qcow2 base.qcow2 8M
          qemu-io -f qcow2 -c 'write -P 1 0 2M' -c 'write -P 2 6M 1M' base.qcow2 >/dev/null
@@ -37,11 +40,12 @@ fn convert_to_qcow2_is_valid_and_identical() {
          qemu-io -f qcow2 -c 'write -P 3 1M 64k' -c 'write -z 6M 64k' -c 'write -P 4 7M 3000' top.qcow2 >/dev/null
          head -c 3000000 /dev/urandom > rnd.raw
          qemu-img create -q -f qcow2 -o cluster_size=4k mixed.qcow2 4M
-         qemu-io -f qcow2 -c 'write -P 9 0 64k' -c 'write -c -P 8 1M 64k' mixed.qcow2 >/dev/null
-         qemu-img convert -n -f raw -O qcow2 --target-image-opts rnd.raw driver=qcow2,file.filename=mixed.qcow2 2>/dev/null || true",
+         qemu-img convert -n -f raw --target-image-opts rnd.raw driver=qcow2,file.filename=mixed.qcow2
+         qemu-io -f qcow2 -c 'write -P 9 0 64k' -c 'write -c -P 8 3M 64k' mixed.qcow2 >/dev/null",
         d,
     );
-    assert_eq!(rc, 0, "{out}");
+    // every setup command must succeed (`sh -e`)
+    assert_eq!(rc, 0, "setup failed: {out}");
     let q = qnbd_bin().display().to_string();
     for (src, args) in [
         ("top.qcow2", ""),

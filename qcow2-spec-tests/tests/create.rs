@@ -9,33 +9,16 @@
 //! * the files (image and data file) must be byte-identical, except where `create.rs` documents
 //!   a known difference.
 //!
-//! Without qemu-img the test prints SKIP, unless `CI=true`, where that is a failure.
+//! Without qemu-img the test prints SKIP, unless under CI (`CI=true` or `CI=1`), where that is a
+//! failure.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn tool_available(name: &str) -> bool {
-    Command::new(name)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// True when the oracle tools are here; prints SKIP (or panics under CI) otherwise.
 fn require_tools() -> bool {
-    let missing: Vec<&str> = ["qemu-img", "qemu-io"]
-        .into_iter()
-        .filter(|t| !tool_available(t))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true and oracle tools are missing: {missing:?}");
-    }
-    eprintln!("SKIP: {missing:?} not installed");
-    false
+    qcow2_spec_tests::require_tools("qnbd create vs qemu-img create", &["qemu-img", "qemu-io"])
 }
 
 /// The qnbd binary of the profile this test was built with, built on first use.

@@ -94,32 +94,55 @@ fn nbd_session_corpus_replays_without_panic() {
 
 /// The same corpus through a real socket and the ring data plane (the connection moves to a
 /// plane after negotiation, as in `qnbd serve`): every transcript ends with the server closing
-/// the connection, never a hang or a panic, and a seed gets the same number of reply bytes as
-/// on the threaded path (the replies of a transcript do not depend on the path).
+/// the connection, never a hang or a panic; every transcript that enters transmission on the
+/// threaded path is handed to a plane (never served on the negotiation thread instead); and a
+/// seed gets the same number of reply bytes as on the threaded path (the replies of a
+/// transcript do not depend on the path). Where the kernel refuses io_uring the test is
+/// skipped, except under CI.
 #[test]
 fn nbd_session_corpus_replays_on_the_ring_plane() {
+    use qnbd::nbd::server::ConnEnd;
+
+    let what = "nbd_session corpus on the ring plane";
+    if let Err(e) = qnbd::testing::ring_plane_available() {
+        qcow2_spec_tests::skip(what, &format!("the kernel refuses io_uring here ({e})"));
+        return;
+    }
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let corpus = inputs(&fuzz.join("corpus/nbd_session"));
     assert!(!corpus.is_empty(), "empty nbd_session corpus");
-    let mut compared = 0;
+    let (mut replayed, mut compared, mut handed_over) = (0, 0, 0);
     for p in corpus
         .iter()
         .chain(inputs(&fuzz.join("artifacts/nbd_session")).iter())
     {
         let data = std::fs::read(p).unwrap();
-        let Some(n) = qnbd::testing::nbd_plane_session(&data) else {
-            eprintln!("SKIP: io_uring is refused here");
-            return;
-        };
         let name = p.file_name().unwrap().to_string_lossy();
+        let Some((n, end)) = qnbd::testing::nbd_plane_session_end(&data) else {
+            panic!("{name}: the plane session could not be set up although io_uring is available");
+        };
+        let (threaded_n, threaded_end) = qnbd::testing::nbd_session_end(&data);
+        replayed += 1;
+        let want = match threaded_end {
+            ConnEnd::Negotiated => ConnEnd::HandedOver,
+            other => other,
+        };
+        assert_eq!(
+            end, want,
+            "{name}: ended {end:?} with planes, {threaded_end:?} on the threaded path"
+        );
+        if end == ConnEnd::HandedOver {
+            handed_over += 1;
+        }
         if name.starts_with("seed-") {
             assert_eq!(
-                n,
-                qnbd::testing::nbd_session(&data),
+                n, threaded_n,
                 "{name}: reply bytes differ between the plane and the threaded path"
             );
             compared += 1;
         }
     }
+    eprintln!("{replayed} transcripts, {handed_over} served on a plane, {compared} seeds compared");
     assert!(compared > 0, "no seed transcript compared");
+    assert!(handed_over > 0, "no transcript reached a plane");
 }

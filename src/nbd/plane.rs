@@ -54,7 +54,7 @@ const MAX_QUEUED_REPLY: usize = 1 << 20;
 /// Bytes held by the requests of one connection that are on the workers or the ring.
 const MAX_JOB_BYTES: usize = 8 << 20;
 /// Submission queue entries per plane ring.
-const RING_ENTRIES: u32 = 256;
+pub(crate) const RING_ENTRIES: u32 = 256;
 
 const WAKE_TOKEN: u64 = u64::MAX;
 const KIND_RECV: u64 = 1;
