@@ -8,6 +8,13 @@ use crate::open::open_storage_image;
 use crate::qcow2::Qcow2Options;
 use std::sync::Arc;
 
+/// `CI=true` (or `1`): the one test of the `CI` variable (the spec tests call it through
+/// `qcow2_spec_tests::in_ci`, `scripts/test` reads it the same way). Under CI a test that
+/// cannot run (a missing tool or kernel feature) fails instead of skipping.
+pub fn in_ci() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+}
+
 /// Open `data` as a qcow2 (or raw) image in memory, map it from start to end and read every
 /// mapped run (bounded: at most 4096 runs and 64 MiB of reads).
 pub fn open_and_map(data: &[u8]) -> Result<()> {

@@ -82,7 +82,7 @@ pub fn scratch_dir() -> tempfile::TempDir {
 /// `CI=true` (or `1`): missing tools are failures, not skips. The one test of the `CI`
 /// variable in the tests (`scripts/test` reads it the same way).
 pub fn in_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+    qnbd::testing::in_ci()
 }
 
 /// Skips (part of) a test: prints `SKIP what: why` and returns, or panics under CI, where every
