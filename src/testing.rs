@@ -1,5 +1,6 @@
 //! Entry points for fuzzing and property tests: open bytes as an image and exercise the read
-//! side without touching the file system.
+//! side without touching the file system; [`write_ops`] exercises the write side under an
+//! injected storage fault.
 
 use crate::block::{Chain, Mapping};
 use crate::error::Result;
@@ -14,6 +15,9 @@ use std::sync::Arc;
 pub fn in_ci() -> bool {
     matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
 }
+
+pub mod write_ops;
+pub use write_ops::write_ops;
 
 /// Open `data` as a qcow2 (or raw) image in memory, map it from start to end and read every
 /// mapped run (bounded: at most 4096 runs and 64 MiB of reads).
