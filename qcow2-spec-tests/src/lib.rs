@@ -1128,6 +1128,162 @@ impl Mismatches {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Servers, checks, corpora
+
+/// An NBD server process (`qnbd serve` or `qemu-nbd`) on a Unix socket: started once it
+/// accepts connections (a server that exits first is a panic with its stderr), SIGTERM by
+/// [`NbdServer::stop`], SIGKILL on drop.
+pub struct NbdServer {
+    child: std::process::Child,
+    pub uri: String,
+}
+
+impl NbdServer {
+    pub fn start(dir: &Path, program: &Path, args: &[&str], sock: &Path) -> NbdServer {
+        Self::start_env(dir, program, args, sock, &[])
+    }
+
+    /// [`NbdServer::start`] with extra environment variables.
+    pub fn start_env(
+        dir: &Path,
+        program: &Path,
+        args: &[&str],
+        sock: &Path,
+        env: &[(&str, &str)],
+    ) -> NbdServer {
+        let _ = fs::remove_file(sock);
+        let child = Command::new(program)
+            .envs(env.iter().copied())
+            .current_dir(dir)
+            .args(args)
+            .arg("-k")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        let mut s = NbdServer {
+            child,
+            uri: format!("nbd+unix:///?socket={}", sock.display()),
+        };
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = s.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("{} {args:?} exited with {st}: {err}", program.display());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    pub fn qnbd(dir: &Path, name: &str, args: &[&str]) -> NbdServer {
+        let mut a = vec!["serve", "-t"];
+        a.extend_from_slice(args);
+        NbdServer::start(dir, qnbd_bin(), &a, &dir.join(format!("{name}.sock")))
+    }
+
+    pub fn qemu_nbd(dir: &Path, name: &str, args: &[&str]) -> NbdServer {
+        let mut a = vec!["-t"];
+        a.extend_from_slice(args);
+        NbdServer::start(
+            dir,
+            Path::new("qemu-nbd"),
+            &a,
+            &dir.join(format!("{name}.sock")),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait (at most 30 s) for the server to end; its exit status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("server {} did not end", self.uri);
+    }
+
+    /// Clean shutdown (both servers flush on SIGTERM).
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let st = self.wait();
+        assert!(st.success(), "server {} after SIGTERM: {st}", self.uri);
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a tool that must succeed (test setup): its output, or a panic with what it printed.
+pub fn tool_ok<I, S>(program: &str, cwd: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let r = tool(program, cwd, args);
+    assert!(r.success(), "{}", r.outcome());
+    r
+}
+
+/// `qemu-img check -f qcow2 IMG` (run in `cwd`, so relative backing and data file names
+/// resolve): exit code and everything it printed.
+pub fn qemu_img_check(cwd: &Path, img: &Path) -> (i32, String) {
+    let r = tool(
+        "qemu-img",
+        cwd,
+        [
+            OsStr::new("check"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            img.as_os_str(),
+        ],
+    );
+    (
+        r.code.unwrap_or(-1),
+        format!("{}{}", r.stdout_text(), r.stderr),
+    )
+}
+
+/// The inputs of a fuzz corpus or artifact directory (sorted; dot files and notes left out;
+/// empty when the directory does not exist).
+pub fn corpus_inputs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            !name.starts_with('.') && !name.ends_with(".md")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

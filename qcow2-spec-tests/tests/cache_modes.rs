@@ -9,10 +9,11 @@
 //! ramfs that cannot be mounted) skip a test, or the part that needs them, with a printed
 //! reason, except under CI, where every part must run.
 
-use qcow2_spec_tests::{qnbd, qnbd_bin, require_tools, scratch_dir, tool, IoEngine, Run};
-use std::os::unix::net::UnixStream;
+use qcow2_spec_tests::{
+    qnbd, require_tools, scratch_dir, tool, IoEngine, NbdServer as Server, Run,
+};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// `O_DIRECT` in the octal `flags` of fdinfo (x86 and most architectures).
@@ -21,95 +22,6 @@ const O_DIRECT: u32 = 0o40000;
 fn sh(script: &str, dir: &Path) {
     let r = tool("sh", dir, ["-ec", script]);
     assert!(r.success(), "{script}\n{}", r.outcome());
-}
-
-/// A server process: SIGTERM by [`Server::stop`], SIGKILL on drop.
-struct Server {
-    child: Child,
-    uri: String,
-}
-
-impl Server {
-    fn start(dir: &Path, program: &Path, args: &[&str], sock: &Path) -> Server {
-        let child = Command::new(program)
-            .current_dir(dir)
-            .args(args)
-            .arg("-k")
-            .arg(sock)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-        let mut s = Server {
-            child,
-            uri: format!("nbd+unix:///?socket={}", sock.display()),
-        };
-        let t = Instant::now();
-        while UnixStream::connect(sock).is_err() {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = s.child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                panic!("{} {args:?} exited with {st}: {err}", program.display());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    fn qnbd(dir: &Path, name: &str, args: &[&str]) -> Server {
-        let mut a = vec!["serve", "-t"];
-        a.extend_from_slice(args);
-        Server::start(dir, qnbd_bin(), &a, &dir.join(format!("{name}.sock")))
-    }
-
-    fn qemu_nbd(dir: &Path, name: &str, args: &[&str]) -> Server {
-        let mut a = vec!["-t"];
-        a.extend_from_slice(args);
-        Server::start(
-            dir,
-            Path::new("qemu-nbd"),
-            &a,
-            &dir.join(format!("{name}.sock")),
-        )
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Wait (at most 30 s) for the server to end; its exit status.
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(30) {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("server {} did not end", self.uri);
-    }
-
-    /// Clean shutdown (both servers flush on SIGTERM).
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let st = self.wait();
-        assert!(st.success(), "server {} after SIGTERM: {st}", self.uri);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `fdinfo` flags of every descriptor of `pid` open on one of `files` (canonical paths).

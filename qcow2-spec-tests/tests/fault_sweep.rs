@@ -22,7 +22,6 @@ use qnbd::io::Storage;
 use qnbd::open::{open_storage_image, Format};
 use qnbd::qcow2::{Qcow2, Qcow2Options};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -493,17 +492,9 @@ struct Built {
     below: Vec<u8>,
 }
 
+/// Run a setup command (program and arguments) that must succeed.
 fn sh(args: &[&str], cwd: &Path) {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(cwd)
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    qcow2_spec_tests::tool_ok(args[0], cwd, &args[1..]);
 }
 
 fn qemu_read(img: &Path, out: &Path) -> Vec<u8> {
@@ -577,16 +568,20 @@ fn open(
         q.set_data_file(d.clone());
     }
     let mut layers: Vec<Arc<dyn BlockDevice>> = vec![Arc::new(q)];
-    if let (Some(fmt), Some(base)) = (l.backing, &b.base) {
-        let f = if fmt == "raw" {
-            Format::Raw
-        } else {
-            Format::Qcow2
-        };
-        let st: Arc<dyn Storage> = Arc::new(MemStorage::new(base.clone()));
-        layers.push(open_storage_image(st, Some(f), &Qcow2Options::default()).unwrap());
-    }
+    layers.extend(backing_layer(l, b));
     (Some(Chain::new(layers).unwrap()), top, data)
+}
+
+/// The layout's backing image, read-only in memory (never faulted: it is only read).
+fn backing_layer(l: &Layout, b: &Built) -> Option<Arc<dyn BlockDevice>> {
+    let (fmt, base) = (l.backing?, b.base.as_ref()?);
+    let f = if fmt == "raw" {
+        Format::Raw
+    } else {
+        Format::Qcow2
+    };
+    let st: Arc<dyn Storage> = Arc::new(MemStorage::new(base.clone()));
+    Some(open_storage_image(st, Some(f), &Qcow2Options::default()).expect("open the backing image"))
 }
 
 /// Run the workload; then a final flush and close. Returns each operation's outcome (the
@@ -707,13 +702,7 @@ fn check_model(l: &Layout, b: &Built, outcomes: &[Outcome], got: &[u8]) -> Resul
 }
 
 /// Write the run's files next to each other and ask qemu-img.
-fn qemu_check(
-    l: &Layout,
-    b: &Built,
-    dir: &Path,
-    top: &[u8],
-    data: Option<&[u8]>,
-) -> Result<(), String> {
+fn qemu_check(b: &Built, dir: &Path, top: &[u8], data: Option<&[u8]>) -> Result<(), String> {
     std::fs::write(dir.join("t.qcow2"), top).unwrap();
     if let Some(d) = data {
         std::fs::write(dir.join("d.raw"), d).unwrap();
@@ -724,20 +713,10 @@ fn qemu_check(
             std::fs::write(p, base).unwrap();
         }
     }
-    let o = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2", "t.qcow2"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let rc = o.status.code().unwrap_or(-1);
+    let (rc, out) = qcow2_spec_tests::qemu_img_check(dir, Path::new("t.qcow2"));
     if rc != 0 && rc != 3 {
-        return Err(format!(
-            "qemu-img check rc {rc}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ));
+        return Err(format!("qemu-img check rc {rc}: {out}"));
     }
-    let _ = l;
     Ok(())
 }
 
@@ -755,15 +734,7 @@ fn qnbd_read(
         q.set_data_file(Arc::new(MemStorage::new(d.to_vec())));
     }
     let mut layers: Vec<Arc<dyn BlockDevice>> = vec![Arc::new(q)];
-    if let (Some(fmt), Some(base)) = (l.backing, &b.base) {
-        let f = if fmt == "raw" {
-            Format::Raw
-        } else {
-            Format::Qcow2
-        };
-        let st: Arc<dyn Storage> = Arc::new(MemStorage::new(base.clone()));
-        layers.push(open_storage_image(st, Some(f), &Qcow2Options::default()).unwrap());
-    }
+    layers.extend(backing_layer(l, b));
     let chain = Chain::new(layers).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; chain.size() as usize];
     chain.read(0, &mut buf).map_err(|e| format!("read: {e}"))?;
@@ -813,7 +784,7 @@ fn every_storage_operation_fails_in_turn_without_corruption() {
         let (got, _) = qnbd_read(&l, &b, &top_bytes, data_bytes.as_deref()).unwrap();
         check_model(&l, &b, &outcomes, &got)
             .unwrap_or_else(|e| panic!("{}: clean run: {e}", l.name));
-        qemu_check(&l, &b, b.dir.path(), &top_bytes, data_bytes.as_deref())
+        qemu_check(&b, b.dir.path(), &top_bytes, data_bytes.as_deref())
             .unwrap_or_else(|e| panic!("{}: clean run: {e}", l.name));
         // every operation index, every fault kind; two threads (the checks are processes)
         let points: Vec<(u64, i32, bool)> = (0..n_ops)
@@ -856,7 +827,7 @@ fn every_storage_operation_fails_in_turn_without_corruption() {
                         };
                         let top_bytes = top.snapshot();
                         let data_bytes = data.as_ref().map(|d| d.snapshot());
-                        let r = qemu_check(l, b, &wdir, &top_bytes, data_bytes.as_deref())
+                        let r = qemu_check(b, &wdir, &top_bytes, data_bytes.as_deref())
                             .and_then(|()| qnbd_read(l, b, &top_bytes, data_bytes.as_deref()))
                             .and_then(|(got, corrupt)| {
                                 if corrupt {

@@ -4,30 +4,14 @@
 //! Every input may fail to open or read; none may panic. Each input runs on its own thread so
 //! that a panic names the file that caused it and the other inputs still run.
 
+use qcow2_spec_tests::corpus_inputs;
 use std::fs;
 use std::path::{Path, PathBuf};
-
-fn inputs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            !name.starts_with('.') && !name.ends_with(".md")
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 #[test]
 fn fuzz_corpus_replays_without_panic() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let corpus = inputs(&fuzz.join("corpus/open_map"));
+    let corpus = corpus_inputs(&fuzz.join("corpus/open_map"));
     assert!(
         !corpus.is_empty(),
         "no seeds in {}",
@@ -35,7 +19,7 @@ fn fuzz_corpus_replays_without_panic() {
     );
     let all: Vec<PathBuf> = corpus
         .into_iter()
-        .chain(inputs(&fuzz.join("artifacts/open_map")))
+        .chain(corpus_inputs(&fuzz.join("artifacts/open_map")))
         .collect();
 
     let mut panicked = Vec::new();
@@ -70,11 +54,11 @@ fn fuzz_corpus_replays_without_panic() {
 #[test]
 fn nbd_session_corpus_replays_without_panic() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let corpus = inputs(&fuzz.join("corpus/nbd_session"));
+    let corpus = corpus_inputs(&fuzz.join("corpus/nbd_session"));
     assert!(!corpus.is_empty(), "empty nbd_session corpus");
     for p in corpus
         .iter()
-        .chain(inputs(&fuzz.join("artifacts/nbd_session")).iter())
+        .chain(corpus_inputs(&fuzz.join("artifacts/nbd_session")).iter())
     {
         let data = std::fs::read(p).unwrap();
         let n = qnbd::testing::nbd_session(&data);
@@ -109,12 +93,12 @@ fn nbd_session_corpus_replays_on_the_ring_plane() {
         return;
     }
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    let corpus = inputs(&fuzz.join("corpus/nbd_session"));
+    let corpus = corpus_inputs(&fuzz.join("corpus/nbd_session"));
     assert!(!corpus.is_empty(), "empty nbd_session corpus");
     let (mut replayed, mut compared, mut handed_over) = (0, 0, 0);
     for p in corpus
         .iter()
-        .chain(inputs(&fuzz.join("artifacts/nbd_session")).iter())
+        .chain(corpus_inputs(&fuzz.join("artifacts/nbd_session")).iter())
     {
         let data = std::fs::read(p).unwrap();
         let name = p.file_name().unwrap().to_string_lossy();

@@ -7,13 +7,13 @@
 //! and dirty bitmaps of compressed writes. Contents are compared with a shadow copy, and every
 //! image written must pass `qemu-img check`.
 
-use qcow2_spec_tests::{require_tools, scratch_dir};
+use qcow2_spec_tests::{qnbd_bin, require_tools, run_command, scratch_dir, NbdServer};
 use qnbd::block::{Access, BlockDevice, Chain, Mapping, NoBacking, ZeroMode};
 use qnbd::io::mem::{Fault, FaultStorage};
 use qnbd::open::{open_image, open_storage_image, Format, OpenOptions};
 use qnbd::qcow2::{Qcow2, Qcow2Options};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,64 +21,13 @@ fn have(tools: &[&str]) -> bool {
     require_tools("integrity", tools)
 }
 
-fn run(prog: &str, args: &[&str], cwd: &Path) -> std::process::Output {
-    let o = Command::new(prog)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(
-        o.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-/// Run a command that must end by itself (a refusal), killed after 20 s: (exit code, stderr).
-fn refusal(mut cmd: Command) -> (Option<i32>, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut err);
-    }
-    (status.and_then(|s| s.code()), err)
+fn run(prog: &str, args: &[&str], cwd: &Path) -> qcow2_spec_tests::Run {
+    qcow2_spec_tests::tool_ok(prog, cwd, args)
 }
 
 /// `qemu-img check` exit code and output.
 fn check(img: &Path) -> (i32, String) {
-    let o = Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(img)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    qcow2_spec_tests::qemu_img_check(img.parent().unwrap_or(Path::new("/")), img)
 }
 
 fn assert_clean(img: &Path, what: &str) {
@@ -196,17 +145,10 @@ fn write_over_compressed_data_through_serve() {
         d,
     );
     let sock = d.join("S");
-    let mut server = Server::start(
-        &[
-            "serve",
-            "-t",
-            "-f",
-            "qcow2",
-            "-k",
-            sock.to_str().unwrap(),
-            "w.qcow2",
-        ],
+    let server = NbdServer::start(
         d,
+        qnbd_bin(),
+        &["serve", "-t", "-f", "qcow2", "w.qcow2"],
         &sock,
     );
     let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -542,7 +484,8 @@ fn a_data_file_that_is_the_image_or_its_chain_is_refused() {
         cmd.args(["serve", "-f", "qcow2", "-k"])
             .arg(d.join("S"))
             .arg(&img);
-        let (code, err) = refusal(cmd);
+        let r = run_command(cmd);
+        let (code, err) = (r.code, r.stderr);
         assert_eq!(code, Some(1), "{what}: {err}");
         assert!(err.contains("is the image itself"), "{what}: {err}");
         assert_eq!(
@@ -610,21 +553,21 @@ fn exports_sharing_a_written_file_are_refused() {
         .args(["serve", "-k", sock.to_str().unwrap()])
         .args(["--export", "name=a,file=a.qcow2,format=qcow2"])
         .args(["--export", "name=b,file=d.raw,format=raw,readonly=on"]);
-    let (code, err) = refusal(cmd);
+    let r = run_command(cmd);
+    let (code, err) = (r.code, r.stderr);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("use the same file"), "{err}");
     // two read-only exports of one file are fine (checked by starting and stopping)
-    let mut s = Server::start(
+    let s = NbdServer::start(
+        d,
+        qnbd_bin(),
         &[
             "serve",
-            "-k",
-            sock.to_str().unwrap(),
             "--export",
             "name=a,file=a.qcow2,format=qcow2,readonly=on",
             "--export",
             "name=b,file=d.raw,format=raw,readonly=on",
         ],
-        d,
         &sock,
     );
     s.stop();
@@ -714,71 +657,6 @@ fn huge_snapshot_tables_neither_hang_nor_pass_unchecked() {
     image.chain.read(0, &mut buf).unwrap();
 }
 
-/// A running `qnbd serve`, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Server {
-    child: Option<Child>,
-}
-
-impl Server {
-    fn start(args: &[&str], cwd: &Path, sock: &Path) -> Server {
-        Self::start_env(args, cwd, sock, &[])
-    }
-
-    fn start_env(args: &[&str], cwd: &Path, sock: &Path, env: &[(&str, &str)]) -> Server {
-        let _ = std::fs::remove_file(sock);
-        let mut cmd = Command::new(qcow2_spec_tests::qnbd_bin());
-        cmd.args(args)
-            .current_dir(cwd)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap();
-        let t = Instant::now();
-        while !sock.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server { child: Some(child) }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM: a clean shutdown flushes and closes the image
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let t = Instant::now();
-            loop {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                if t.elapsed() > Duration::from_secs(20) {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    panic!("server did not stop on SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// `serve -s`: the temporary overlay is a new private file (mode 0600, O_EXCL, a random
 /// name), never a predictable path opened with O_TRUNC.
 #[test]
@@ -796,17 +674,10 @@ fn the_serve_snapshot_overlay_is_a_private_new_file() {
         d,
     );
     let sock = d.join("S");
-    let server = Server::start_env(
-        &[
-            "serve",
-            "-s",
-            "-f",
-            "qcow2",
-            "-k",
-            sock.to_str().unwrap(),
-            "base.qcow2",
-        ],
+    let server = NbdServer::start_env(
         d,
+        qnbd_bin(),
+        &["serve", "-s", "-f", "qcow2", "base.qcow2"],
         &sock,
         &[("TMPDIR", tmp.to_str().unwrap())],
     );
@@ -840,7 +711,7 @@ fn the_serve_snapshot_overlay_is_a_private_new_file() {
 /// without writing data; anything that would need data writes fails with ENOTSUP at once.
 #[test]
 fn fast_zero_is_fast_or_refused() {
-    if !have(&["qemu-img", "nbdsh"]) {
+    if !have(&["qemu-img", "qemu-nbd", "nbdsh"]) {
         return;
     }
     let dir = scratch_dir();
@@ -874,30 +745,31 @@ fn fast_zero_is_fast_or_refused() {
         ],
         d,
     );
+    // the same requests against qemu-nbd, on copies of the images
+    std::fs::copy(d.join("z.qcow2"), d.join("qz.qcow2")).unwrap();
+    std::fs::copy(d.join("zc.qcow2"), d.join("qzc.qcow2")).unwrap();
     let sock = d.join("S");
-    let mut server = Server::start(
+    let server = NbdServer::start(
+        d,
+        qnbd_bin(),
         &[
             "serve",
             "-t",
             "-e",
             "0",
-            "-k",
-            sock.to_str().unwrap(),
             "--export",
             "name=z,file=z.qcow2,format=qcow2",
             "--export",
             "name=zc,file=zc.qcow2,format=qcow2",
         ],
-        d,
         &sock,
     );
-    let script = format!(
-        r#"
-import nbd
-def conn(name):
+    let script = r#"
+import nbd, sys
+def conn(name, sock):
     h = nbd.NBD()
     h.set_export_name(name)
-    h.connect_unix("{sock}")
+    h.connect_unix(sock)
     return h
 def fast(h, off, n):
     try:
@@ -905,32 +777,52 @@ def fast(h, off, n):
         return "ok"
     except nbd.Error as e:
         return "ENOTSUP" if "(ENOTSUP)" in str(e) else "error %s" % e
-h = conn("z")
+h = conn("z", sys.argv[1])
 h.pwrite(b"\x55" * 65536, 65536)
 print("sub-aligned", fast(h, 65536 + 2048, 4096))
 print("sub-aligned-hole", fast(h, 3 * 65536 + 8192, 2048))
 print("unaligned", fast(h, 65536 + 100, 4096))
 print("whole", fast(h, 2 * 65536, 65536))
-print("data", h.pread(8192, 65536 + 2048 - 2048) == b"\x55" * 2048 + b"\0" * 4096 + b"\x55" * 2048)
+print("data", h.pread(8192, 65536) == b"\x55" * 2048 + b"\0" * 4096 + b"\x55" * 2048)
 h.flush()
-hc = conn("zc")
+hc = conn("zc", sys.argv[2])
 print("compressed-sub", fast(hc, 2048, 2048))
 print("compressed-whole", fast(hc, 65536, 65536))
-"#,
-        sock = sock.display()
-    );
-    let o = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+"#;
+    let client = |z: &Path, zc: &Path| {
+        let o = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .arg(z)
+            .arg(zc)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let out = client(&sock, &sock);
     server.stop();
+    let (qs, qsc) = (d.join("QZ"), d.join("QZC"));
+    let qemu = Path::new("qemu-nbd");
+    let q1 = NbdServer::start(d, qemu, &["-t", "-f", "qcow2", "-x", "z", "qz.qcow2"], &qs);
+    let q2 = NbdServer::start(
+        d,
+        qemu,
+        &["-t", "-f", "qcow2", "-x", "zc", "qzc.qcow2"],
+        &qsc,
+    );
+    let theirs = client(&qs, &qsc);
+    q1.stop();
+    q2.stop();
+    assert_eq!(
+        out, theirs,
+        "qnbd and qemu-nbd answer FAST_ZERO differently"
+    );
     let want = "sub-aligned ok\nsub-aligned-hole ok\nunaligned ENOTSUP\nwhole ok\ndata True\n\
                 compressed-sub ENOTSUP\ncompressed-whole ok\n";
     assert_eq!(out, want);
@@ -988,31 +880,17 @@ fn compressed_writes_mark_enabled_bitmaps() {
     assert_clean(&d.join("b.qcow2"), "compressed write");
     // QEMU sees the range dirty
     let sock = d.join("S");
-    let mut nbd = Command::new("qemu-nbd")
-        .current_dir(d)
-        .args([
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            "b0",
-            "-k",
-            sock.to_str().unwrap(),
-            "b.qcow2",
-        ])
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let nbd = NbdServer::start(
+        d,
+        Path::new("qemu-nbd"),
+        &["-r", "-f", "qcow2", "-B", "b0", "b.qcow2"],
+        &sock,
+    );
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let o = Command::new("nbdinfo")
         .args(["--map=qemu:dirty-bitmap:b0", &uri])
         .output();
-    let _ = nbd.kill();
-    let _ = nbd.wait();
+    drop(nbd);
     let o = o.expect("run nbdinfo");
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(

@@ -6,36 +6,20 @@
 //! operations allow); a violation panics. Each input runs on its own thread so that a panic
 //! names the file that caused it and the other inputs still run; two threads at a time.
 
+use qcow2_spec_tests::corpus_inputs;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-
-fn inputs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            !name.starts_with('.') && !name.ends_with(".md")
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 #[test]
 fn write_fuzz_corpus_replays_without_panic() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let dir = fuzz.join("corpus/write_ops");
-    let corpus = inputs(&dir);
+    let corpus = corpus_inputs(&dir);
     assert!(!corpus.is_empty(), "no seeds in {}", dir.display());
     let all: Vec<PathBuf> = corpus
         .into_iter()
-        .chain(inputs(&fuzz.join("artifacts/write_ops")))
+        .chain(corpus_inputs(&fuzz.join("artifacts/write_ops")))
         .collect();
 
     let started = std::time::Instant::now();

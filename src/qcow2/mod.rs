@@ -191,7 +191,8 @@ impl Qcow2 {
             // the write side keeps every snapshot's L1 table out of reach of allocation: each
             // must be a valid table (QEMU's qcow2_validate_table, checked here at open)
             for sn in &snapshots {
-                validate_snapshot_l1(sn, header.cluster_size(), file_len)?;
+                validate_snapshot_l1(sn, header.cluster_size(), file_len)
+                    .map_err(|e| e.context("the image cannot be opened read-write"))?;
             }
         }
         let mut header = header;
@@ -213,21 +214,9 @@ impl Qcow2 {
                         format!("Can't find snapshot '{want}'"),
                     )
                 })?;
-            if u64::from(sn.l1_size) * 8 > spec::limits::MAX_L1_SIZE
-                || sn.l1_table_offset % header.cluster_size() != 0
-            {
-                return Err(Error::corrupt(format!(
-                    "Snapshot '{}' has an invalid L1 table",
-                    sn.name
-                )));
-            }
+            validate_snapshot_l1(sn, header.cluster_size(), file_len)
+                .map_err(|e| e.context("Failed to load snapshot"))?;
             let bytes = u64::from(sn.l1_size) * 8;
-            if sn.l1_table_offset.saturating_add(bytes) > file_len {
-                return Err(Error::corrupt(format!(
-                    "Snapshot '{}': L1 table lies beyond the end of the file",
-                    sn.name
-                )));
-            }
             let mut raw = vec![0u8; bytes as usize];
             read_exact(&*file, &mut raw, sn.l1_table_offset)
                 .map_err(read_err("a snapshot L1 table", sn.l1_table_offset))?;
@@ -480,7 +469,7 @@ fn validate_snapshot_l1(sn: &Snapshot, cluster_size: u64, file_len: u64) -> Resu
         return Ok(());
     };
     Err(Error::corrupt(format!(
-        "{why} (snapshot '{}', id {}); the image cannot be opened read-write",
+        "{why} (snapshot '{}', id {})",
         sn.name, sn.id
     )))
 }
