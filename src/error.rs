@@ -26,6 +26,8 @@ pub enum ErrorKind {
     Denied,
     /// A caller-supplied argument is invalid.
     InvalidArgument,
+    /// Another user holds the file in a way that conflicts (an image lock).
+    Busy,
 }
 
 /// Library error: kind + message + optional source.
@@ -94,6 +96,7 @@ impl Error {
                 .unwrap_or(libc::EIO),
             ErrorKind::OutOfRange | ErrorKind::InvalidArgument => libc::EINVAL,
             ErrorKind::Denied => libc::EPERM,
+            ErrorKind::Busy => libc::EAGAIN,
             ErrorKind::Unsupported => libc::ENOTSUP,
             ErrorKind::InvalidImage | ErrorKind::Corrupt => libc::EIO,
         }
@@ -104,7 +107,13 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.msg)?;
         if let Some(s) = &self.source {
-            write!(f, ": {s}")?;
+            // strerror's text, as QEMU prints it (without Rust's " (os error N)")
+            let text = s.to_string();
+            let text = match (s.raw_os_error(), text.rfind(" (os error ")) {
+                (Some(_), Some(i)) => &text[..i],
+                _ => &text,
+            };
+            write!(f, ": {text}")?;
         }
         Ok(())
     }
@@ -117,3 +126,16 @@ impl std::error::Error for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+static PROGRAM: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Name the process reports as (`qnbd`, or `qemu-img` / `qemu-nbd` when invoked by those
+/// names); set once, at startup.
+pub fn set_program(name: &'static str) {
+    let _ = PROGRAM.set(name);
+}
+
+/// The prefix of every message on stderr: the program name (see [`set_program`]).
+pub fn program() -> &'static str {
+    PROGRAM.get().copied().unwrap_or("qnbd")
+}

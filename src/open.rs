@@ -9,6 +9,7 @@
 use crate::block::raw::RawDevice;
 use crate::block::{BlockDevice, Chain};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::lock::{LockSpec, Perm};
 use crate::io::{sync::SyncFile, Engine, Storage};
 use crate::qcow2::{Qcow2, Qcow2Options};
 use std::fs::OpenOptions as FsOpenOptions;
@@ -206,6 +207,100 @@ impl CacheMode {
     }
 }
 
+/// The image locks a command takes, as the QEMU tool it stands for would (see
+/// [`crate::io::lock`]): QEMU, qemu-img, qemu-nbd and qnbd then refuse each other's conflicting
+/// opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Locking {
+    /// Most of qemu-img's commands (map, check, compare, bench, bitmap): a reader holds read, a
+    /// writer read and write; neither denies anything by itself (the qcow2 driver adds its own
+    /// claims, see [`lock_spec`]).
+    #[default]
+    Tool,
+    /// `qemu-img convert`'s source: read, and nobody may write or resize it meanwhile.
+    ConvertSource,
+    /// `qemu-img resize`: read, write and resize.
+    Resize,
+    /// `qemu-img info`: metadata only, so no consistent read is held.
+    Inspect,
+    /// qemu-nbd: like a guest, it lets others write a raw image but nobody resize it.
+    Server,
+    /// `-U` / `--force-share`: read-only, and nothing denied to anyone.
+    ForceShare,
+    /// No locks (`file.locking=off`).
+    Off,
+}
+
+/// Which file of a layer is being opened, for its locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileRole {
+    /// The image the command names.
+    Top,
+    /// A backing file below it.
+    Backing,
+    /// The external data file of a qcow2 layer.
+    DataFile,
+}
+
+/// The locks `locking` takes on one file: the permissions of QEMU's tool, then those its
+/// format driver adds (qcow2 lets nobody else write or resize the file that holds its
+/// metadata, and needs to grow it when writing). Matches what QEMU 10 locks, measured in
+/// `/proc/locks` (see `qcow2-spec-tests/tests/locks.rs`).
+fn lock_spec(locking: Locking, format: Format, role: FileRole, writable: bool) -> LockSpec {
+    const W: Perm = Perm::WRITE;
+    const RS: Perm = Perm::RESIZE;
+    let rw = |w: bool| {
+        if w {
+            Perm::READ | W | RS
+        } else {
+            Perm::READ
+        }
+    };
+    let mut spec = match (locking, role) {
+        (Locking::Off, _) => return LockSpec::default(),
+        (Locking::ForceShare, _) => {
+            return LockSpec {
+                perm: Perm::READ,
+                deny: Perm::NONE,
+            }
+        }
+        (_, FileRole::DataFile) => {
+            return LockSpec {
+                perm: rw(writable),
+                deny: RS,
+            }
+        }
+        (_, FileRole::Backing) => LockSpec {
+            perm: Perm::READ,
+            deny: Perm::NONE,
+        },
+        (Locking::Inspect, FileRole::Top) => LockSpec::default(),
+        (Locking::Tool, FileRole::Top) => LockSpec {
+            perm: if writable { Perm::READ | W } else { Perm::READ },
+            deny: Perm::NONE,
+        },
+        (Locking::Resize, FileRole::Top) => LockSpec {
+            perm: rw(true),
+            deny: Perm::NONE,
+        },
+        (Locking::ConvertSource, FileRole::Top) => LockSpec {
+            perm: Perm::READ,
+            deny: W | RS,
+        },
+        (Locking::Server, FileRole::Top) => LockSpec {
+            perm: if writable { Perm::READ | W } else { Perm::READ },
+            deny: RS,
+        },
+    };
+    if format == Format::Qcow2 {
+        spec.deny = spec.deny | W | RS;
+        if writable {
+            spec.perm = spec.perm | RS;
+        }
+    }
+    spec
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Format of the top image; probed when `None`.
@@ -214,6 +309,8 @@ pub struct OpenOptions {
     /// Host cache mode of every file of the chain (data files included).
     pub cache: CacheMode,
     pub writable: bool,
+    /// Image locks taken on every file opened (top, backing files, data files).
+    pub locking: Locking,
     pub policy: OpenPolicy,
     /// Do not open the backing chain (qemu-img info without --backing-chain).
     pub no_backing: bool,
@@ -261,19 +358,28 @@ pub fn uring_available() -> bool {
 }
 
 /// Open a host file with the chosen engine; writable files get a sticky flush-failure state.
+/// No image lock is taken: see [`open_storage_with`].
 pub fn open_storage(path: &str, engine: Engine, writable: bool) -> Result<Arc<dyn Storage>> {
-    open_storage_with(path, engine, writable, CacheMode::Writeback)
+    open_storage_with(
+        path,
+        engine,
+        writable,
+        CacheMode::Writeback,
+        LockSpec::default(),
+    )
 }
 
-/// [`open_storage`] in a host cache mode: `O_DIRECT` files get the alignment layer
-/// ([`crate::io::direct::DirectFile`]), `unsafe` ignores flushes.
+/// [`open_storage`] in a host cache mode (`O_DIRECT` files get the alignment layer
+/// [`crate::io::direct::DirectFile`], `unsafe` ignores flushes), claiming `lock` on the file
+/// before anything is read; a conflict closes the file again and is an [`ErrorKind::Busy`].
 pub fn open_storage_with(
     path: &str,
     engine: Engine,
     writable: bool,
     cache: CacheMode,
+    lock: LockSpec,
 ) -> Result<Arc<dyn Storage>> {
-    let mut s = open_storage_raw(path, engine, writable, cache.direct())?;
+    let mut s = open_storage_raw(path, engine, writable, cache.direct(), lock)?;
     if cache.no_flush() {
         s = Arc::new(crate::io::noflush::NoFlush::new(s));
     }
@@ -289,6 +395,7 @@ fn open_storage_raw(
     engine: Engine,
     writable: bool,
     direct: bool,
+    lock: LockSpec,
 ) -> Result<Arc<dyn Storage>> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = FsOpenOptions::new()
@@ -312,6 +419,10 @@ fn open_storage_raw(
             ErrorKind::InvalidArgument,
             format!("Could not open '{path}': Is a directory"),
         ));
+    }
+    if !lock.is_empty() {
+        crate::io::lock::claim_file(&file, lock, path)
+            .map_err(|e| e.context(format!("Could not open '{path}'")))?;
     }
     if !direct {
         return open_engine(path, file, engine);
@@ -391,6 +502,69 @@ pub fn combine_path(base: &str, name: &str) -> String {
     }
 }
 
+/// Open the file of one image (`filename` in messages, at `open_path`), probing its format
+/// unless given, and claim the locks `lock` gives for that format. A probed format is only
+/// known once the file is open, so probing reads the magic through an unlocked open first (as
+/// QEMU's probe does) and then opens the file for use with its locks.
+fn open_file(
+    filename: &str,
+    open_path: &str,
+    format: Option<Format>,
+    engine: Engine,
+    writable: bool,
+    cache: CacheMode,
+    lock: impl Fn(Format) -> LockSpec,
+) -> Result<(Arc<dyn Storage>, Format)> {
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let unlocked = open_storage_with(
+                open_path,
+                engine,
+                false,
+                CacheMode::Writeback,
+                LockSpec::default(),
+            )?;
+            probe(&*unlocked).map_err(|e| e.context(format!("Could not open '{filename}'")))?
+        }
+    };
+    let storage = open_storage_with(open_path, engine, writable, cache, lock(format))?;
+    Ok((storage, format))
+}
+
+/// Open the single file `path` as the image a command names (no backing chain, no data
+/// file), with the locks of `locking`: for commands that read the image's own structures
+/// (`check`).
+pub fn open_top_file(
+    path: &str,
+    format: Option<Format>,
+    engine: Engine,
+    writable: bool,
+    locking: Locking,
+) -> Result<(Arc<dyn Storage>, Format)> {
+    open_file(
+        path,
+        path,
+        format,
+        engine,
+        writable,
+        CacheMode::Writeback,
+        |f| lock_spec(locking, f, FileRole::Top, writable),
+    )
+}
+
+/// The locks `locking` takes on a raw file a command writes whole (a `convert` target): read
+/// and write held, nothing denied, as qemu-img holds its target.
+pub fn target_lock(locking: Locking) -> LockSpec {
+    match locking {
+        Locking::Off => LockSpec::default(),
+        _ => LockSpec {
+            perm: Perm::READ | Perm::WRITE,
+            deny: Perm::NONE,
+        },
+    }
+}
+
 /// Open one layer known as `filename`, from the file at `open_path`.
 fn open_layer(
     filename: &str,
@@ -400,14 +574,24 @@ fn open_layer(
     top: bool,
     roots: Option<&[PathBuf]>,
 ) -> Result<OpenedLayer> {
-    let storage = open_storage_with(open_path, opts.engine, opts.writable && top, opts.cache)?;
-    let format = match format {
-        Some(f) => f,
-        None => probe(&*storage).map_err(|e| e.context(format!("Could not open '{filename}'")))?,
+    let writable = opts.writable && top;
+    let role = if top {
+        FileRole::Top
+    } else {
+        FileRole::Backing
     };
+    let (storage, format) = open_file(
+        filename,
+        open_path,
+        format,
+        opts.engine,
+        writable,
+        opts.cache,
+        |f| lock_spec(opts.locking, f, role, writable),
+    )?;
     match format {
         Format::Raw => {
-            let dev = Arc::new(if opts.writable && top {
+            let dev = Arc::new(if writable {
                 RawDevice::new_writable(storage.clone())?
             } else {
                 RawDevice::new(storage.clone())?
@@ -450,17 +634,27 @@ fn open_layer(
                     ));
                 }
                 let path = combine_path(filename, &name);
-                let data = admit(&path, roots)
-                    .and_then(|p| {
-                        open_storage_with(&p, opts.engine, opts.writable && top, opts.cache)
-                    })
+                let lock = lock_spec(opts.locking, Format::Raw, FileRole::DataFile, writable);
+                let own = || {
+                    // its data writes would land on its own header and tables
+                    Error::invalid(format!(
+                        "Could not open '{filename}': its data file '{name}' is the image itself"
+                    ))
+                };
+                let admitted = admit(&path, roots)
+                    .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
+                // before opening it: a second open of the image itself would also meet the
+                // image's own locks, and say less
+                if file_identity(&admitted).is_some()
+                    && file_identity(&admitted) == storage.identity()
+                {
+                    return Err(own());
+                }
+                let data = open_storage_with(&admitted, opts.engine, writable, opts.cache, lock)
                     .map_err(|e| e.context(format!("Could not open '{filename}'")))?;
                 data_identity = data.identity();
                 if data_identity.is_some() && data_identity == storage.identity() {
-                    // its data writes would land on its own header and tables
-                    return Err(Error::invalid(format!(
-                        "Could not open '{filename}': its data file '{name}' is the image itself"
-                    )));
+                    return Err(own());
                 }
                 q.set_data_file(data);
             }
@@ -521,6 +715,16 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
             None => None,
         };
         let parent = last.filename.clone();
+        // a backing file that is a data file of the chain: said before its open meets that
+        // data file's locks
+        if let Some(id) = file_identity(&next) {
+            if let Some(l) = layers.iter().find(|l| l.data_identity == Some(id)) {
+                return Err(Error::invalid(format!(
+                    "Could not open '{}': its data file is also used by '{next}' of the same backing chain",
+                    l.filename
+                )));
+            }
+        }
         let layer = admit(&next, roots)
             .and_then(|p| open_layer(&next, &p, fmt, opts, false, roots))
             .map_err(|e| {
@@ -543,6 +747,12 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
     let chain = Chain::new(layers.iter().map(|l| l.device.clone()).collect())?
         .with_write_through(opts.cache.write_through());
     Ok(Image { layers, chain })
+}
+
+/// (device, inode) of the file at `path`, if it exists.
+fn file_identity(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// A data file must be no image of the chain and no other layer's data file (compared by

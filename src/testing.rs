@@ -114,6 +114,7 @@ fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
         contexts: Available {
             allocation_depth: true,
             bitmaps: Vec::new(),
+            hide_vendor: false,
         },
         multi_conn: true,
     });

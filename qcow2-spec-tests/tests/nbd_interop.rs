@@ -336,7 +336,7 @@ fn several_exports_are_listed_and_served() {
     );
     let uri_b = format!("nbd+unix:///disk-b?socket={}", s.sock.display());
     let (rc, _, err) = run(Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .args(["compare", "-U", "-f", "qcow2", "-F", "raw"])
         .arg(dir.join("top.qcow2"))
         .arg(&uri_b));
     assert_eq!(rc, 0, "{err}");

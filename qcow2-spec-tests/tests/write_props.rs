@@ -224,8 +224,10 @@ fn one_sequence(l: &Layout, engine: Engine, seed: u64, dir: &Path) {
                 q.resize(size + grow).expect("resize");
                 size += grow;
                 shadow.resize(size as usize, 0);
-                image = open_image(&img_s, &opts).expect("reopen");
+                // the old open holds the image's locks until it is closed
                 drop(q);
+                drop(image);
+                image = open_image(&img_s, &opts).expect("reopen");
             }
         }
     }

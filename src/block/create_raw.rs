@@ -51,15 +51,21 @@ impl Preallocation {
 /// Bytes of zeros written per call when preallocating with `full`.
 const ZERO_CHUNK: usize = 1 << 20;
 
-/// Create (or empty) `path` for writing, as QEMU's file driver does before formatting.
+/// Create (or empty) `path` for writing, as QEMU's file driver does before formatting. The
+/// file is locked as `qemu-img create` locks it before anything is truncated, so an image
+/// another process has open (a running guest's disk) is refused, not emptied under it.
 pub fn create_empty(path: &str) -> Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(path)
-        .map_err(|e| Error::io(format!("Could not create '{path}'"), e))
+        .map_err(|e| Error::io(format!("Could not create '{path}'"), e))?;
+    crate::io::lock::claim_file(&file, crate::io::lock::CREATE, path)?;
+    file.set_len(0)
+        .map_err(|e| Error::io(format!("Could not create '{path}'"), e))?;
+    Ok(file)
 }
 
 /// Write `len` zero bytes at `off`.

@@ -37,6 +37,16 @@ impl RawDevice {
         }
     }
 
+    /// How much of `[off, off + len)` lies inside the host file (the device's size is rounded
+    /// up to whole sectors; the part past the end of the file is not the file's to change).
+    fn in_file(&self, off: u64, len: u64) -> Result<u64> {
+        let flen = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("Could not get the image length", e))?;
+        Ok(flen.saturating_sub(off).min(len))
+    }
+
     pub fn new(storage: Arc<dyn Storage>) -> Result<RawDevice> {
         let size = storage
             .len()
@@ -141,11 +151,7 @@ impl BlockDevice for RawDevice {
     fn write(&self, off: u64, buf: &[u8], _below: &dyn CowSource, fua: bool) -> Result<()> {
         self.check_writable(off, buf.len() as u64)?;
         // the last partial sector lies beyond the file: write only what the file holds
-        let flen = self
-            .storage
-            .len()
-            .map_err(|e| Error::io("Could not get the image length", e))?;
-        let n = (flen.saturating_sub(off)).min(buf.len() as u64) as usize;
+        let n = self.in_file(off, buf.len() as u64)? as usize;
         self.storage
             .write_at(&buf[..n], off)
             .map_err(|e| Error::io(format!("Could not write at {off:#x}"), e))?;
@@ -159,10 +165,22 @@ impl BlockDevice for RawDevice {
         &self,
         off: u64,
         len: u64,
-        _mode: ZeroMode,
+        mode: ZeroMode,
         below: &dyn CowSource,
     ) -> Result<()> {
         self.check_writable(off, len)?;
+        // as QEMU's file driver: a hole where host space may be released, else a zeroed
+        // range that stays allocated; zeros written where the host can do neither
+        let how = match mode {
+            ZeroMode::MayUnmap => crate::io::ZeroRange::Deallocate,
+            ZeroMode::KeepAllocated => crate::io::ZeroRange::KeepAllocated,
+        };
+        let n = self.in_file(off, len)?;
+        match self.storage.zero_range(off, n, how) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(Error::io(format!("Could not zero at {off:#x}"), e)),
+        }
         let chunk = 1u64 << 20;
         let zeros = vec![0u8; chunk.min(len) as usize];
         let mut pos = off;
@@ -175,8 +193,18 @@ impl BlockDevice for RawDevice {
     }
 
     fn discard(&self, off: u64, len: u64, _below: &dyn CowSource) -> Result<()> {
-        // advisory: nothing to release without hole punching support in the storage layer
-        self.check_writable(off, len)
+        self.check_writable(off, len)?;
+        // advisory: where the host cannot release space, nothing happens (as in QEMU)
+        let n = self.in_file(off, len)?;
+        match self
+            .storage
+            .zero_range(off, n, crate::io::ZeroRange::Discard)
+        {
+            Err(e) if e.kind() != std::io::ErrorKind::Unsupported => {
+                Err(Error::io(format!("Could not discard at {off:#x}"), e))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn flush(&self) -> Result<()> {

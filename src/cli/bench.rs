@@ -17,7 +17,7 @@ use crate::nbd::client::{decode_simple_reply, encode_request, open_export, Targe
 use crate::nbd::wire::{
     NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_READ_ONLY,
 };
-use crate::open::{open_image, CacheMode};
+use crate::open::CacheMode;
 use clap::Args;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -67,7 +67,7 @@ pub struct BenchArgs {
     pub random: bool,
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
-    /// Open the image without taking locks (accepted for qemu-img compatibility).
+    /// Share the image with writers: read-only, no lock denied to others (qemu-img -U).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Drive an NBD server instead of a local image (nbd://HOST[:PORT]/EXPORT or
@@ -165,7 +165,8 @@ fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
             .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "Invalid cache mode"))?;
     }
     opts.writable = a.write;
-    let img = open_image(image, &opts)?;
+    opts.locking = super::locking(image, a.force_share, a.write, crate::open::Locking::Tool)?;
+    let img = super::open_named(image, &opts)?;
     let chain: &Chain = &img.chain;
     let size = chain.size();
     if a.size > size {

@@ -60,6 +60,10 @@ pub struct BitmapArgs {
     /// Image format (must be qcow2).
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
+    /// With --list / --dump: share the image with writers (read-only, no lock denied to
+    /// others), as qemu-img info -U. Refused with changes.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     pub image: String,
     pub bitmap: Option<String>,
 }
@@ -76,6 +80,21 @@ enum Op {
 }
 
 /// The operations in command-line order (qemu-img applies them in that order).
+impl Op {
+    /// qemu-img's name of the operation, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Add => "add",
+            Op::Remove => "remove",
+            Op::Clear => "clear",
+            Op::Enable => "enable",
+            Op::Disable => "disable",
+            Op::Merge(_) => "merge",
+            Op::Recover => "recover",
+        }
+    }
+}
+
 fn ops_in_order(a: &BitmapArgs) -> Vec<Op> {
     let mut out = Vec::new();
     let mut merges = a.merge.iter();
@@ -144,7 +163,14 @@ fn default_granularity(cluster_size: u64) -> u64 {
 pub fn run(a: &BitmapArgs) -> Result<i32> {
     let mut opts = open_options(a.format.as_deref())?;
     opts.no_backing = true;
-    if a.list || a.dump {
+    let inspecting = a.list || a.dump;
+    opts.locking = super::locking(
+        &a.image,
+        a.force_share,
+        !inspecting,
+        crate::open::Locking::Tool,
+    )?;
+    if inspecting {
         return inspect(a, opts);
     }
     let name = a
@@ -158,7 +184,7 @@ pub fn run(a: &BitmapArgs) -> Result<i32> {
         ));
     }
     opts.writable = true;
-    let img = open_image(&a.image, &opts)?;
+    let img = super::open_named(&a.image, &opts)?;
     let layer = &img.layers[0];
     let q = layer.qcow2.clone().ok_or_else(|| {
         Error::unsupported(format!(
@@ -182,140 +208,150 @@ pub fn run(a: &BitmapArgs) -> Result<i32> {
         if disable_new && *op == Op::Disable {
             continue;
         }
-        match op {
-            Op::Add => {
-                if q.header().version < 3 {
-                    return Err(Error::unsupported(
-                        "Cannot store dirty bitmaps in qcow2 v2 files",
-                    ));
-                }
-                if find(&list, &name).is_some() {
-                    return Err(bad(format!("Bitmap already exists: {name}")));
-                }
-                if name.len() > 1023 {
-                    return Err(bad("Bitmap name is too long"));
-                }
-                if name.is_empty() {
-                    return Err(bad("Bitmap name cannot be empty"));
-                }
-                let g = a.granularity.unwrap_or_else(|| default_granularity(cs));
-                if !g.is_power_of_two() || g < 512 {
-                    return Err(bad("Granularity must be power of 2 and at least 512"));
-                }
-                if g > 1 << 31 {
-                    return Err(bad("Granularity is too big: 2^31 bytes at most"));
-                }
-                list.push(LiveBitmap {
-                    entry: DirEntry {
-                        table_offset: 0,
-                        table_size: 0,
-                        flags: if disable_new { 0 } else { FLAG_AUTO },
-                        kind: 1,
-                        granularity_bits: g.trailing_zeros() as u8,
-                        name: name.clone(),
-                        extra_data: Vec::new(),
-                    },
-                    state: if disable_new {
-                        State::Disabled
-                    } else {
-                        State::Enabled
-                    },
-                    data: Some(Arc::new(RwLock::new(DirtyBitmap::new(size, g)))),
-                });
-            }
-            Op::Remove => {
-                let i = find(&list, &name)
-                    .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
-                list.remove(i);
-            }
-            Op::Clear | Op::Enable | Op::Disable => {
-                let i = find(&list, &name)
-                    .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
-                let b = &mut list[i];
-                if b.state == State::Inconsistent {
-                    return Err(inconsistent(&name));
-                }
-                match op {
-                    Op::Clear => {
-                        if let Some(d) = &b.data {
-                            d.write().unwrap_or_else(|e| e.into_inner()).clear();
-                        }
+        let result: Result<()> = (|| {
+            match op {
+                Op::Add => {
+                    if q.header().version < 3 {
+                        return Err(Error::unsupported(
+                            "Cannot store dirty bitmaps in qcow2 v2 files",
+                        ));
                     }
-                    Op::Enable => b.state = State::Enabled,
-                    _ => b.state = State::Disabled,
+                    if find(&list, &name).is_some() {
+                        return Err(bad(format!("Bitmap already exists: {name}")));
+                    }
+                    if name.len() > 1023 {
+                        return Err(bad("Bitmap name is too long"));
+                    }
+                    if name.is_empty() {
+                        return Err(bad("Bitmap name cannot be empty"));
+                    }
+                    let g = a.granularity.unwrap_or_else(|| default_granularity(cs));
+                    if !g.is_power_of_two() || g < 512 {
+                        return Err(bad("Granularity must be power of 2 and at least 512"));
+                    }
+                    if g > 1 << 31 {
+                        return Err(bad("Granularity is too big: 2^31 bytes at most"));
+                    }
+                    list.push(LiveBitmap {
+                        entry: DirEntry {
+                            table_offset: 0,
+                            table_size: 0,
+                            flags: if disable_new { 0 } else { FLAG_AUTO },
+                            kind: 1,
+                            granularity_bits: g.trailing_zeros() as u8,
+                            name: name.clone(),
+                            extra_data: Vec::new(),
+                        },
+                        state: if disable_new {
+                            State::Disabled
+                        } else {
+                            State::Enabled
+                        },
+                        data: Some(Arc::new(RwLock::new(DirtyBitmap::new(size, g)))),
+                    });
                 }
-            }
-            Op::Merge(src) => {
-                let i = find(&list, &name)
-                    .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
-                if list[i].state == State::Inconsistent {
-                    return Err(inconsistent(&name));
+                Op::Remove => {
+                    let i = find(&list, &name)
+                        .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
+                    list.remove(i);
                 }
-                let source: DirtyBitmap = match &a.source_file {
-                    Some(f) => {
-                        let sopts = OpenOptions {
-                            format: a.source_format.as_deref().map(Format::parse).transpose()?,
-                            no_backing: true,
-                            ..opts.clone()
-                        };
-                        let sopts = OpenOptions {
-                            writable: false,
-                            ..sopts
-                        };
-                        let simg = open_image(f, &sopts)?;
-                        let sq = simg.layers[0].qcow2.clone().ok_or_else(|| {
-                            Error::unsupported("the merge source must be a qcow2 image")
-                        })?;
-                        let d = sq.bitmap(src).map_err(|e| {
-                            if e.message().contains("inconsistent") {
-                                inconsistent(src)
-                            } else {
-                                bad(format!("Dirty bitmap '{src}' not found"))
+                Op::Clear | Op::Enable | Op::Disable => {
+                    let i = find(&list, &name)
+                        .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
+                    let b = &mut list[i];
+                    if b.state == State::Inconsistent {
+                        return Err(inconsistent(&name));
+                    }
+                    match op {
+                        Op::Clear => {
+                            if let Some(d) = &b.data {
+                                d.write().unwrap_or_else(|e| e.into_inner()).clear();
                             }
-                        })?;
-                        let g = d.read().unwrap_or_else(|e| e.into_inner()).clone();
-                        g
-                    }
-                    None => {
-                        let j = find(&list, src)
-                            .ok_or_else(|| bad(format!("Dirty bitmap '{src}' not found")))?;
-                        if list[j].state == State::Inconsistent {
-                            return Err(inconsistent(src));
                         }
-                        let d = list[j].data.clone().ok_or_else(|| inconsistent(src))?;
-                        let g = d.read().unwrap_or_else(|e| e.into_inner()).clone();
-                        g
-                    }
-                };
-                if let Some(d) = &list[i].data {
-                    d.write().unwrap_or_else(|e| e.into_inner()).merge(&source);
-                }
-            }
-            Op::Recover => {
-                let i = find(&list, &name)
-                    .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
-                if list[i].state != State::Inconsistent {
-                    return Err(bad(format!(
-                        "Bitmap '{name}' is consistent; nothing to recover"
-                    )));
-                }
-                let g = list[i].entry.granularity();
-                let mut d = DirtyBitmap::new(size, g);
-                // conservative: every range this image itself holds may have changed
-                for e in super::map::entries(&img.chain, 0, None)? {
-                    if e.depth == 0 && e.present {
-                        d.mark(e.start, e.length);
+                        Op::Enable => b.state = State::Enabled,
+                        _ => b.state = State::Disabled,
                     }
                 }
-                let b = &mut list[i];
-                b.state = if b.entry.auto() {
-                    State::Enabled
-                } else {
-                    State::Disabled
-                };
-                b.data = Some(Arc::new(RwLock::new(d)));
+                Op::Merge(src) => {
+                    let i = find(&list, &name)
+                        .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
+                    if list[i].state == State::Inconsistent {
+                        return Err(inconsistent(&name));
+                    }
+                    let source: DirtyBitmap = match &a.source_file {
+                        Some(f) => {
+                            let sopts = OpenOptions {
+                                format: a
+                                    .source_format
+                                    .as_deref()
+                                    .map(Format::parse)
+                                    .transpose()?,
+                                no_backing: true,
+                                ..opts.clone()
+                            };
+                            let sopts = OpenOptions {
+                                writable: false,
+                                ..sopts
+                            };
+                            let simg = open_image(f, &sopts)?;
+                            let sq = simg.layers[0].qcow2.clone().ok_or_else(|| {
+                                Error::unsupported("the merge source must be a qcow2 image")
+                            })?;
+                            let d = sq.bitmap(src).map_err(|e| {
+                                if e.message().contains("inconsistent") {
+                                    inconsistent(src)
+                                } else {
+                                    bad(format!("Dirty bitmap '{src}' not found"))
+                                }
+                            })?;
+                            let g = d.read().unwrap_or_else(|e| e.into_inner()).clone();
+                            g
+                        }
+                        None => {
+                            let j = find(&list, src)
+                                .ok_or_else(|| bad(format!("Dirty bitmap '{src}' not found")))?;
+                            if list[j].state == State::Inconsistent {
+                                return Err(inconsistent(src));
+                            }
+                            let d = list[j].data.clone().ok_or_else(|| inconsistent(src))?;
+                            let g = d.read().unwrap_or_else(|e| e.into_inner()).clone();
+                            g
+                        }
+                    };
+                    if let Some(d) = &list[i].data {
+                        d.write().unwrap_or_else(|e| e.into_inner()).merge(&source);
+                    }
+                }
+                Op::Recover => {
+                    let i = find(&list, &name)
+                        .ok_or_else(|| bad(format!("Dirty bitmap '{name}' not found")))?;
+                    if list[i].state != State::Inconsistent {
+                        return Err(bad(format!(
+                            "Bitmap '{name}' is consistent; nothing to recover"
+                        )));
+                    }
+                    let g = list[i].entry.granularity();
+                    let mut d = DirtyBitmap::new(size, g);
+                    // conservative: every range this image itself holds may have changed
+                    for e in super::map::entries(&img.chain, 0, None)? {
+                        if e.depth == 0 && e.present {
+                            d.mark(e.start, e.length);
+                        }
+                    }
+                    let b = &mut list[i];
+                    b.state = if b.entry.auto() {
+                        State::Enabled
+                    } else {
+                        State::Disabled
+                    };
+                    b.data = Some(Arc::new(RwLock::new(d)));
+                }
             }
-        }
+            Ok(())
+        })();
+        // as qemu-img: which operation failed, then why
+        result
+            .map_err(|e| e.context(format!("Operation {} on bitmap {name} failed", op.name())))?;
     }
     q.set_bitmaps(list)?;
     Ok(0)
@@ -333,7 +369,7 @@ fn flags_of(in_use: bool, auto: bool) -> Vec<&'static str> {
 }
 
 fn inspect(a: &BitmapArgs, opts: OpenOptions) -> Result<i32> {
-    let img = open_image(&a.image, &opts)?;
+    let img = super::open_named(&a.image, &opts)?;
     let q = img.layers[0]
         .qcow2
         .clone()

@@ -5,7 +5,7 @@ use super::qjson::to_qemu_pretty;
 use super::OutputFormat;
 use crate::error::Result;
 use crate::io::Engine;
-use crate::open::{open_storage, probe, Format};
+use crate::open::{open_top_file, Format, Locking};
 use crate::qcow2::check::{check, CheckOutcome, CheckResult, Repair};
 use crate::qcow2::{Qcow2, Qcow2Options};
 use clap::{Args, ValueEnum};
@@ -29,7 +29,7 @@ pub struct CheckArgs {
     /// Repair what can be repaired (opens the image read-write).
     #[arg(short = 'r', long = "repair", value_enum)]
     pub repair: Option<RepairArg>,
-    /// Open the image without taking locks (accepted for qemu-img compatibility).
+    /// Share the image with writers: read-only, no lock denied to others (qemu-img -U).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Quiet: print nothing on standard output.
@@ -44,15 +44,16 @@ const EXIT_LEAKS: i32 = 3;
 const EXIT_UNSUPPORTED: i32 = 63;
 
 /// Open `path` as a qcow2 image for checking; `Ok(None)` for a format without checks.
-fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Option<Qcow2>> {
+fn open(
+    path: &str,
+    format: Option<Format>,
+    writable: bool,
+    locking: Locking,
+) -> Result<Option<Qcow2>> {
     let engine = Engine::from_env()
         .map_err(|e| crate::error::Error::new(crate::error::ErrorKind::InvalidArgument, e))?;
-    let storage = open_storage(path, engine, writable)
-        .map_err(|e| e.context(format!("Could not open '{path}'")))?;
-    let format = match format {
-        Some(f) => f,
-        None => probe(&*storage).map_err(|e| e.context(format!("Could not open '{path}'")))?,
-    };
+    let (storage, format) = open_top_file(path, format, engine, writable, locking)
+        .map_err(|e| super::named_open_error(path, e))?;
     if format != Format::Qcow2 {
         return Ok(None);
     }
@@ -65,13 +66,21 @@ fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Option<Qco
         .map_err(|e| e.context(format!("Could not open '{path}'")))
 }
 
+/// The command that repairs: `qemu-img` when invoked by that name, else `qnbd`.
+fn tool_name() -> &'static str {
+    match crate::error::program() {
+        "qemu-img" => "qemu-img",
+        _ => "qnbd",
+    }
+}
+
 fn report(outcome: &CheckOutcome, human: bool) {
     for m in &outcome.messages {
         eprintln!("{m}");
     }
     if human {
         for w in &outcome.warnings {
-            eprintln!("qnbd: warning: {w}");
+            eprintln!("{}: warning: {w}", crate::error::program());
         }
     }
 }
@@ -154,14 +163,25 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
         Some(RepairArg::All) => Repair::All,
     };
     let human = a.output == OutputFormat::Human;
-    let q = match open(&a.image, format, repair != Repair::None) {
+    let writable = repair != Repair::None;
+    let locking = match super::locking(&a.image, a.force_share, writable, Locking::Tool) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{}: {e}", crate::error::program());
+            return Ok(EXIT_NOT_COMPLETED);
+        }
+    };
+    let q = match open(&a.image, format, writable, locking) {
         Ok(Some(q)) => q,
         Ok(None) => {
-            eprintln!("qnbd: This image format does not support checks");
+            eprintln!(
+                "{}: This image format does not support checks",
+                crate::error::program()
+            );
             return Ok(EXIT_UNSUPPORTED);
         }
         Err(e) => {
-            eprintln!("qnbd: {e}");
+            eprintln!("{}: {e}", crate::error::program());
             return Ok(EXIT_NOT_COMPLETED);
         }
     };
@@ -169,10 +189,14 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
     if let Some(_b) = q.extensions().bitmaps {
         if h.autoclear_features & crate::qcow2::spec::header::autoclear::BITMAPS == 0 {
             eprintln!(
-                "qnbd: warning: a program lacking bitmap support modified this file, so all \
-                 bitmaps are now considered inconsistent"
+                "{}: warning: a program lacking bitmap support modified this file, so all \
+                 bitmaps are now considered inconsistent",
+                crate::error::program()
             );
-            eprintln!("Some clusters may be leaked, run 'qnbd check -r' on the image file to fix.");
+            eprintln!(
+                "Some clusters may be leaked, run '{} check -r' on the image file to fix.",
+                tool_name()
+            );
         }
     }
     let first = check(&q, repair);
@@ -189,14 +213,14 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
         }
         drop(q);
         // the repair rewrote metadata under the open image: check a fresh open
-        match open(&a.image, Some(Format::Qcow2), false) {
+        match open(&a.image, Some(Format::Qcow2), false, locking) {
             Ok(Some(q2)) => {
                 outcome = check(&q2, Repair::None);
                 report(&outcome, false);
             }
             Ok(None) => unreachable_format()?,
             Err(e) => {
-                eprintln!("qnbd: {e}");
+                eprintln!("{}: {e}", crate::error::program());
                 return Ok(EXIT_NOT_COMPLETED);
             }
         }
@@ -211,12 +235,12 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
         }
     }
     if let Some(why) = &outcome.failure {
-        eprintln!("qnbd: Check failed: {why}");
+        eprintln!("{}: Check failed: {why}", crate::error::program());
         return Ok(EXIT_NOT_COMPLETED);
     }
     let r = &outcome.result;
     Ok(if r.check_errors != 0 {
-        eprintln!("qnbd: Check failed");
+        eprintln!("{}: Check failed", crate::error::program());
         EXIT_NOT_COMPLETED
     } else if r.corruptions != 0 {
         EXIT_CORRUPT

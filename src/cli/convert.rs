@@ -6,7 +6,6 @@ use crate::block::{Chain, Mapping, NoBacking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::open::{open_image, CacheMode, Format, OpenOptions};
 use clap::Args;
-use std::fs::OpenOptions as FsOpenOptions;
 use std::io::Write;
 
 #[derive(Debug, Args)]
@@ -35,7 +34,7 @@ pub struct ConvertArgs {
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// Open the source without taking locks (accepted for qemu-img compatibility).
+    /// Share the source with writers: no lock denied to others (qemu-img -U).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
@@ -242,9 +241,15 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
     let opts = OpenOptions {
         policy: super::open_policy(&a.allow_backing)?,
         cache: cache_mode(&a.src_cache, "source ")?,
+        locking: super::locking(
+            &a.src,
+            a.force_share,
+            false,
+            crate::open::Locking::ConvertSource,
+        )?,
         ..open_options(a.format.as_deref())?
     };
-    let img = open_image(&a.src, &opts)?;
+    let img = super::open_named(&a.src, &opts)?;
     let size = img.chain.size();
     let mut progress = Progress {
         on: a.progress && !a.quiet,
@@ -259,17 +264,22 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                     "Backing file not supported for file format 'raw'",
                 ));
             }
-            let file = FsOpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&a.dst)
-                .map_err(|e| Error::io(format!("Could not create '{}'", a.dst), e))?;
+            let file = crate::block::create_raw::create_empty(&a.dst)
+                .map_err(|e| e.context(format!("{}: error while converting raw", a.dst)))?;
             file.set_len(size)
                 .map_err(|e| Error::io(format!("Could not resize '{}'", a.dst), e))?;
+            // the creation's locks (which let nobody in) end here; the target's own open
+            // takes those of a writer
             drop(file);
+            let target = crate::open::open_storage_with(
+                &a.dst,
+                opts.engine,
+                true,
+                dst_cache,
+                crate::open::target_lock(crate::open::Locking::Tool),
+            )?;
             let mut sink = RawSink {
-                file: crate::open::open_storage_with(&a.dst, opts.engine, true, dst_cache)?,
+                file: target,
                 path: a.dst.clone(),
             };
             copy(&img.chain, &mut sink, 2 << 20, false, false, &mut progress)?;
@@ -290,7 +300,8 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             }
             let cluster = copts.cluster_size;
             let top_only = copts.backing_file.is_some();
-            crate::qcow2::create::create_qcow2(&a.dst, &copts)?;
+            crate::qcow2::create::create_qcow2(&a.dst, &copts)
+                .map_err(|e| e.context(format!("{}: error while converting qcow2", a.dst)))?;
             // the output and its -B backing file are the user's own names
             let dopts = OpenOptions {
                 format: Some(Format::Qcow2),

@@ -275,6 +275,8 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
                 &crate::open::OpenOptions {
                     no_backing: true,
                     no_io: true,
+                    // as qemu-img: an overlay may be created over an image in use
+                    locking: crate::open::Locking::ForceShare,
                     ..open_options(None)?
                 },
             )
@@ -291,6 +293,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
                 &path,
                 &crate::open::OpenOptions {
                     no_io: true,
+                    locking: crate::open::Locking::ForceShare,
                     ..open_options(g.backing_fmt.as_deref())?
                 },
             )

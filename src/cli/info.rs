@@ -3,7 +3,7 @@
 use super::qjson::to_qemu_pretty;
 use super::{open_options, OutputFormat};
 use crate::error::{Error, Result};
-use crate::open::{open_image, OpenedLayer};
+use crate::open::OpenedLayer;
 use crate::units::size_to_str;
 use clap::Args;
 use serde_json::{json, Map, Value};
@@ -19,7 +19,7 @@ pub struct InfoArgs {
     /// Show every image of the backing chain.
     #[arg(long = "backing-chain")]
     pub backing_chain: bool,
-    /// Open the image without taking locks (accepted for qemu-img compatibility).
+    /// Share the image with writers: read-only, no lock denied to others (qemu-img -U).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
@@ -294,8 +294,14 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
     let mut opts = open_options(a.format.as_deref())?;
     opts.no_io = true;
     opts.no_backing = !a.backing_chain;
+    opts.locking = super::locking(
+        &a.image,
+        a.force_share,
+        false,
+        crate::open::Locking::Inspect,
+    )?;
     opts.policy = super::open_policy(&a.allow_backing)?;
-    let img = open_image(&a.image, &opts)?;
+    let img = super::open_named(&a.image, &opts)?;
     let mut infos = Vec::new();
     for l in &img.layers {
         infos.push(layer_info(l)?);

@@ -3,7 +3,6 @@
 use super::{open_options, parse_size_arg, OutputFormat};
 use crate::block::chain::MapEntry;
 use crate::error::{Error, Result};
-use crate::open::open_image;
 use clap::Args;
 use std::io::Write;
 
@@ -18,7 +17,7 @@ pub struct MapArgs {
     pub start_offset: u64,
     #[arg(short = 'l', long = "max-length", value_parser = parse_size_arg)]
     pub max_length: Option<u64>,
-    /// Open the image without taking locks (accepted for qemu-img compatibility).
+    /// Share the image with writers: read-only, no lock denied to others (qemu-img -U).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
@@ -147,8 +146,9 @@ pub fn format_human(ents: &[MapEntry], layers: &[crate::open::OpenedLayer]) -> R
 pub fn run(a: &MapArgs) -> Result<i32> {
     let mut opts = open_options(a.format.as_deref())?;
     opts.writable = false;
+    opts.locking = super::locking(&a.image, a.force_share, false, crate::open::Locking::Tool)?;
     opts.policy = super::open_policy(&a.allow_backing)?;
-    let img = open_image(&a.image, &opts)?;
+    let img = super::open_named(&a.image, &opts)?;
     let ents = entries(&img.chain, a.start_offset, a.max_length)?;
     let mut out = std::io::stdout().lock();
     match a.output {

@@ -14,7 +14,7 @@ pub mod serve;
 
 use crate::error::Error;
 use crate::io::Engine;
-use crate::open::{canonical_allowed, Allowed, Format, OpenOptions, OpenPolicy};
+use crate::open::{canonical_allowed, Allowed, Format, Locking, OpenOptions, OpenPolicy};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -68,6 +68,43 @@ pub(crate) fn open_options(format: Option<&str>) -> Result<OpenOptions, Error> {
     })
 }
 
+/// The image locks of a command that opens `path` (`writable` or not) as qemu-img's `base`
+/// would, `-U` / `--force-share` included: like qemu-img, force-share is for read-only opens
+/// only.
+pub(crate) fn locking(
+    path: &str,
+    force_share: bool,
+    writable: bool,
+    base: Locking,
+) -> Result<Locking, Error> {
+    match (force_share, writable) {
+        (true, true) => Err(Error::new(
+            crate::ErrorKind::InvalidArgument,
+            format!(
+                "Could not open '{path}': force-share=on can only be used with read-only images"
+            ),
+        )),
+        (true, false) => Ok(Locking::ForceShare),
+        (false, _) => Ok(base),
+    }
+}
+
+/// Open the image a qemu-img-style command names. A file that cannot be opened at all is
+/// reported as qemu-img reports it: its front end wraps the file layer's
+/// "Could not open 'F': REASON" in another "Could not open 'F': ".
+pub(crate) fn open_named(path: &str, opts: &OpenOptions) -> Result<crate::open::Image, Error> {
+    crate::open::open_image(path, opts).map_err(|e| named_open_error(path, e))
+}
+
+/// See [`open_named`].
+pub(crate) fn named_open_error(path: &str, e: Error) -> Error {
+    if e.kind() == crate::ErrorKind::Io && e.message() == format!("Could not open '{path}'") {
+        e.context(format!("Could not open '{path}'"))
+    } else {
+        e
+    }
+}
+
 /// Help text of `--allow-backing`, shared by the commands that open chains.
 pub(crate) const ALLOW_BACKING_HELP: &str = "Directory (or single file) where backing and data files named inside images may be; repeatable. Default: the directory of the image. 'none': open no file an image names";
 
@@ -117,20 +154,206 @@ pub(crate) fn split_qemu_opts(s: &str) -> Vec<String> {
     out
 }
 
-/// Parse a size argument the way qemu-img does (suffixes k, M, G, ...).
+/// Parse a size argument the way qemu-img does (suffixes k, M, G, ...; leading blanks
+/// skipped, as `strtod` skips them).
 pub(crate) fn parse_size_arg(s: &str) -> Result<u64, String> {
-    crate::units::parse_size(s).ok_or_else(|| format!("Invalid size '{s}'"))
+    crate::units::parse_size(s.trim_start()).ok_or_else(|| format!("Invalid size '{s}'"))
+}
+
+/// Parse an integer option the way QEMU's `qemu_strtoi(s, NULL, 0, ..)` does: leading blanks
+/// skipped (virtnbdbackup passes `-e 2` as one argument, so getopt hands over ` 2`), an
+/// optional `+`, then decimal, `0x` hexadecimal or `0` octal, and nothing after.
+pub(crate) fn qemu_int<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
+    let bad = || format!("invalid value '{s}'");
+    let t = s.trim_start();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(bad());
+    }
+    let v = u64::from_str_radix(digits, radix).map_err(|_| bad())?;
+    T::try_from(v).map_err(|_| format!("value '{s}' out of range"))
+}
+
+/// How the process was invoked: as itself, or by one of QEMU's tool names (a symlink named
+/// `qemu-img` or `qemu-nbd`), when it takes that tool's command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Personality {
+    Qnbd,
+    QemuImg,
+    QemuNbd,
+}
+
+impl Personality {
+    /// From `argv[0]`'s file name.
+    pub fn from_argv0(argv0: &std::ffi::OsStr) -> Personality {
+        match std::path::Path::new(argv0)
+            .file_name()
+            .and_then(|n| n.to_str())
+        {
+            Some("qemu-img") => Personality::QemuImg,
+            Some("qemu-nbd") => Personality::QemuNbd,
+            _ => Personality::Qnbd,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Personality::Qnbd => "qnbd",
+            Personality::QemuImg => "qemu-img",
+            Personality::QemuNbd => "qemu-nbd",
+        }
+    }
+}
+
+/// The QEMU release whose command lines, messages and JSON the QEMU-named modes follow; it is
+/// what `qemu-img --version` reports (tools parse it to decide which options to pass).
+pub const QEMU_COMPAT_VERSION: &str = "10.0.0";
+
+/// `qemu-nbd` by name: qemu-nbd's command line is `qnbd serve`'s.
+#[derive(Debug, Parser)]
+#[command(
+    name = "qemu-nbd",
+    disable_version_flag = true,
+    infer_long_args = true,
+    about = "Export a disk image over NBD (qnbd serve, invoked as qemu-nbd)"
+)]
+struct QemuNbdCli {
+    /// Output version information and exit.
+    #[arg(short = 'V', long = "version")]
+    version: bool,
+    #[command(flatten)]
+    serve: serve::ServeArgs,
+}
+
+fn version_text(p: Personality) -> String {
+    let ours = env!("CARGO_PKG_VERSION");
+    match p {
+        Personality::Qnbd => format!("qnbd {ours}\n"),
+        Personality::QemuImg => {
+            format!("qemu-img version {QEMU_COMPAT_VERSION} (qnbd {ours})\n")
+        }
+        Personality::QemuNbd => format!("qemu-nbd {QEMU_COMPAT_VERSION} (qnbd {ours})\n"),
+    }
+}
+
+/// Print a clap error (help and version are not errors) and give its exit code. Invoked by a
+/// QEMU tool's name, the errors scripts see are worded as that tool's getopt and checks word
+/// them.
+fn clap_exit(e: clap::Error, p: Personality) -> i32 {
+    use clap::error::{ContextKind, ContextValue, ErrorKind as K};
+    if !e.use_stderr() {
+        let _ = e.print();
+        return 0;
+    }
+    let ctx = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let prog = p.name();
+    let sub = match e.get(ContextKind::Usage) {
+        Some(ContextValue::StyledStr(u)) => u
+            .to_string()
+            .split_whitespace()
+            .nth(2)
+            .filter(|w| !w.starts_with('[') && !w.starts_with('<'))
+            .map(str::to_string),
+        _ => None,
+    };
+    let text = match (p, e.kind()) {
+        (Personality::Qnbd, _) => None,
+        (_, K::ValueValidation) => {
+            use std::error::Error as _;
+            e.source().map(|s| format!("{prog}: {s}\n"))
+        }
+        (Personality::QemuNbd, K::UnknownArgument) => ctx(ContextKind::InvalidArg).map(|a| {
+            let what = match a.strip_prefix('-') {
+                Some(short) if !short.starts_with('-') => format!("invalid option -- '{short}'"),
+                _ => format!(
+                    "unrecognized option '{}'",
+                    a.split('=').next().unwrap_or(&a)
+                ),
+            };
+            format!("{prog}: {what}\n{prog}: Try `{prog} --help' for more information.\n")
+        }),
+        (Personality::QemuImg, K::InvalidSubcommand) => {
+            ctx(ContextKind::InvalidSubcommand).map(|c| {
+                format!("{prog}: Command not found: {c}\nTry '{prog} --help' for more info\n")
+            })
+        }
+        (Personality::QemuImg, K::UnknownArgument) => ctx(ContextKind::InvalidArg).map(|a| {
+            let cmd = sub
+                .clone()
+                .map(|s| format!("{prog} {s}"))
+                .unwrap_or(prog.into());
+            let what = match a.strip_prefix('-') {
+                Some(short) if !short.starts_with('-') => format!("invalid option -- '{short}'"),
+                _ => format!(
+                    "unrecognized option '{}'",
+                    a.split('=').next().unwrap_or(&a)
+                ),
+            };
+            format!("{cmd}: {what}\nTry '{cmd} --help' for more info\n")
+        }),
+        _ => None,
+    };
+    match text {
+        Some(t) => eprint!("{t}"),
+        None => {
+            let _ = e.print();
+        }
+    }
+    1
 }
 
 /// Run the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
-            let _ = e.print();
-            return code;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let personality = args
+        .first()
+        .map(|a| Personality::from_argv0(a))
+        .unwrap_or(Personality::Qnbd);
+    crate::error::set_program(personality.name());
+    if personality == Personality::QemuNbd {
+        let cli = match QemuNbdCli::try_parse_from(&args) {
+            Ok(c) => c,
+            Err(e) => return clap_exit(e, personality),
+        };
+        if cli.version {
+            print!("{}", version_text(personality));
+            return 0;
         }
+        return finish(serve::run(&cli.serve));
+    }
+    if personality == Personality::QemuImg
+        && matches!(
+            args.get(1).and_then(|a| a.to_str()),
+            Some("-V" | "--version" | "--versio" | "--versi" | "--vers" | "--ver")
+        )
+    {
+        print!("{}", version_text(personality));
+        return 0;
+    }
+    let command = match personality {
+        Personality::QemuImg => <Cli as clap::CommandFactory>::command()
+            .name("qemu-img")
+            .bin_name("qemu-img")
+            .infer_long_args(true)
+            .disable_version_flag(true),
+        _ => <Cli as clap::CommandFactory>::command(),
+    };
+    let cli = match command
+        .try_get_matches_from(&args)
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
+    {
+        Ok(c) => c,
+        Err(e) => return clap_exit(e, personality),
     };
     let res = match cli.command {
         Command::Info(a) => info::run(&a),
@@ -143,10 +366,15 @@ pub fn main() -> i32 {
         Command::Create(a) => create::run(&a),
         Command::Serve(a) => serve::run(&a),
     };
+    finish(res)
+}
+
+/// The exit code of a command's result; an error is printed first.
+fn finish(res: Result<i32, Error>) -> i32 {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("qnbd: {e}");
+            eprintln!("{}: {e}", crate::error::program());
             1
         }
     }

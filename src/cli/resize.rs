@@ -1,7 +1,7 @@
 //! `qnbd resize`: qemu-img resize (grow, or shrink with `--shrink`).
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::open::{open_image, Format};
+use crate::open::Format;
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -24,8 +24,9 @@ pub struct ResizeArgs {
 pub fn run(a: &ResizeArgs) -> Result<i32> {
     let mut opts = super::open_options(a.format.as_deref())?;
     opts.writable = true;
+    opts.locking = crate::open::Locking::Resize;
     opts.no_backing = true;
-    let img = open_image(&a.image, &opts)?;
+    let img = super::open_named(&a.image, &opts)?;
     let layer = &img.layers[0];
     let cur = img.chain.size();
     let (rel, num) = match a.size.as_bytes().first() {

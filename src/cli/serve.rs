@@ -10,7 +10,8 @@
 use super::open_options;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Engine;
-use crate::nbd::export::{ChainBackend, DiscardMode, Export, ExportBackend, ExportSet, Status};
+use crate::nbd::export::{ChainBackend, DiscardMode, Export, ExportBackend, ExportSet};
+use crate::nbd::filters::{DetectZeroes, Offset};
 use crate::nbd::meta::Available;
 use crate::nbd::server::{self, ConnConfig, Server, ServerConfig, Stop};
 use crate::nbd::tls::{Credentials, TlsServer};
@@ -42,7 +43,7 @@ pub struct ServeArgs {
     #[arg(short = 't', long = "persistent")]
     pub persistent: bool,
     /// Maximum simultaneous clients (0 = unlimited); multi-conn is advertised when not 1.
-    #[arg(short = 'e', long = "shared", default_value_t = 1)]
+    #[arg(short = 'e', long = "shared", default_value_t = 1, value_parser = parse_shared)]
     pub shared: usize,
     /// Export a persistent dirty bitmap as qemu:dirty-bitmap:NAME (repeatable).
     #[arg(short = 'B', long = "bitmap")]
@@ -76,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long = "pid-file")]
     pub pid_file: Option<String>,
     /// Drop clients that have not finished negotiation within N seconds (0 = no limit).
-    #[arg(long = "handshake-limit", default_value_t = 10)]
+    #[arg(long = "handshake-limit", default_value_t = 10, value_parser = parse_handshake_limit)]
     pub handshake_limit: u64,
     /// List the exports of a running server (at -k, or -b/-p) and exit.
     #[arg(short = 'L', long = "list")]
@@ -85,7 +86,7 @@ pub struct ServeArgs {
     #[arg(short = 'b', long = "bind")]
     pub bind: Option<String>,
     /// TCP port.
-    #[arg(short = 'p', long = "port")]
+    #[arg(short = 'p', long = "port", value_parser = super::qemu_int::<u16>)]
     pub port: Option<u16>,
     /// Unix socket path (absolute).
     #[arg(short = 'k', long = "socket")]
@@ -117,7 +118,7 @@ pub struct ServeArgs {
     pub tls_psk: Option<String>,
     /// Connections open at once, negotiating or not (0 = no limit); further clients are
     /// closed at once.
-    #[arg(long = "max-connections", default_value_t = 100)]
+    #[arg(long = "max-connections", default_value_t = 100, value_parser = super::qemu_int::<usize>)]
     pub max_connections: usize,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
     pub allow_backing: Vec<String>,
@@ -132,73 +133,22 @@ pub struct ServeArgs {
     #[arg(long = "export")]
     pub exports: Vec<String>,
     /// Worker threads executing requests (default: one per CPU, at least 2).
-    #[arg(long = "workers")]
+    #[arg(long = "workers", value_parser = super::qemu_int::<usize>)]
     pub workers: Option<usize>,
+}
+
+/// `-e`, with qemu-nbd's message.
+fn parse_shared(s: &str) -> std::result::Result<usize, String> {
+    super::qemu_int(s).map_err(|_| format!("Invalid shared device number '{s}'"))
+}
+
+/// `--handshake-limit`, with qemu-nbd's message.
+fn parse_handshake_limit(s: &str) -> std::result::Result<u64, String> {
+    super::qemu_int(s).map_err(|_| format!("Invalid handshake limit '{s}'"))
 }
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)
-}
-
-/// An export shifted by `-o OFFSET`.
-#[derive(Debug)]
-struct Offset {
-    inner: Arc<dyn ExportBackend>,
-    offset: u64,
-}
-
-impl ExportBackend for Offset {
-    fn size(&self) -> u64 {
-        self.inner.size().saturating_sub(self.offset)
-    }
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(off + self.offset, buf)
-    }
-    fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<crate::nbd::export::Completion> {
-        self.inner.read_nowait(off + self.offset, buf)
-    }
-    fn plan_async(&self, off: u64, len: u64) -> Option<crate::nbd::export::AsyncPlan> {
-        self.inner.plan_async(off + self.offset, len)
-    }
-    fn reuse_epoch(&self) -> u64 {
-        self.inner.reuse_epoch()
-    }
-    fn writes_buffered(&self) -> bool {
-        self.inner.writes_buffered()
-    }
-    fn block_status(&self, off: u64, len: u64) -> Result<Status> {
-        self.inner.block_status(off + self.offset, len)
-    }
-    fn access(&self) -> crate::nbd::export::Access {
-        self.inner.access()
-    }
-    fn can_trim(&self) -> bool {
-        self.inner.can_trim()
-    }
-    fn can_zero(&self) -> bool {
-        self.inner.can_zero()
-    }
-    fn can_fast_zero(&self) -> bool {
-        self.inner.can_fast_zero()
-    }
-    fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.inner.write(off + self.offset, data, fua)
-    }
-    fn write_zeroes(&self, off: u64, len: u64, flags: crate::nbd::export::ZeroFlags) -> Result<()> {
-        self.inner.write_zeroes(off + self.offset, len, flags)
-    }
-    fn trim(&self, off: u64, len: u64, fua: bool) -> Result<()> {
-        self.inner.trim(off + self.offset, len, fua)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
-    }
-    fn cache(&self, off: u64, len: u64) -> Result<()> {
-        self.inner.cache(off + self.offset, len)
-    }
 }
 
 struct ExportSpec {
@@ -209,6 +159,8 @@ struct ExportSpec {
     depth: bool,
     readonly: bool,
     discard: DiscardMode,
+    /// `--detect-zeroes`: `None` off, `Some(unmap)`.
+    detect_zeroes: Option<bool>,
     bitmaps: Vec<String>,
     /// `-s`: serve a temporary overlay.
     overlay: bool,
@@ -225,6 +177,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         depth: false,
         readonly: false,
         discard: DiscardMode::Ignore,
+        detect_zeroes: None,
         bitmaps: Vec::new(),
         overlay: false,
         internal_snapshot: None,
@@ -253,6 +206,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
             "readonly" => spec.readonly = on(v)?,
             "bitmap" => spec.bitmaps.push(v.to_string()),
             "discard" => spec.discard = discard_mode(v)?,
+            "detect-zeroes" => spec.detect_zeroes = detect_zeroes_mode(v)?,
             _ => return Err(bad(format!("--export: unknown key '{k}'"))),
         }
     }
@@ -262,8 +216,14 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
     Ok(spec)
 }
 
-/// `-s`: a temporary qcow2 overlay backed by `file` (absolute path), like qemu-nbd's.
-fn temporary_overlay(file: &str, format: Option<&str>) -> Result<String> {
+/// `-s`: a temporary qcow2 overlay backed by `file` (absolute path), like qemu-nbd's. Also
+/// returns `file` opened with the locks qemu-nbd holds on it under its overlay, opened by the
+/// name the user gave (for QEMU's messages); keep it until the overlay's chain is open.
+fn temporary_overlay(
+    file: &str,
+    format: Option<&str>,
+    policy: &OpenPolicy,
+) -> Result<(String, crate::open::Image)> {
     let abs = std::fs::canonicalize(file)
         .map_err(|e| Error::io(format!("Could not open '{file}'"), e))?;
     let abs = abs.to_string_lossy().into_owned();
@@ -271,12 +231,13 @@ fn temporary_overlay(file: &str, format: Option<&str>) -> Result<String> {
         format: format.map(crate::open::Format::parse).transpose()?,
         no_io: true,
         no_backing: true,
+        locking: crate::open::Locking::Server,
+        policy: policy.clone(),
         ..Default::default()
     };
-    let base = open_image(&abs, &probe_opts)?;
+    let base = open_image(file, &probe_opts)?;
     let fmt = base.layers[0].format;
     let size = base.chain.size();
-    drop(base);
     let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
     let path = create_private_file(&dir, "qnbd-snapshot-", ".qcow2")?;
     let copts = crate::qcow2::create::CreateOptions {
@@ -286,7 +247,19 @@ fn temporary_overlay(file: &str, format: Option<&str>) -> Result<String> {
         ..Default::default()
     };
     crate::qcow2::create::create_qcow2(&path, &copts)?;
-    Ok(path)
+    Ok((path, base))
+}
+
+/// An image open failure as qemu-nbd reports it: `Failed to blk_new_open 'FILE': ...`, and a
+/// lock conflict without the "Could not open" of the file layer.
+fn blk_open_error(file: &str, e: Error) -> Error {
+    let e = match (e.kind(), e.message().split_once("': ")) {
+        (ErrorKind::Busy, Some((head, rest))) if head.starts_with("Could not open '") => {
+            Error::new(ErrorKind::Busy, rest)
+        }
+        _ => e,
+    };
+    e.context(format!("Failed to blk_new_open '{file}'"))
 }
 
 /// Create a new file in `dir` with an unpredictable name, mode 0600, refusing to reuse or
@@ -327,7 +300,19 @@ fn discard_mode(v: &str) -> Result<DiscardMode> {
     match v {
         "ignore" | "off" => Ok(DiscardMode::Ignore),
         "unmap" | "on" => Ok(DiscardMode::Unmap),
-        _ => Err(bad(format!("Invalid discard mode '{v}'"))),
+        _ => Err(bad(format!("Invalid discard mode `{v}'"))),
+    }
+}
+
+/// `--detect-zeroes`: `None` for off, `Some(unmap)` otherwise.
+fn detect_zeroes_mode(v: &str) -> Result<Option<bool>> {
+    match v {
+        "off" => Ok(None),
+        "on" => Ok(Some(false)),
+        "unmap" => Ok(Some(true)),
+        _ => Err(bad(format!(
+            "Failed to parse detect_zeroes mode: invalid parameter value: {v}"
+        ))),
     }
 }
 
@@ -378,12 +363,15 @@ fn build_export(
     opts.engine = engine;
     opts.cache = cache;
     opts.writable = !spec.readonly && spec.internal_snapshot.is_none();
+    opts.locking = crate::open::Locking::Server;
     opts.qcow2.snapshot = spec.internal_snapshot.clone();
     opts.policy = policy.clone();
-    let file = if spec.overlay {
-        temporary_overlay(&spec.file, spec.format.as_deref())?
+    let (file, base_guard) = if spec.overlay {
+        let (path, base) = temporary_overlay(&spec.file, spec.format.as_deref(), policy)
+            .map_err(|e| blk_open_error(&spec.file, e))?;
+        (path, Some(base))
     } else {
-        spec.file.clone()
+        (spec.file.clone(), None)
     };
     if spec.overlay {
         opts.format = Some(crate::open::Format::Qcow2);
@@ -406,27 +394,33 @@ fn build_export(
         // the open file stays usable; nothing is left behind on exit
         let _ = std::fs::remove_file(&file);
     }
-    let image = image.map_err(|e| e.context(format!("Failed to blk_new_open '{}'", spec.file)))?;
+    drop(base_guard);
+    let image = image.map_err(|e| blk_open_error(&spec.file, e))?;
     let files = ExportFiles {
         name: spec.name.clone(),
         all: image.file_identities(),
         written: image.written_identities(),
     };
+    if spec.detect_zeroes == Some(true) && spec.discard != DiscardMode::Unmap {
+        return Err(bad(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        ));
+    }
     let mut backend: Arc<dyn ExportBackend> = Arc::new(
         ChainBackend::new(image.chain)
             .with_discard(spec.discard)
             .with_bitmaps(&spec.bitmaps)?,
     );
+    if let Some(unmap) = spec.detect_zeroes {
+        backend = Arc::new(DetectZeroes::new(backend, unmap));
+    }
     if offset > 0 {
         if offset > backend.size() {
             return Err(bad(format!(
                 "Offset ({offset}) is past the end of the image"
             )));
         }
-        backend = Arc::new(Offset {
-            inner: backend,
-            offset,
-        });
+        backend = Arc::new(Offset::new(backend, offset));
     }
     let export = Arc::new(Export {
         name: spec.name.clone(),
@@ -435,6 +429,8 @@ fn build_export(
         contexts: Available {
             allocation_depth: spec.depth,
             bitmaps: spec.bitmaps.clone(),
+            // invoked as qemu-nbd: list what qemu-nbd lists
+            hide_vendor: crate::error::program() == "qemu-nbd",
         },
         multi_conn,
     });
@@ -691,22 +687,23 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     }
     let cache = cache_mode(a)?;
     if let Some(d) = &a.discard {
-        if !matches!(d.as_str(), "ignore" | "off" | "unmap" | "on") {
-            return Err(bad(format!("Invalid discard mode '{d}'")));
-        }
+        discard_mode(d)?;
     }
     if let Some(d) = &a.detect_zeroes {
-        if !matches!(d.as_str(), "off" | "on" | "unmap") {
-            return Err(bad(format!("Invalid detect-zeroes mode '{d}'")));
-        }
+        detect_zeroes_mode(d)?;
     }
     let engine = match a.aio.as_deref() {
         None => Engine::from_env().map_err(bad)?,
         Some("native") if !cache.direct() => {
-            // qemu-nbd's refusal: Linux AIO only works on O_DIRECT files
-            return Err(bad(
+            // qemu-nbd's refusal (from opening the image): Linux AIO only works on O_DIRECT
+            // files
+            let e = bad(
                 "aio=native was specified, but it requires cache.direct=on, which was not specified.",
-            ));
+            );
+            return Err(match &a.image {
+                Some(f) => e.context(format!("Failed to blk_new_open '{f}'")),
+                None => e,
+            });
         }
         Some("threads") | Some("native") => Engine::Sync,
         Some("io_uring") => Engine::Uring,
@@ -732,7 +729,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     let mut fork_pipe = if a.fork { Some(daemonize()?) } else { None };
     let res = serve(a, (engine, cache), specs, tls, &policy, &mut fork_pipe);
     if let (Err(e), Some(p)) = (&res, fork_pipe.as_mut()) {
-        p.send(format!("qnbd: {e}\n").as_bytes());
+        p.send(format!("{}: {e}\n", crate::error::program()).as_bytes());
         std::process::exit(1);
     }
     res
@@ -775,6 +772,10 @@ fn serve(
             discard: match a.discard.as_deref() {
                 Some(d) => discard_mode(d)?,
                 None => DiscardMode::Ignore,
+            },
+            detect_zeroes: match a.detect_zeroes.as_deref() {
+                Some(d) => detect_zeroes_mode(d)?,
+                None => None,
             },
             bitmaps: a.bitmaps.clone(),
             overlay: a.snapshot,
@@ -885,7 +886,11 @@ fn serve(
     let mut rc = 0;
     for e in &to_flush {
         if let Err(err) = e.backend.close() {
-            eprintln!("qnbd: export '{}': close on shutdown failed: {err}", e.name);
+            eprintln!(
+                "{}: export '{}': close on shutdown failed: {err}",
+                crate::error::program(),
+                e.name
+            );
             rc = 1;
         }
     }

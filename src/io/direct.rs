@@ -314,6 +314,12 @@ impl Storage for DirectFile {
         self.inner.set_len(len)
     }
 
+    fn zero_range(&self, off: u64, len: u64, how: super::ZeroRange) -> io::Result<()> {
+        // fallocate works on any byte range of an O_DIRECT file; the page cache is not used
+        let _g = self.size.read().unwrap_or_else(|e| e.into_inner());
+        self.inner.zero_range(off, len, how)
+    }
+
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()
     }

@@ -11,6 +11,7 @@ use std::io;
 
 pub mod buf;
 pub mod direct;
+pub mod lock;
 pub mod mem;
 pub mod noflush;
 pub mod sync;
@@ -61,6 +62,92 @@ pub enum Extent {
     Hole(u64),
 }
 
+/// How [`Storage::zero_range`] makes a range read as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroRange {
+    /// Read as zeros, host blocks released (`FALLOC_FL_PUNCH_HOLE`; `BLKZEROOUT` on a block
+    /// device, which may unmap).
+    Deallocate,
+    /// Read as zeros, host blocks kept or allocated (`FALLOC_FL_ZERO_RANGE`; `BLKZEROOUT`).
+    KeepAllocated,
+    /// A discard: host blocks released, contents afterwards unspecified (a file's hole reads
+    /// as zeros; `BLKDISCARD` on a block device).
+    Discard,
+}
+
+/// `fallocate` on a regular file, or the matching ioctl on a block device, for
+/// [`Storage::zero_range`]; `Unsupported` where neither applies.
+pub(crate) fn zero_range_fd(
+    fd: std::os::fd::RawFd,
+    off: u64,
+    len: u64,
+    how: ZeroRange,
+) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let unsupported = || io::Error::from(io::ErrorKind::Unsupported);
+    let (o, l) = (
+        i64::try_from(off).map_err(|_| unsupported())?,
+        i64::try_from(len).map_err(|_| unsupported())?,
+    );
+    // SAFETY: fstat writes into the zeroed struct we own; the fd is open for the caller.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFBLK {
+        let range: [u64; 2] = [off, len];
+        let req = match how {
+            ZeroRange::Discard => BLKDISCARD,
+            ZeroRange::Deallocate | ZeroRange::KeepAllocated => BLKZEROOUT,
+        };
+        // SAFETY: BLKDISCARD / BLKZEROOUT read two u64 (offset, length) from the pointer,
+        // which points at our array for the duration of the call.
+        let r = unsafe { libc::ioctl(fd, req, range.as_ptr()) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) => {
+                    Err(unsupported())
+                }
+                _ => Err(e),
+            };
+        }
+        return Ok(());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(unsupported());
+    }
+    let mode = match how {
+        ZeroRange::Deallocate | ZeroRange::Discard => {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        }
+        ZeroRange::KeepAllocated => libc::FALLOC_FL_ZERO_RANGE,
+    };
+    loop {
+        // SAFETY: fallocate takes only integers; the fd is open for the caller.
+        let r = unsafe { libc::fallocate(fd, mode, o, l) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                return Err(unsupported())
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+/// `_IO(0x12, 119)`: discard a byte range of a block device.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+/// `_IO(0x12, 127)`: write zeros to a byte range of a block device.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
 /// A host file (or a double of one). Offsets are host byte offsets.
 ///
 /// Required methods are the few an engine must provide; `StorageExt` adds the rest.
@@ -81,6 +168,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Truncate or extend.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Make `[off, off + len)` read as zeros without writing them (see [`ZeroRange`]);
+    /// `ErrorKind::Unsupported` where the host cannot, and then the caller writes zeros or, for
+    /// a discard, does nothing.
+    fn zero_range(&self, off: u64, len: u64, how: ZeroRange) -> io::Result<()> {
+        let _ = (off, len, how);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 
     /// Make everything written so far durable.
     fn sync(&self) -> io::Result<()>;
@@ -227,6 +322,9 @@ impl<S: Storage + ?Sized> Storage for StickySync<S> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
+    }
+    fn zero_range(&self, off: u64, len: u64, how: ZeroRange) -> io::Result<()> {
+        self.inner.zero_range(off, len, how)
     }
     fn sync(&self) -> io::Result<()> {
         use std::sync::atomic::Ordering;

@@ -32,6 +32,9 @@ impl Storage for NoFlush {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
     }
+    fn zero_range(&self, off: u64, len: u64, how: super::ZeroRange) -> io::Result<()> {
+        self.inner.zero_range(off, len, how)
+    }
     fn sync(&self) -> io::Result<()> {
         Ok(())
     }

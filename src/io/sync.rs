@@ -88,6 +88,10 @@ impl Storage for SyncFile {
         self.file.set_len(len)
     }
 
+    fn zero_range(&self, off: u64, len: u64, how: super::ZeroRange) -> io::Result<()> {
+        super::zero_range_fd(std::os::fd::AsRawFd::as_raw_fd(&self.file), off, len, how)
+    }
+
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }

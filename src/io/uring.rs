@@ -176,7 +176,7 @@ impl UringFile {
                 if e.raw_os_error() != Some(libc::EINTR) {
                     failures += 1;
                     if failures > 10_000 {
-                        eprintln!("qnbd: io_uring: cannot wait for {in_flight} operations in flight ({e}); aborting");
+                        eprintln!("{}: io_uring: cannot wait for {in_flight} operations in flight ({e}); aborting", crate::error::program());
                         std::process::abort();
                     }
                     std::thread::sleep(std::time::Duration::from_millis(1));
@@ -276,6 +276,10 @@ impl Storage for UringFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn zero_range(&self, off: u64, len: u64, how: super::ZeroRange) -> io::Result<()> {
+        super::zero_range_fd(self.file.as_raw_fd(), off, len, how)
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -968,6 +968,7 @@ pub(crate) mod tests {
             contexts: Available {
                 allocation_depth: depth,
                 bitmaps: vec![],
+                hide_vendor: false,
             },
             multi_conn: false,
         }

@@ -564,7 +564,7 @@ impl Handshake {
         };
         let mut found: Vec<(u32, MetaContext)> = Vec::new();
         if nq == 0 && mode == QueryMode::List {
-            found = export.contexts.all();
+            found = export.contexts.listed();
         }
         for q in queries {
             for c in export.contexts.matching(q, mode) {

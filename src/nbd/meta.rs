@@ -42,6 +42,10 @@ pub enum QueryMode {
 pub struct Available {
     pub allocation_depth: bool,
     pub bitmaps: Vec<String>,
+    /// Leave the `qnbd:` contexts out of a list of everything (an empty
+    /// `NBD_OPT_LIST_META_CONTEXT`), so a client sees exactly qemu-nbd's list; a `qnbd:` query
+    /// still finds them.
+    pub hide_vendor: bool,
 }
 
 impl Available {
@@ -57,6 +61,16 @@ impl Available {
         let base = 2 + self.bitmaps.len() as u32;
         for (i, b) in self.bitmaps.iter().enumerate() {
             v.push((base + i as u32, MetaContext::DirtyAllocated(b.clone())));
+        }
+        v
+    }
+
+    /// What an empty list query reports: [`Available::all`], without the vendor contexts when
+    /// they are hidden.
+    pub fn listed(&self) -> Vec<(u32, MetaContext)> {
+        let mut v = self.all();
+        if self.hide_vendor {
+            v.retain(|(_, c)| !matches!(c, MetaContext::DirtyAllocated(_)));
         }
         v
     }
@@ -130,6 +144,7 @@ mod tests {
         Available {
             allocation_depth: true,
             bitmaps: vec!["b0".into(), "b1".into()],
+            hide_vendor: false,
         }
     }
 

@@ -6,6 +6,7 @@
 //! * [`transmission`] — request decoding and validation, reply encoding.
 //! * [`extents`] — block-status descriptor building.
 //! * [`export`] — exports, the [`export::ExportBackend`] trait, command execution.
+//! * [`filters`] — backends wrapping another: `-o` offset, zero detection.
 //! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
 //! * [`server`] — sockets, connections, worker threads; with [`plane`], the only modules doing
 //!   I/O.
@@ -18,6 +19,7 @@
 pub mod client;
 pub mod export;
 pub mod extents;
+pub mod filters;
 pub mod handshake;
 pub mod meta;
 #[cfg(feature = "uring")]

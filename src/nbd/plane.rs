@@ -271,7 +271,7 @@ enum Piece {
 }
 
 fn log(msg: &str) {
-    eprintln!("qnbd: {msg}");
+    eprintln!("{}: {msg}", crate::error::program());
 }
 
 impl Plane {

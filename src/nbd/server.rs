@@ -326,7 +326,7 @@ pub struct ConnConfig {
 }
 
 fn log(msg: &str) {
-    eprintln!("qnbd: {msg}");
+    eprintln!("{}: {msg}", crate::error::program());
 }
 
 /// Serve one client over `reader` / `writer`. `ctl` sets timeouts and shuts the stream down.

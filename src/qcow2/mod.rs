@@ -438,12 +438,18 @@ impl Drop for Qcow2 {
     fn drop(&mut self) {
         if self.access == crate::block::Access::ReadWrite {
             if let Err(e) = alloc::flush(self) {
-                eprintln!("qnbd: could not flush the image on close: {e}");
+                eprintln!(
+                    "{}: could not flush the image on close: {e}",
+                    crate::error::program()
+                );
                 return;
             }
             // bitmaps stay in-use (inconsistent) if storing them fails: never silently wrong
             if let Err(e) = self.store_bitmaps() {
-                eprintln!("qnbd: could not store dirty bitmaps on close: {e}");
+                eprintln!(
+                    "{}: could not store dirty bitmaps on close: {e}",
+                    crate::error::program()
+                );
             }
         }
     }

@@ -1,0 +1,575 @@
+//! qnbd invoked as `qemu-nbd` / `qemu-img` (a symlink of that name), with the command lines
+//! management tools really run, side by side with QEMU's tools on copies of the same image:
+//! what clients see (`nbdinfo --json`, every metadata context's map), what writes leave behind
+//! (`qemu-img compare`, `qemu-img map` of the two files, `qemu-img check` of ours), and how
+//! bad command lines end (exit code and message).
+
+use qcow2_spec_tests::{qnbd_bin, require_tools, scratch_dir, tool, tool_ok};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tools() -> bool {
+    require_tools(
+        "qnbd as qemu-nbd / qemu-img",
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+    )
+}
+
+/// A directory holding `qemu-nbd` and `qemu-img` links to the qnbd binary.
+fn link_dir(root: &Path) -> PathBuf {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for name in ["qemu-nbd", "qemu-img"] {
+        std::os::unix::fs::symlink(qnbd_bin(), bin.join(name)).unwrap();
+    }
+    bin
+}
+
+/// A qcow2 image nobody here made: data, a zeroed cluster, a backing-less layout from
+/// qemu-io, and a persistent bitmap `cpt` that saw some of the writes.
+fn make_disk(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    tool_ok(
+        "qemu-img",
+        dir,
+        ["create", "-q", "-f", "qcow2", "disk.qcow2", "16M"],
+    );
+    let io = |c: &str| tool_ok("qemu-io", dir, ["-f", "qcow2", "-c", c, "disk.qcow2"]);
+    io("write -P 0x11 0 1M");
+    io("write -z 4M 512k");
+    tool_ok(
+        "qemu-img",
+        dir,
+        ["bitmap", "--add", "-f", "qcow2", "disk.qcow2", "cpt"],
+    );
+    io("write -P 0x22 8M 192k");
+    io("write -P 0x33 12M 64k");
+}
+
+/// A server started from one command line; stopped (by pid) on drop.
+struct Server {
+    child: Option<Child>,
+    pid: u32,
+    uri: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let t = Instant::now();
+        if let Some(c) = self.child.as_mut() {
+            while t.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        } else {
+            // forked: wait until the pid is gone
+            while t.elapsed() < Duration::from_secs(20)
+                && Path::new(&format!("/proc/{}", self.pid)).exists()
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn greets(sock: &Path) -> bool {
+    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut m = [0u8; 8];
+    std::io::Read::read_exact(&mut c, &mut m).is_ok() && &m == b"NBDMAGIC"
+}
+
+/// Start `program` with `args` in `dir` (`{SOCK}` and `{PID}` replaced): the server, or how
+/// it ended when it did not start (exit code, stderr without the program name).
+fn start(
+    dir: &Path,
+    program: &Path,
+    args: &[&str],
+    export: &str,
+) -> Result<Server, (Option<i32>, String)> {
+    let sock = dir.join("s.sock");
+    let pidf = dir.join("s.pid");
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&pidf);
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            a.replace("{SOCK}", sock.to_str().unwrap())
+                .replace("{PID}", pidf.to_str().unwrap())
+        })
+        .collect();
+    let fork = args.iter().any(|a| a == "--fork");
+    let errf = dir.join("s.err");
+    let mut child = Command::new(program)
+        .current_dir(dir)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errf).unwrap())
+        .spawn()
+        .unwrap();
+    let err = |code| {
+        let text = std::fs::read_to_string(&errf).unwrap_or_default();
+        let text = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("qemu-nbd: ")
+                    .or_else(|| l.strip_prefix("qemu-img: "))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        (code, text)
+    };
+    let uri = format!("nbd+unix:///{export}?socket={}", sock.display());
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            if !fork || !st.success() {
+                return Err(err(st.code()));
+            }
+            // the parent of a forked server exits once the child serves
+            let pid: u32 = std::fs::read_to_string(&pidf)
+                .unwrap_or_default()
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{program:?} {args:?}: no pid file after --fork"));
+            assert!(
+                greets(&sock),
+                "{program:?} {args:?}: forked server not serving"
+            );
+            return Ok(Server {
+                child: None,
+                pid,
+                uri,
+            });
+        }
+        if !fork && greets(&sock) {
+            let pid = child.id();
+            return Ok(Server {
+                child: Some(child),
+                pid,
+                uri,
+            });
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{args:?}: no start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn nbdinfo(args: &[&str], uri: &str) -> String {
+    let mut a: Vec<&str> = args.to_vec();
+    a.push(uri);
+    let r = tool("nbdinfo", Path::new("."), &a);
+    let out = r.stdout_text().replace(uri, "URI");
+    format!("exit {:?}\n{out}{}", r.code, r.stderr)
+}
+
+/// A real tool's command line: what it runs, the export name clients use, whether it writes.
+struct Case {
+    tool: &'static str,
+    args: &'static [&'static str],
+    export: &'static str,
+    writes: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        tool: "virtnbdbackup (offline backup)",
+        args: &[
+            "-r",
+            "--format",
+            "qcow2",
+            "-x",
+            "sda",
+            "disk.qcow2",
+            "-k",
+            "{SOCK}",
+            "-t",
+            "-e 2",
+            "--fork",
+            "--detect-zeroes=on",
+            "--pid-file",
+            "{PID}",
+            "--bitmap=cpt",
+        ],
+        export: "sda",
+        writes: false,
+    },
+    Case {
+        tool: "vdsm (image transfer, writable)",
+        args: &[
+            "--socket",
+            "{SOCK}",
+            "--persistent",
+            "--shared=8",
+            "--export-name=",
+            "--cache=none",
+            "--aio=native",
+            "--allocation-depth",
+            "--discard=unmap",
+            "--detect-zeroes=unmap",
+            "-f",
+            "qcow2",
+            "disk.qcow2",
+        ],
+        export: "",
+        writes: true,
+    },
+    Case {
+        tool: "vdsm (image transfer with a bitmap, read-only)",
+        args: &[
+            "--socket",
+            "{SOCK}",
+            "--persistent",
+            "--shared=8",
+            "--export-name=",
+            "--cache=none",
+            "--aio=native",
+            "--allocation-depth",
+            "--read-only",
+            "--bitmap",
+            "cpt",
+            "-f",
+            "qcow2",
+            "disk.qcow2",
+        ],
+        export: "",
+        writes: false,
+    },
+    Case {
+        tool: "virt-v2v (output)",
+        args: &[
+            "-t",
+            "--shared=0",
+            "--discard=unmap",
+            "--pid-file",
+            "{PID}",
+            "--socket",
+            "{SOCK}",
+            "-f",
+            "qcow2",
+            "disk.qcow2",
+        ],
+        export: "",
+        writes: true,
+    },
+    Case {
+        tool: "virt-v2v (input, throw-away overlay)",
+        args: &[
+            "-t",
+            "--shared=0",
+            "--discard=unmap",
+            "--pid-file",
+            "{PID}",
+            "--socket",
+            "{SOCK}",
+            "-s",
+            "-f",
+            "qcow2",
+            "disk.qcow2",
+        ],
+        export: "",
+        writes: true,
+    },
+    Case {
+        tool: "OpenNebula (backup)",
+        args: &[
+            "-r",
+            "-k",
+            "{SOCK}",
+            "-f",
+            "qcow2",
+            "-t",
+            "-B",
+            "cpt",
+            "disk.qcow2",
+        ],
+        export: "",
+        writes: false,
+    },
+];
+
+/// Writes a copy tool or guest would send: data, explicit zeroes, zero-filled data (what
+/// zero detection turns into zero writes), a discard.
+const WRITES: &[&str] = &[
+    "write -P 0x44 64k 128k",
+    "write -z 8M 64k",
+    "write -P 0 12M 64k",
+    "write -P 0 2M 1M",
+    "discard 0 64k",
+    "flush",
+];
+
+/// `qemu-img map --output=json` without host offsets (where each allocator put a cluster),
+/// adjacent runs that then agree merged: the guest-visible allocation.
+fn guest_layout(json: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for e in v.as_array().into_iter().flatten() {
+        let mut e = e.clone();
+        if let Some(o) = e.as_object_mut() {
+            o.remove("offset");
+        }
+        let key = |x: &serde_json::Value| {
+            let mut x = x.clone();
+            if let Some(o) = x.as_object_mut() {
+                o.remove("start");
+                o.remove("length");
+            }
+            x
+        };
+        if let Some(last) = out.last_mut() {
+            if key(last) == key(&e) {
+                let len = last["length"].as_u64().unwrap_or(0) + e["length"].as_u64().unwrap_or(0);
+                last["length"] = len.into();
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    serde_json::to_string_pretty(&out).unwrap()
+}
+
+#[test]
+fn real_command_lines_serve_what_qemu_nbd_serves() {
+    if !tools() {
+        return;
+    }
+    let d = scratch_dir();
+    let root = d.path();
+    let bin = link_dir(root);
+    let mut problems = Vec::new();
+    for (i, c) in CASES.iter().enumerate() {
+        let (q, o) = (root.join(format!("q{i}")), root.join(format!("o{i}")));
+        make_disk(&q);
+        std::fs::create_dir_all(&o).unwrap();
+        std::fs::copy(q.join("disk.qcow2"), o.join("disk.qcow2")).unwrap();
+        let theirs = start(&q, Path::new("qemu-nbd"), c.args, c.export);
+        let ours = start(&o, &bin.join("qemu-nbd"), c.args, c.export);
+        let (theirs, ours) = match (theirs, ours) {
+            (Ok(t), Ok(o)) => (t, o),
+            (Err(t), Err(o)) => {
+                if t != o {
+                    problems.push(format!(
+                        "{}: refusals differ:\n QEMU {t:?}\n qnbd {o:?}",
+                        c.tool
+                    ));
+                }
+                continue;
+            }
+            (t, o) => {
+                problems.push(format!(
+                    "{}: qemu-nbd {:?}, qnbd {:?}",
+                    c.tool,
+                    t.as_ref().map(|_| "serves").map_err(|e| e.clone()),
+                    o.as_ref().map(|_| "serves").map_err(|e| e.clone())
+                ));
+                continue;
+            }
+        };
+        let mut same = |what: &str, a: String, b: String| {
+            if a != b {
+                problems.push(format!(
+                    "{}: {what}:\n--- qemu-nbd\n{a}\n--- qnbd\n{b}",
+                    c.tool
+                ));
+            }
+        };
+        same(
+            "nbdinfo --json",
+            nbdinfo(&["--json", "--no-content"], &theirs.uri),
+            nbdinfo(&["--json", "--no-content"], &ours.uri),
+        );
+        for ctx in [
+            "base:allocation",
+            "qemu:allocation-depth",
+            "qemu:dirty-bitmap:cpt",
+        ] {
+            let arg = format!("--map={ctx}");
+            same(
+                &format!("nbdinfo {arg}"),
+                nbdinfo(&["--json", &arg], &theirs.uri),
+                nbdinfo(&["--json", &arg], &ours.uri),
+            );
+        }
+        if c.writes {
+            for w in WRITES {
+                let r = |u: &str| {
+                    let r = tool("qemu-io", Path::new("."), ["-f", "raw", "-c", w, u]);
+                    format!("exit {:?} {}", r.code, r.stderr)
+                };
+                same(&format!("qemu-io {w}"), r(&theirs.uri), r(&ours.uri));
+            }
+            same(
+                "nbdinfo --map after the writes",
+                nbdinfo(&["--json", "--map"], &theirs.uri),
+                nbdinfo(&["--json", "--map"], &ours.uri),
+            );
+        }
+        drop(theirs);
+        drop(ours);
+        let (qf, of) = (q.join("disk.qcow2"), o.join("disk.qcow2"));
+        let cmp = tool(
+            "qemu-img",
+            Path::new("."),
+            [
+                "compare".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                "qcow2".as_ref(),
+                qf.as_os_str(),
+                of.as_os_str(),
+            ],
+        );
+        same(
+            "qemu-img compare of the two files",
+            "Some(0)".into(),
+            format!("{:?}", cmp.code),
+        );
+        let map = |f: &Path| {
+            guest_layout(
+                &tool(
+                    "qemu-img",
+                    Path::new("."),
+                    ["map".as_ref(), "--output=json".as_ref(), f.as_os_str()],
+                )
+                .stdout_text(),
+            )
+        };
+        same("qemu-img map of the two files", map(&qf), map(&of));
+        let (code, out) = qcow2_spec_tests::qemu_img_check(&o, &of);
+        same(
+            "qemu-img check of ours",
+            "exit 0".into(),
+            format!("exit {code}"),
+        );
+        if code != 0 {
+            problems.push(format!("{}: qemu-img check:\n{out}", c.tool));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+/// Option grammar as getopt_long reads it, and bad command lines: each ends like qemu-nbd's.
+#[test]
+fn command_line_grammar_and_refusals_match_qemu_nbd() {
+    if !tools() {
+        return;
+    }
+    let d = scratch_dir();
+    let root = d.path();
+    let bin = link_dir(root);
+    let q = root.join("q");
+    make_disk(&q);
+    let lines: &[&[&str]] = &[
+        &["-r", "-k", "{SOCK}", "-e2", "-f", "qcow2", "disk.qcow2"],
+        &[
+            "-r",
+            "-k",
+            "{SOCK}",
+            "--shared",
+            "2",
+            "disk.qcow2",
+            "-f",
+            "qcow2",
+        ],
+        &[
+            "disk.qcow2",
+            "-r",
+            "-k",
+            "{SOCK}",
+            "--share=3",
+            "--form=qcow2",
+        ],
+        &["-rk", "{SOCK}", "disk.qcow2"],
+        &["-r", "-k", "{SOCK}", "-e", " 0x10", "disk.qcow2"],
+        &["-r", "-k", "{SOCK}", "-e", "2x", "disk.qcow2"],
+        &["-r", "-k", "{SOCK}", "--detect-zeroes=bad", "disk.qcow2"],
+        &["-k", "{SOCK}", "--detect-zeroes=unmap", "disk.qcow2"],
+        &["-k", "{SOCK}", "--discard=bad", "disk.qcow2"],
+        &["-k", "{SOCK}", "--aio=native", "disk.qcow2"],
+        &["-r", "-k", "{SOCK}", "missing.qcow2"],
+        &["-r", "-k", "{SOCK}"],
+    ];
+    let mut problems = Vec::new();
+    for args in lines {
+        let theirs = start(&q, Path::new("qemu-nbd"), args, "").map(|_| ());
+        let ours = start(&q, &bin.join("qemu-nbd"), args, "").map(|_| ());
+        // both serving is equal; both refusing must say the same thing, except where clap's
+        // usage text stands for getopt's (then the exit code is compared)
+        let equal = match (&theirs, &ours) {
+            (Ok(()), Ok(())) => true,
+            (Err((a, x)), Err((b, y))) => a == b && (x == y || x.contains("Try `qemu-nbd --help'")),
+            _ => false,
+        };
+        if !equal {
+            problems.push(format!(
+                "{args:?}:\n qemu-nbd {theirs:?}\n qnbd     {ours:?}"
+            ));
+        }
+    }
+    // the version line tools parse
+    let v = tool(bin.join("qemu-nbd").to_str().unwrap(), root, ["--version"]);
+    assert!(
+        v.success() && v.stdout_text().starts_with("qemu-nbd 10."),
+        "{}",
+        v.outcome()
+    );
+    let v = tool(bin.join("qemu-img").to_str().unwrap(), root, ["--version"]);
+    assert!(
+        v.success() && v.stdout_text().starts_with("qemu-img version 10."),
+        "{}",
+        v.outcome()
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+/// qemu-img by name: the same commands as `qnbd`, QEMU's program name in messages.
+#[test]
+fn qemu_img_by_name_answers_as_qemu_img() {
+    if !tools() {
+        return;
+    }
+    let d = scratch_dir();
+    let root = d.path();
+    let bin = link_dir(root);
+    let q = root.join("q");
+    make_disk(&q);
+    let ours = bin.join("qemu-img");
+    let lines: &[&[&str]] = &[
+        &["info", "--output=json", "disk.qcow2"],
+        &["info", "--out=json", "-f", "qcow2", "disk.qcow2"],
+        &["map", "--output=json", "disk.qcow2"],
+        &["check", "disk.qcow2"],
+        &["info", "missing.qcow2"],
+        &["check", "-U", "-r", "all", "disk.qcow2"],
+        &["bitmap", "--add", "disk.qcow2", "cpt"],
+    ];
+    let mut problems = Vec::new();
+    for args in lines {
+        let a = tool("qemu-img", &q, *args);
+        let b = tool(ours.to_str().unwrap(), &q, *args);
+        if (a.code, a.stdout_text(), a.stderr.clone())
+            != (b.code, b.stdout_text(), b.stderr.clone())
+        {
+            problems.push(format!(
+                "{args:?}:\n qemu-img {}\n qnbd     {}",
+                a.outcome(),
+                b.outcome()
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
