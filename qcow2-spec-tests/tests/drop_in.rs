@@ -573,3 +573,232 @@ fn qemu_img_by_name_answers_as_qemu_img() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
 }
+
+/// A chain of nobody's making for the structured-name tests: top.qcow2 (40 MiB) over
+/// mid.qcow2 (32 MiB) over base.raw (24 MiB), each layer holding some data.
+fn make_chain(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let img = |a: &[&str]| tool_ok("qemu-img", dir, a);
+    img(&["create", "-q", "-f", "raw", "base.raw", "24M"]);
+    tool_ok(
+        "qemu-io",
+        dir,
+        ["-f", "raw", "-c", "write -P 1 0 2M", "base.raw"],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "mid.qcow2",
+        "32M",
+    ]);
+    tool_ok(
+        "qemu-io",
+        dir,
+        ["-f", "qcow2", "-c", "write -P 2 1M 2M", "mid.qcow2"],
+    );
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "40M",
+    ]);
+    tool_ok(
+        "qemu-io",
+        dir,
+        ["-f", "qcow2", "-c", "write -P 3 2M 1M", "top.qcow2"],
+    );
+}
+
+/// `json:` names and `--image-opts`, as vdsm and libvirt pass them: served and inspected side
+/// by side with QEMU's tools.
+#[test]
+fn structured_image_names_open_what_qemu_opens() {
+    if !tools() {
+        return;
+    }
+    let d = scratch_dir();
+    let root = d.path();
+    let bin = link_dir(root);
+    let q = root.join("q");
+    make_chain(&q);
+    let mut problems = Vec::new();
+    // served: vdsm's one-layer export (backing null), and a whole chain by json name
+    let served: &[&[&str]] = &[
+        &[
+            "-r",
+            "-k",
+            "{SOCK}",
+            "-A",
+            "-t",
+            r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}, "backing": null}"#,
+        ],
+        &[
+            "-r",
+            "-k",
+            "{SOCK}",
+            "-A",
+            "-t",
+            r#"json:{"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}}"#,
+        ],
+        &[
+            "-r",
+            "-k",
+            "{SOCK}",
+            "-A",
+            "-t",
+            "--image-opts",
+            "driver=qcow2,file.driver=file,file.filename=top.qcow2,backing=",
+        ],
+        &[
+            "-r",
+            "-k",
+            "{SOCK}",
+            "-t",
+            "--image-opts",
+            "driver=raw,file.driver=file,file.filename=base.raw",
+        ],
+        &[
+            "-r",
+            "-k",
+            "{SOCK}",
+            "-t",
+            r#"json:{"driver": "qcow2", "file": {"driver": "nbd", "path": "/x"}}"#,
+        ],
+    ];
+    for args in served {
+        let theirs = start(&q, Path::new("qemu-nbd"), args, "");
+        let ours = start(&q, &bin.join("qemu-nbd"), args, "");
+        match (theirs, ours) {
+            (Ok(t), Ok(o)) => {
+                for what in [
+                    vec!["--json", "--no-content"],
+                    vec!["--json", "--map=base:allocation"],
+                    vec!["--json", "--map=qemu:allocation-depth"],
+                ] {
+                    let (a, b) = (nbdinfo(&what, &t.uri), nbdinfo(&what, &o.uri));
+                    if a != b {
+                        problems.push(format!("{args:?} nbdinfo {what:?}:\n{a}\n---\n{b}"));
+                    }
+                }
+                let data = |u: &str| {
+                    let r = tool("nbdcopy", Path::new("."), [u, "-"]);
+                    (r.code, r.stdout)
+                };
+                if data(&t.uri) != data(&o.uri) {
+                    problems.push(format!("{args:?}: contents differ"));
+                }
+            }
+            (Err((a, _)), Err((b, _))) if a == b => {}
+            (t, o) => problems.push(format!(
+                "{args:?}: qemu-nbd {:?}, qnbd {:?}",
+                t.map(|_| ()),
+                o.map(|_| ())
+            )),
+        }
+    }
+    // inspected: qemu-img by name with the same names
+    let ours = bin.join("qemu-img");
+    let lines: &[&[&str]] = &[
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            "driver=qcow2,file.driver=file,file.filename=top.qcow2",
+        ],
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            "driver=qcow2,file.filename=top.qcow2,backing=",
+        ],
+        &[
+            "map",
+            "--output=json",
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"},"backing":null}"#,
+        ],
+        &[
+            "info",
+            "--output=json",
+            "--image-opts",
+            "driver=qcow2,file.filename=mid.qcow2",
+        ],
+        &[
+            "check",
+            "--image-opts",
+            "driver=qcow2,file.driver=file,file.filename=top.qcow2",
+        ],
+    ];
+    for args in lines {
+        let a = tool("qemu-img", &q, *args);
+        let b = tool(ours.to_str().unwrap(), &q, *args);
+        if (a.code, a.stdout_text()) != (b.code, b.stdout_text()) {
+            problems.push(format!(
+                "{args:?}:\n qemu-img {} {}\n qnbd     {} {}",
+                a.outcome(),
+                a.stdout_text(),
+                b.outcome(),
+                b.stdout_text()
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+/// `file.locking=off` opens an image another process holds, for QEMU and for qnbd alike.
+#[test]
+fn locking_off_opens_an_image_in_use() {
+    if !tools() {
+        return;
+    }
+    let d = scratch_dir();
+    let root = d.path();
+    let bin = link_dir(root);
+    let q = root.join("q");
+    make_chain(&q);
+    let mut holder = Command::new("qemu-io")
+        .current_dir(&q)
+        .args(["-f", "qcow2", "top.qcow2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let ours = bin.join("qemu-img");
+    for (args, want) in [
+        (vec!["info", "top.qcow2"], Some(1)),
+        (
+            vec![
+                "info",
+                "--image-opts",
+                "driver=qcow2,file.driver=file,file.filename=top.qcow2,file.locking=off",
+            ],
+            Some(0),
+        ),
+        (
+            vec![
+                "map",
+                r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2","locking":"off"}}"#,
+            ],
+            Some(0),
+        ),
+    ] {
+        let a = tool("qemu-img", &q, &args);
+        let b = tool(ours.to_str().unwrap(), &q, &args);
+        assert_eq!(a.code, want, "qemu-img {args:?}: {}", a.outcome());
+        assert_eq!(b.code, want, "qnbd {args:?}: {}", b.outcome());
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+}

@@ -63,9 +63,33 @@ pub fn create_empty(path: &str) -> Result<File> {
         .open(path)
         .map_err(|e| Error::io(format!("Could not create '{path}'"), e))?;
     crate::io::lock::claim_file(&file, crate::io::lock::CREATE, path)?;
-    file.set_len(0)
-        .map_err(|e| Error::io(format!("Could not create '{path}'"), e))?;
+    // a device keeps its size and contents (QEMU's host_device driver does not truncate)
+    let regular = file.metadata().map(|m| m.is_file()).unwrap_or(true);
+    if regular {
+        file.set_len(0)
+            .map_err(|e| Error::io(format!("Could not create '{path}'"), e))?;
+    }
     Ok(file)
+}
+
+/// Give a file created by [`create_empty`] its size: a regular file is extended, a device
+/// must already be at least that large (QEMU: "Cannot grow device files").
+pub fn size_created(file: &File, path: &str, size: u64) -> Result<()> {
+    let regular = file.metadata().map(|m| m.is_file()).unwrap_or(true);
+    if regular {
+        return file
+            .set_len(size)
+            .map_err(|e| Error::io(format!("Could not resize '{path}'"), e));
+    }
+    let len =
+        crate::io::file_len(file).map_err(|e| Error::io(format!("Could not open '{path}'"), e))?;
+    if len < size {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "Cannot grow device files",
+        ));
+    }
+    Ok(())
 }
 
 /// Write `len` zero bytes at `off`.

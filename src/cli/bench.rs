@@ -74,6 +74,8 @@ pub struct BenchArgs {
     /// nbd+unix:///EXPORT?socket=PATH): one connection, `depth` requests in flight.
     #[arg(long = "nbd", value_name = "URI", conflicts_with = "image")]
     pub nbd: Option<String>,
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     #[arg(required_unless_present = "nbd")]
     pub image: Option<String>,
 }
@@ -166,7 +168,8 @@ fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
     }
     opts.writable = a.write;
     opts.locking = super::locking(image, a.force_share, a.write, crate::open::Locking::Tool)?;
-    let img = super::open_named(image, &opts)?;
+    let name = super::image_name(image, a.image_opts, &mut opts)?;
+    let img = super::open_named(&name, &opts)?;
     let chain: &Chain = &img.chain;
     let size = chain.size();
     if a.size > size {

@@ -64,6 +64,8 @@ pub struct BitmapArgs {
     /// others), as qemu-img info -U. Refused with changes.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     pub image: String,
     pub bitmap: Option<String>,
 }
@@ -184,7 +186,8 @@ pub fn run(a: &BitmapArgs) -> Result<i32> {
         ));
     }
     opts.writable = true;
-    let img = super::open_named(&a.image, &opts)?;
+    let file = super::image_name(&a.image, a.image_opts, &mut opts)?;
+    let img = super::open_named(&file, &opts)?;
     let layer = &img.layers[0];
     let q = layer.qcow2.clone().ok_or_else(|| {
         Error::unsupported(format!(
@@ -368,8 +371,9 @@ fn flags_of(in_use: bool, auto: bool) -> Vec<&'static str> {
     f
 }
 
-fn inspect(a: &BitmapArgs, opts: OpenOptions) -> Result<i32> {
-    let img = super::open_named(&a.image, &opts)?;
+fn inspect(a: &BitmapArgs, mut opts: OpenOptions) -> Result<i32> {
+    let file = super::image_name(&a.image, a.image_opts, &mut opts)?;
+    let img = super::open_named(&file, &opts)?;
     let q = img.layers[0]
         .qcow2
         .clone()

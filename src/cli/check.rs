@@ -35,6 +35,8 @@ pub struct CheckArgs {
     /// Quiet: print nothing on standard output.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     pub image: String,
 }
 
@@ -171,7 +173,19 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
             return Ok(EXIT_NOT_COMPLETED);
         }
     };
-    let q = match open(&a.image, format, writable, locking) {
+    let mut o = crate::open::OpenOptions {
+        format,
+        locking,
+        ..Default::default()
+    };
+    let (path, format, locking) = match super::image_name(&a.image, a.image_opts, &mut o) {
+        Ok(p) => (p, o.format, o.locking),
+        Err(e) => {
+            eprintln!("{}: {e}", crate::error::program());
+            return Ok(EXIT_NOT_COMPLETED);
+        }
+    };
+    let q = match open(&path, format, writable, locking) {
         Ok(Some(q)) => q,
         Ok(None) => {
             eprintln!(
@@ -213,7 +227,7 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
         }
         drop(q);
         // the repair rewrote metadata under the open image: check a fresh open
-        match open(&a.image, Some(Format::Qcow2), false, locking) {
+        match open(&path, Some(Format::Qcow2), false, locking) {
             Ok(Some(q2)) => {
                 outcome = check(&q2, Repair::None);
                 report(&outcome, false);

@@ -31,6 +31,9 @@ pub struct ConvertArgs {
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Skip creating the target: write into an existing file or block device (raw output).
+    #[arg(short = 'n')]
+    pub no_create: bool,
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
@@ -47,6 +50,8 @@ pub struct ConvertArgs {
     /// unsafe.
     #[arg(short = 'T')]
     pub src_cache: Option<String>,
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     pub src: String,
     pub dst: String,
 }
@@ -212,6 +217,25 @@ fn copy(
     Ok(())
 }
 
+/// Make `[0, size)` of an existing target read as zeros: host zeroing where it can
+/// (`PUNCH_HOLE`, `BLKZEROOUT`), zeros written where it cannot.
+fn zero_target(t: &dyn crate::io::Storage, size: u64, path: &str) -> Result<()> {
+    match t.zero_range(0, size, crate::io::ZeroRange::Deallocate) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(e) => return Err(Error::io(format!("Could not zero '{path}'"), e)),
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(zeros.len() as u64) as usize;
+        t.write_at(&zeros[..n], off)
+            .map_err(|e| Error::io(format!("Could not write to '{path}' at {off:#x}"), e))?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 pub fn run(a: &ConvertArgs) -> Result<i32> {
     let out_fmt = match a.out_format.as_str() {
         "raw" => Format::Raw,
@@ -238,7 +262,7 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         }),
     };
     let dst_cache = cache_mode(&a.cache, "")?;
-    let opts = OpenOptions {
+    let mut opts = OpenOptions {
         policy: super::open_policy(&a.allow_backing)?,
         cache: cache_mode(&a.src_cache, "source ")?,
         locking: super::locking(
@@ -249,7 +273,8 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         )?,
         ..open_options(a.format.as_deref())?
     };
-    let img = super::open_named(&a.src, &opts)?;
+    let src = super::image_name(&a.src, a.image_opts, &mut opts)?;
+    let img = super::open_named(&src, &opts)?;
     let size = img.chain.size();
     let mut progress = Progress {
         on: a.progress && !a.quiet,
@@ -264,20 +289,36 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                     "Backing file not supported for file format 'raw'",
                 ));
             }
-            let file = crate::block::create_raw::create_empty(&a.dst)
-                .map_err(|e| e.context(format!("{}: error while converting raw", a.dst)))?;
-            file.set_len(size)
-                .map_err(|e| Error::io(format!("Could not resize '{}'", a.dst), e))?;
-            // the creation's locks (which let nobody in) end here; the target's own open
-            // takes those of a writer
-            drop(file);
+            if !a.no_create {
+                let ctx = |e: Error| e.context(format!("{}: error while converting raw", a.dst));
+                let file = crate::block::create_raw::create_empty(&a.dst).map_err(ctx)?;
+                crate::block::create_raw::size_created(&file, &a.dst, size).map_err(ctx)?;
+                // the creation's locks (which let nobody in) end here; the target's own open
+                // takes those of a writer
+                drop(file);
+            }
             let target = crate::open::open_storage_with(
                 &a.dst,
                 opts.engine,
                 true,
                 dst_cache,
                 crate::open::target_lock(crate::open::Locking::Tool),
-            )?;
+            )
+            .map_err(|e| super::named_open_error(&a.dst, e))?;
+            if a.no_create {
+                // an existing target (often a block device) holds old data: what the source
+                // reads as zeros is zeroed first, the rest is then written over it
+                let len = target
+                    .len()
+                    .map_err(|e| Error::io(format!("Could not open '{}'", a.dst), e))?;
+                if len < size {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        "output file is smaller than input file",
+                    ));
+                }
+                zero_target(&*target, size, &a.dst)?;
+            }
             let mut sink = RawSink {
                 file: target,
                 path: a.dst.clone(),
@@ -285,6 +326,11 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             copy(&img.chain, &mut sink, 2 << 20, false, false, &mut progress)?;
         }
         Format::Qcow2 => {
+            if a.no_create {
+                return Err(Error::unsupported(
+                    "convert -n writes raw targets only in this version (-O raw)",
+                ));
+            }
             let mut g = super::create::parse_given(Format::Qcow2, &a.options)
                 .map_err(|e| e.context(&a.dst))?;
             if let Some(b) = &a.backing {

@@ -24,6 +24,8 @@ pub struct InfoArgs {
     pub force_share: bool,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
     pub allow_backing: Vec<String>,
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     pub image: String,
 }
 
@@ -301,7 +303,8 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
         crate::open::Locking::Inspect,
     )?;
     opts.policy = super::open_policy(&a.allow_backing)?;
-    let img = super::open_named(&a.image, &opts)?;
+    let name = super::image_name(&a.image, a.image_opts, &mut opts)?;
+    let img = super::open_named(&name, &opts)?;
     let mut infos = Vec::new();
     for l in &img.layers {
         infos.push(layer_info(l)?);

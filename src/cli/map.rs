@@ -22,6 +22,8 @@ pub struct MapArgs {
     pub force_share: bool,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
     pub allow_backing: Vec<String>,
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     pub image: String,
 }
 
@@ -148,7 +150,8 @@ pub fn run(a: &MapArgs) -> Result<i32> {
     opts.writable = false;
     opts.locking = super::locking(&a.image, a.force_share, false, crate::open::Locking::Tool)?;
     opts.policy = super::open_policy(&a.allow_backing)?;
-    let img = super::open_named(&a.image, &opts)?;
+    let name = super::image_name(&a.image, a.image_opts, &mut opts)?;
+    let img = super::open_named(&name, &opts)?;
     let ents = entries(&img.chain, a.start_offset, a.max_length)?;
     let mut out = std::io::stdout().lock();
     match a.output {

@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod check;
 pub mod convert;
 pub mod create;
+pub mod image_opts;
 pub mod info;
 pub mod map;
 pub mod qjson;
@@ -88,6 +89,35 @@ pub(crate) fn locking(
         (false, _) => Ok(base),
     }
 }
+
+/// The file a command line image name stands for: a `json:` name or (with `--image-opts`) a
+/// QemuOpts string sets options in `opts` (format, locking, backing, cache) and names the
+/// file; a plain name is the file. Errors are worded as qemu-img words them.
+pub(crate) fn image_name(
+    name: &str,
+    image_opts: bool,
+    opts: &mut OpenOptions,
+) -> Result<String, Error> {
+    if image_opts && opts.format.is_some() {
+        return Err(Error::new(
+            crate::ErrorKind::InvalidArgument,
+            "--image-opts and --format are mutually exclusive",
+        ));
+    }
+    match image_opts::parse(name, image_opts)
+        .map_err(|e| e.context(format!("Could not open '{name}'")))?
+    {
+        Some(spec) => {
+            spec.apply(opts)
+                .map_err(|e| e.context(format!("Could not open '{name}'")))?;
+            Ok(spec.filename)
+        }
+        None => Ok(name.to_string()),
+    }
+}
+
+/// Help text of `--image-opts`.
+pub(crate) const IMAGE_OPTS_HELP: &str = "Treat the image name as QEMU image options (driver=qcow2,file.filename=PATH,file.locking=off,backing=,...); json:{...} names are always understood";
 
 /// Open the image a qemu-img-style command names. A file that cannot be opened at all is
 /// reported as qemu-img reports it: its front end wraps the file layer's

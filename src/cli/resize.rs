@@ -15,6 +15,8 @@ pub struct ResizeArgs {
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     pub image: String,
     /// New size, or +SIZE / -SIZE relative to the current one (suffixes k, M, G, T).
     #[arg(allow_hyphen_values = true)]
@@ -26,7 +28,8 @@ pub fn run(a: &ResizeArgs) -> Result<i32> {
     opts.writable = true;
     opts.locking = crate::open::Locking::Resize;
     opts.no_backing = true;
-    let img = super::open_named(&a.image, &opts)?;
+    let name = super::image_name(&a.image, a.image_opts, &mut opts)?;
+    let img = super::open_named(&name, &opts)?;
     let layer = &img.layers[0];
     let cur = img.chain.size();
     let (rel, num) = match a.size.as_bytes().first() {

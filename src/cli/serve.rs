@@ -25,6 +25,8 @@ use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
+    pub image_opts: bool,
     /// Image to export (qemu-nbd's FILE).
     pub image: Option<String>,
     /// Image format (qcow2, raw); probed when omitted.
@@ -166,6 +168,8 @@ struct ExportSpec {
     overlay: bool,
     /// `-l`: serve this internal snapshot.
     internal_snapshot: Option<String>,
+    /// `--image-opts`: `file` is a QemuOpts string.
+    image_opts: bool,
 }
 
 fn parse_export(s: &str) -> Result<ExportSpec> {
@@ -181,6 +185,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         bitmaps: Vec::new(),
         overlay: false,
         internal_snapshot: None,
+        image_opts: false,
     };
     let mut have_name = false;
     for kv in s.split(',') {
@@ -221,17 +226,21 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
 /// name the user gave (for QEMU's messages); keep it until the overlay's chain is open.
 fn temporary_overlay(
     file: &str,
-    format: Option<&str>,
+    format: Option<crate::open::Format>,
+    locking: crate::open::Locking,
     policy: &OpenPolicy,
 ) -> Result<(String, crate::open::Image)> {
     let abs = std::fs::canonicalize(file)
         .map_err(|e| Error::io(format!("Could not open '{file}'"), e))?;
     let abs = abs.to_string_lossy().into_owned();
     let probe_opts = crate::open::OpenOptions {
-        format: format.map(crate::open::Format::parse).transpose()?,
+        format,
         no_io: true,
         no_backing: true,
-        locking: crate::open::Locking::Server,
+        locking: match locking {
+            crate::open::Locking::Off => locking,
+            _ => crate::open::Locking::Server,
+        },
         policy: policy.clone(),
         ..Default::default()
     };
@@ -366,18 +375,20 @@ fn build_export(
     opts.locking = crate::open::Locking::Server;
     opts.qcow2.snapshot = spec.internal_snapshot.clone();
     opts.policy = policy.clone();
+    let named = super::image_name(&spec.file, spec.image_opts, &mut opts)
+        .map_err(|e| blk_open_error(&spec.file, e))?;
     let (file, base_guard) = if spec.overlay {
-        let (path, base) = temporary_overlay(&spec.file, spec.format.as_deref(), policy)
+        let (path, base) = temporary_overlay(&named, opts.format, opts.locking, policy)
             .map_err(|e| blk_open_error(&spec.file, e))?;
         (path, Some(base))
     } else {
-        (spec.file.clone(), None)
+        (named.clone(), None)
     };
     if spec.overlay {
         opts.format = Some(crate::open::Format::Qcow2);
         // the overlay names the image the user gave us: allow it, and what the image itself
         // may name (its own directory) under the same rules
-        if let Ok(orig) = std::fs::canonicalize(&spec.file) {
+        if let Ok(orig) = std::fs::canonicalize(&named) {
             let dir = orig.parent().map(|p| p.to_path_buf()).unwrap_or_default();
             match &mut opts.policy.allowed {
                 crate::open::Allowed::Anywhere => {}
@@ -780,6 +791,7 @@ fn serve(
             bitmaps: a.bitmaps.clone(),
             overlay: a.snapshot,
             internal_snapshot: a.load_snapshot.clone(),
+            image_opts: a.image_opts,
         };
         let (e, f) = build_export(&spec, engine, policy, a.offset.unwrap_or(0), multi_conn)?;
         f.check_against(&files)?;

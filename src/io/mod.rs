@@ -143,6 +143,32 @@ pub(crate) fn zero_range_fd(
     }
 }
 
+/// The length of an open file: its size, or for a block device the device's size
+/// (`BLKGETSIZE64`; `st_size` of a device is 0).
+pub fn file_len(file: &std::fs::File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = file.metadata()?;
+    if !m.file_type().is_block_device() {
+        return Ok(m.len());
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size` for the
+    // duration of the call; the fd is open for the lifetime of `file`.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            BLKGETSIZE64,
+            &mut size as *mut u64,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// `_IO(0x12, 119)`: discard a byte range of a block device.
 const BLKDISCARD: libc::c_ulong = 0x1277;
 /// `_IO(0x12, 127)`: write zeros to a byte range of a block device.

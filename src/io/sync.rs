@@ -68,7 +68,7 @@ impl Storage for SyncFile {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        super::file_len(&self.file)
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {

@@ -233,7 +233,7 @@ fn check(res: i32) -> io::Result<usize> {
 
 impl Storage for UringFile {
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        super::file_len(&self.file)
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
