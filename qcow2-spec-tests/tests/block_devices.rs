@@ -78,7 +78,8 @@ fn a_loop_device_is_served_and_converted_onto_like_qemu_does() {
     let qnbd = qnbd_bin().to_str().unwrap().to_string();
     let mut problems = Vec::new();
     // info: the size comes from the device
-    for (a, b) in [(&qdev, &odev)] {
+    {
+        let (a, b) = (&qdev, &odev);
         let qi = tool(
             "qemu-img",
             dir,

@@ -551,7 +551,7 @@ fn exports_sharing_a_written_file_are_refused() {
     let mut cmd = Command::new(qcow2_spec_tests::qnbd_bin());
     cmd.current_dir(d)
         .args(["serve", "-k", sock.to_str().unwrap()])
-        .args(["--export", "name=a,file=a.qcow2,format=qcow2"])
+        .args(["--export", "name=a,file=a.qcow2,format=qcow2,writable=on"])
         .args(["--export", "name=b,file=d.raw,format=raw,readonly=on"]);
     let r = run_command(cmd);
     let (code, err) = (r.code, r.stderr);
@@ -763,9 +763,9 @@ fn fast_zero_is_fast_or_refused() {
             "-e",
             "0",
             "--export",
-            "name=z,file=z.qcow2,format=qcow2",
+            "name=z,file=z.qcow2,format=qcow2,writable=on",
             "--export",
-            "name=zc,file=zc.qcow2,format=qcow2",
+            "name=zc,file=zc.qcow2,format=qcow2,writable=on",
         ],
         &sock,
     );

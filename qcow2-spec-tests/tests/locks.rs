@@ -540,9 +540,9 @@ fn one_file_exported_twice_writable_is_refused() {
         &[
             "serve",
             "--export",
-            "name=a,file=r.raw,format=raw",
+            "name=a,file=r.raw,format=raw,writable=on",
             "--export",
-            "name=b,file=alias.raw,format=raw",
+            "name=b,file=alias.raw,format=raw,writable=on",
         ],
     );
     assert_eq!(o.code, Some(1), "{o:?}");

@@ -3,9 +3,10 @@
 //! Flags keep qemu-nbd's names and defaults (`-p 10809`, `-b 0.0.0.0`, `-e 1`,
 //! `--handshake-limit 10`, exit after the last client unless `-t`), TLS included
 //! (`--object tls-creds-x509|tls-creds-psk|authz-simple`, `--tls-creds`, `--tls-authz`, and
-//! the short `--tls-certificates DIR` / `--tls-psk FILE`). What this build cannot do yet is
-//! refused with a clear message instead of being silently ignored: `-B`, `-s`, `-l`, `-c`/`-d`
-//! fail at startup. See `docs/serve.md`.
+//! the short `--tls-certificates DIR` / `--tls-psk FILE`). Every file is locked as qemu-nbd
+//! locks it. Invoked as `qemu-nbd` (see `cli::Personality`), this is qemu-nbd's command line.
+//! What this build cannot do is refused with a clear message instead of being silently
+//! ignored (`-c`/`-d`: there is no kernel NBD device here). See `docs/serve.md`.
 
 use super::open_options;
 use crate::error::{Error, ErrorKind, Result};
@@ -32,7 +33,7 @@ pub struct ServeArgs {
     /// Image format (qcow2, raw); probed when omitted.
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
-    /// Export read-only (the only mode of this build; without it a warning is printed).
+    /// Export read-only (without it the export is writable, as with qemu-nbd).
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
     /// Export name (default: the empty name).
@@ -130,10 +131,19 @@ pub struct ServeArgs {
     /// Serve one client on stdin/stdout, then exit.
     #[arg(long = "stdio")]
     pub stdio: bool,
-    /// Additional export: name=NAME,file=PATH[,format=FMT][,readonly=on][,description=TEXT]
-    /// [,allocation-depth=on]. Repeatable.
+    /// Additional export, as qemu-storage-daemon's --export reads:
+    /// [type=nbd,][id=ID,]name=NAME,file=PATH[,format=FMT][,writable=on][,description=TEXT]
+    /// [,allocation-depth=on][,bitmap=NAME][,discard=unmap][,detect-zeroes=on|unmap].
+    /// Read-only unless writable=on (readonly=off is the same). Repeatable.
     #[arg(long = "export")]
     pub exports: Vec<String>,
+    /// qemu-nbd's kernel device mode (connect IMAGE to /dev/nbdN): refused, qnbd serves
+    /// sockets only (attach the kernel device with nbd-client to the socket instead).
+    #[arg(short = 'c', long = "connect", value_name = "DEV")]
+    pub connect: Option<String>,
+    /// qemu-nbd's kernel device disconnect: refused, as -c.
+    #[arg(short = 'd', long = "disconnect")]
+    pub disconnect: bool,
     /// Worker threads executing requests (default: one per CPU, at least 2).
     #[arg(long = "workers", value_parser = super::qemu_int::<usize>)]
     pub workers: Option<usize>,
@@ -179,7 +189,7 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
         format: None,
         description: None,
         depth: false,
-        readonly: false,
+        readonly: true,
         discard: DiscardMode::Ignore,
         detect_zeroes: None,
         bitmaps: Vec::new(),
@@ -208,7 +218,12 @@ fn parse_export(s: &str) -> Result<ExportSpec> {
             "format" => spec.format = Some(v.to_string()),
             "description" => spec.description = Some(v.to_string()),
             "allocation-depth" => spec.depth = on(v)?,
+            "writable" => spec.readonly = !on(v)?,
             "readonly" => spec.readonly = on(v)?,
+            // qemu-storage-daemon's --export type=nbd,id=ID,... form
+            "type" if v == "nbd" => {}
+            "type" => return Err(bad(format!("--export: type '{v}' is not supported (nbd)"))),
+            "id" => {}
             "bitmap" => spec.bitmaps.push(v.to_string()),
             "discard" => spec.discard = discard_mode(v)?,
             "detect-zeroes" => spec.detect_zeroes = detect_zeroes_mode(v)?,
@@ -687,6 +702,12 @@ fn write_pid_file(path: &str) -> Result<()> {
 }
 
 pub fn run(a: &ServeArgs) -> Result<i32> {
+    if a.connect.is_some() || a.disconnect {
+        return Err(Error::unsupported(
+            "kernel NBD devices (-c / -d) are not supported: serve on a socket (-k or -p) and \
+             attach the device with nbd-client",
+        ));
+    }
     if a.list && (a.tls_creds.is_some() || a.tls_certificates.is_some() || a.tls_psk.is_some()) {
         return Err(Error::unsupported("TLS with -L is not available"));
     }
