@@ -18,9 +18,23 @@ pub struct Resolved {
     pub mapping: Mapping,
     /// 1 = top layer, 2 = first backing file, ...; 0 = allocated nowhere.
     pub depth: usize,
+    /// When `depth` is 0 because the range lies beyond the end of a backing file shorter than
+    /// the layers above it: that file's depth (its synthesized zeros count as allocated there
+    /// for `qemu:allocation-depth`, as QEMU's `bdrv_is_allocated_above` counts them); else 0.
+    pub past_end_of: usize,
 }
 
 impl Resolved {
+    /// The depth `qemu:allocation-depth` reports: the answering layer, or the shorter backing
+    /// file beyond whose end the range lies.
+    pub fn allocation_depth(&self) -> usize {
+        if self.depth == 0 {
+            self.past_end_of
+        } else {
+            self.depth
+        }
+    }
+
     /// Reads as zeros (`base:allocation` ZERO).
     pub fn reads_zero(&self) -> bool {
         match self.mapping {
@@ -296,6 +310,7 @@ fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Res
                         host: None,
                     },
                     depth: 0,
+                    past_end_of: i + 1,
                 });
             }
             len = len.min(size - off);
@@ -307,6 +322,7 @@ fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Res
                     len,
                     mapping: run.mapping,
                     depth: i + 1,
+                    past_end_of: 0,
                 });
             }
         }
@@ -317,6 +333,7 @@ fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Res
                 host: None,
             },
             depth: 0,
+            past_end_of: 0,
         })
     }
 }
@@ -334,25 +351,27 @@ fn resolve_many_in(
     out: &mut Vec<Resolved>,
     scratch: &mut Vec<Run>,
 ) -> Result<u64> {
-    // zeros owned by no layer: below the bottom, or beyond the end of a (shorter) backing file
-    let unowned = |len| Resolved {
+    // zeros owned by no layer: below the bottom (`past_end_of` 0), or beyond the end of a
+    // (shorter) backing file (`past_end_of` its depth)
+    let unowned = |len, past_end_of| Resolved {
         len,
         mapping: Mapping::Backing {
             file: FileRole::Image,
             host: None,
         },
         depth: 0,
+        past_end_of,
     };
     if out.len() >= limit || len == 0 {
         return Ok(0);
     }
     let Some((layer, below)) = layers.split_first() else {
-        out.push(unowned(len));
+        out.push(unowned(len, 0));
         return Ok(len);
     };
     let size = layer.size();
     if off >= size {
-        out.push(unowned(len));
+        out.push(unowned(len, depth + 1));
         return Ok(len);
     }
     let inside = len.min(size - off);
@@ -363,7 +382,7 @@ fn resolve_many_in(
     scratch.truncate(base);
     let done = res?;
     if done == inside && inside < len && out.len() < limit {
-        out.push(unowned(len - inside));
+        out.push(unowned(len - inside, depth + 1));
         return Ok(len);
     }
     Ok(done)
@@ -396,6 +415,7 @@ fn walk_runs(
                 len: n,
                 mapping: run.mapping,
                 depth: depth + 1,
+                past_end_of: 0,
             });
         } else if below.is_empty() {
             out.push(Resolved {
@@ -405,6 +425,7 @@ fn walk_runs(
                     host: None,
                 },
                 depth: 0,
+                past_end_of: 0,
             });
         } else {
             let got = resolve_many_in(below, depth + 1, off + done, n, limit, out, scratch)?;

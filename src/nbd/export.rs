@@ -297,7 +297,7 @@ fn status_of(r: &crate::block::Resolved) -> Status {
     Status {
         len: r.len,
         allocation,
-        depth: u32::try_from(r.depth).unwrap_or(u32::MAX),
+        depth: u32::try_from(r.allocation_depth()).unwrap_or(u32::MAX),
     }
 }
 
