@@ -468,27 +468,28 @@ fn open_engine(path: &str, file: std::fs::File, engine: Engine) -> Result<Arc<dy
 
 /// Guess the format from the first bytes, as QEMU's probing would for the formats we know.
 pub fn probe(storage: &dyn Storage) -> Result<Format> {
-    let mut magic = [0u8; 8];
-    let n = storage
-        .read_at(&mut magic, 0)
-        .map_err(|e| Error::io("Could not read image for determining its format", e))?;
-    let m = &magic[..n];
-    if m.starts_with(b"QFI\xfb") {
-        return Ok(Format::Qcow2);
-    }
-    for (sig, name) in [
-        (&b"KDMV"[..], "vmdk"),
-        (&b"conectix"[..], "vpc"),
-        (&b"vhdxfile"[..], "vhdx"),
-        (&b"QED\0"[..], "qed"),
-    ] {
-        if m.starts_with(sig) {
-            return Err(Error::unsupported(format!(
-                "Image format '{name}' is not supported (supported formats: qcow2, raw)"
-            )));
+    let mut head = [0u8; crate::block::raw::PROBE_LEN];
+    let mut n = 0;
+    while n < head.len() {
+        match storage.read_at(&mut head[n..], n as u64) {
+            Ok(0) => break,
+            Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::io(
+                    "Could not read image for determining its format",
+                    e,
+                ))
+            }
         }
     }
-    Ok(Format::Raw)
+    match crate::block::raw::probed_format(&head[..n]) {
+        None => Ok(Format::Raw),
+        Some("qcow2") => Ok(Format::Qcow2),
+        Some(name) => Err(Error::unsupported(format!(
+            "Image format '{name}' is not supported (supported formats: qcow2, raw)"
+        ))),
+    }
 }
 
 /// QEMU's `path_combine`: a relative `name` is taken relative to the directory of `base`.
@@ -580,6 +581,7 @@ fn open_layer(
     } else {
         FileRole::Backing
     };
+    let probed = format.is_none();
     let (storage, format) = open_file(
         filename,
         open_path,
@@ -591,11 +593,12 @@ fn open_layer(
     )?;
     match format {
         Format::Raw => {
-            let dev = Arc::new(if writable {
+            let dev = if writable {
                 RawDevice::new_writable(storage.clone())?
             } else {
                 RawDevice::new(storage.clone())?
-            });
+            };
+            let dev = Arc::new(dev.probed(probed));
             Ok(OpenedLayer {
                 filename: filename.to_string(),
                 format,

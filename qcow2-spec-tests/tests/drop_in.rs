@@ -890,3 +890,127 @@ fn an_offset_export_carries_its_bitmap_shifted() {
     );
     assert_eq!(o, want);
 }
+
+/// What a client script sees of an export's negotiation: NBD_OPT_INFO and NBD_OPT_GO with and
+/// without a block-size request (libnbd through the system python).
+const NEGOTIATION: &str = r#"
+import nbd, sys
+for req in (True, False):
+    h = nbd.NBD(); h.set_request_block_size(req); h.set_opt_mode(True)
+    h.connect_uri(sys.argv[1])
+    try:
+        h.opt_info(); r = 'info min=%d' % h.get_block_size(nbd.SIZE_MINIMUM)
+    except nbd.Error as e:
+        r = 'info refused errno=%s' % e.errno
+    try:
+        h.opt_go(); r += ' go min=%d size=%d' % (h.get_block_size(nbd.SIZE_MINIMUM), h.get_size())
+    except nbd.Error as e:
+        r += ' go refused errno=%s' % e.errno
+    print('request_block_size=%s: %s' % (req, r))
+"#;
+
+/// Raw images whose size is not a multiple of 512, given as `-f raw` and probed (no `-f`):
+/// advertised size and block sizes, negotiation, `--list`, block status, writes into the
+/// partial last sector and into the first sector (a probed image refuses to become another
+/// format), and the file each server leaves, side by side with qemu-nbd.
+#[test]
+fn odd_sized_and_probed_raw_images_serve_as_qemu_nbd_serves_them() {
+    if !tools() {
+        return;
+    }
+    let d = scratch_dir();
+    let root = d.path();
+    let bin = link_dir(root);
+    let mut problems = Vec::new();
+    // 1,000,001 bytes: the last sector is one byte long
+    let contents: Vec<u8> = (0..1_000_001u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+        .collect();
+    std::fs::write(root.join("magic"), b"QFI\xfb\0\0\0\x03").unwrap();
+    let qemu_io = |uri: &str, cmds: &[&str]| {
+        let mut a = vec!["-f", "raw"];
+        for c in cmds {
+            a.extend(["-c", c]);
+        }
+        a.push(uri);
+        let r = tool("qemu-io", root, &a);
+        // without the timing lines
+        let text: String = r
+            .stdout_text()
+            .lines()
+            .filter(|l| !l.contains(" ops; "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        format!("exit {:?}\n{text}{}", r.code, r.stderr).replace(uri, "URI")
+    };
+    for probed in [false, true] {
+        let mut args = vec!["-t", "-k", "{SOCK}"];
+        if !probed {
+            args.extend(["-f", "raw"]);
+        }
+        args.push("odd.raw");
+        let mut seen = Vec::new();
+        for program in [Path::new("qemu-nbd"), &bin.join("qemu-nbd")] {
+            std::fs::write(root.join("odd.raw"), &contents).unwrap();
+            let s = start(root, program, &args, "").unwrap_or_else(|e| panic!("{args:?}: {e:?}"));
+            let sock = s.uri.rsplit("socket=").next().unwrap().to_string();
+            let neg = Command::new("/usr/bin/python3")
+                .args(["-c", NEGOTIATION, &s.uri])
+                .output()
+                .unwrap();
+            assert!(
+                neg.status.success(),
+                "{}",
+                String::from_utf8_lossy(&neg.stderr)
+            );
+            let list = |p: &Path| {
+                let r = tool(p.to_str().unwrap(), root, ["-L", "-k", &sock]);
+                format!("exit {:?}\n{}", r.code, r.stdout_text())
+            };
+            let mut out = vec![
+                nbdinfo(&["--json", "--no-content"], &s.uri),
+                nbdinfo(&["--map"], &s.uri),
+                String::from_utf8_lossy(&neg.stdout).into_owned(),
+                list(Path::new("qemu-nbd")),
+                list(&bin.join("qemu-nbd")),
+                // the partial last sector: written, read back, mapped
+                qemu_io(
+                    &s.uri,
+                    &[
+                        "write -P 7 1000000 448",
+                        "read -P 7 1000000 448",
+                        "read -v 999990 32",
+                    ],
+                ),
+                // the first sector: data in place is fine, another format's magic is not
+                qemu_io(
+                    &s.uri,
+                    &[
+                        "write -P 0 0 512",
+                        "write -s magic 0 8",
+                        "write -s magic 8 8",
+                        "write -z 0 4",
+                        "read -v 0 16",
+                    ],
+                ),
+                nbdinfo(&["--map"], &s.uri),
+            ];
+            drop(s);
+            let file = std::fs::read(root.join("odd.raw")).unwrap();
+            out.push(format!(
+                "file: {} bytes, sha256 {}",
+                file.len(),
+                qcow2_spec_tests::sha256_file(&root.join("odd.raw")).unwrap()
+            ));
+            seen.push(out);
+        }
+        for (i, (a, b)) in seen[0].iter().zip(&seen[1]).enumerate() {
+            if a != b {
+                problems.push(format!(
+                    "probed={probed} step {i}:\n--- qemu-nbd\n{a}\n--- qnbd\n{b}"
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}

@@ -184,6 +184,12 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Access::ReadOnly
     }
 
+    /// The smallest request this device handles without read-modify-write on the caller's
+    /// behalf (QEMU's `request_alignment`): the NBD minimum block size it advertises.
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+
     /// Write guest bytes; partial clusters are completed from `below`.
     fn write(&self, off: u64, buf: &[u8], below: &dyn CowSource, fua: bool) -> Result<()> {
         let _ = (off, buf, below, fua);

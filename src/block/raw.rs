@@ -4,13 +4,59 @@
 use super::{Access, BlockDevice, CowSource, FileRole, Mapping, Run, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Extent, Storage};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// The bytes QEMU's format probing reads, and the first sector a probed raw image guards.
+pub const PROBE_LEN: usize = 512;
+
+/// The format other than raw that QEMU's probing (`bdrv_probe_all` without a file name) would
+/// find in an image's first bytes, if any. Raw is what remains.
+pub fn probed_format(head: &[u8]) -> Option<&'static str> {
+    let be32 = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let le32 = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if head.starts_with(b"QFI\xfb") {
+        return Some(if be32(4) == Some(1) { "qcow" } else { "qcow2" });
+    }
+    const MAGICS: &[(&[u8], &str)] = &[
+        (b"QED\0", "qed"),
+        (b"KDMV", "vmdk"),
+        (b"COWD", "vmdk"),
+        (b"# Disk DescriptorFile", "vmdk"),
+        (b"conectix", "vpc"),
+        (b"vhdxfile", "vhdx"),
+        (b"LUKS\xba\xbe", "luks"),
+        (b"WithoutFreeSpace", "parallels"),
+        (b"WithouFreSpacExt", "parallels"),
+        (b"Bochs Virtual HD Image", "bochs"),
+        (b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0", "cloop"),
+    ];
+    if let Some((_, name)) = MAGICS.iter().find(|(m, _)| head.starts_with(m)) {
+        return Some(name);
+    }
+    // VirtualBox: the signature follows a 64-byte text header
+    if le32(64) == Some(0xbeda_107f) {
+        return Some("vdi");
+    }
+    None
+}
 
 #[derive(Debug)]
 pub struct RawDevice {
     storage: Arc<dyn Storage>,
     size: u64,
     access: Access,
+    /// Opened without a format, by probing: as QEMU does, requests are sector-aligned and no
+    /// write may make the first sector probe as another format (a guest could otherwise turn
+    /// the image into, say, a qcow2 naming any host file as its backing file).
+    probed: bool,
+    /// Held across the check and the write of the first sector of a probed image.
+    first_sector: Mutex<()>,
 }
 
 impl RawDevice {
@@ -19,6 +65,66 @@ impl RawDevice {
         let mut d = RawDevice::new(storage)?;
         d.access = Access::ReadWrite;
         Ok(d)
+    }
+
+    /// Mark the image as opened by probing (see `probed`).
+    pub fn probed(mut self, probed: bool) -> RawDevice {
+        self.probed = probed;
+        self
+    }
+
+    /// For a probed image: refuse a change of the first sector (`data`, or zeros when `None`,
+    /// over `[off, off + len)`) after which it would probe as another format. Call with
+    /// `first_sector` held.
+    fn check_first_sector(&self, off: u64, data: Option<&[u8]>, len: u64) -> Result<()> {
+        if !self.probed || off >= PROBE_LEN as u64 || len == 0 {
+            return Ok(());
+        }
+        let mut head = [0u8; PROBE_LEN];
+        let mut got = 0;
+        while got < PROBE_LEN {
+            match self.storage.read_at(&mut head[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("Could not read the first sector", e)),
+            }
+        }
+        let start = off as usize;
+        let n = (PROBE_LEN - start).min(usize::try_from(len).unwrap_or(usize::MAX));
+        match data {
+            Some(d) => head[start..start + n].copy_from_slice(&d[..n]),
+            None => head[start..start + n].fill(0),
+        }
+        match probed_format(&head) {
+            Some(name) => Err(Error::new(
+                ErrorKind::Denied,
+                format!(
+                    "refusing a write that makes the first sector of a probed raw image look \
+                     like {name}; give the format (-f raw) to allow it"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Run `op` with the first sector guarded when it touches it on a probed image.
+    fn guarded<T>(
+        &self,
+        off: u64,
+        data: Option<&[u8]>,
+        len: u64,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        if !self.probed || off >= PROBE_LEN as u64 || len == 0 {
+            return op();
+        }
+        let _g = self
+            .first_sector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.check_first_sector(off, data, len)?;
+        op()
     }
 
     fn check_writable(&self, off: u64, len: u64) -> Result<()> {
@@ -38,7 +144,8 @@ impl RawDevice {
     }
 
     /// How much of `[off, off + len)` lies inside the host file (the device's size is rounded
-    /// up to whole sectors; the part past the end of the file is not the file's to change).
+    /// up to whole sectors; past the end of the file it reads as zeros already, so zeroing and
+    /// discarding stop at the end of the file).
     fn in_file(&self, off: u64, len: u64) -> Result<u64> {
         let flen = self
             .storage
@@ -57,6 +164,8 @@ impl RawDevice {
             storage,
             size,
             access: Access::ReadOnly,
+            probed: false,
+            first_sector: Mutex::new(()),
         })
     }
 }
@@ -148,13 +257,24 @@ impl BlockDevice for RawDevice {
         self.access
     }
 
+    fn request_alignment(&self) -> u32 {
+        // QEMU's raw driver over a probed image: whole sectors
+        if self.probed {
+            PROBE_LEN as u32
+        } else {
+            1
+        }
+    }
+
     fn write(&self, off: u64, buf: &[u8], _below: &dyn CowSource, fua: bool) -> Result<()> {
         self.check_writable(off, buf.len() as u64)?;
-        // the last partial sector lies beyond the file: write only what the file holds
-        let n = self.in_file(off, buf.len() as u64)? as usize;
-        self.storage
-            .write_at(&buf[..n], off)
-            .map_err(|e| Error::io(format!("Could not write at {off:#x}"), e))?;
+        // data written into the partial last sector beyond the end of the file extends the
+        // file to the sector's end, as QEMU's file driver does (the size stays the same)
+        self.guarded(off, Some(buf), buf.len() as u64, || {
+            self.storage
+                .write_at(buf, off)
+                .map_err(|e| Error::io(format!("Could not write at {off:#x}"), e))
+        })?;
         if fua {
             self.flush()?;
         }
@@ -176,10 +296,15 @@ impl BlockDevice for RawDevice {
             ZeroMode::KeepAllocated => crate::io::ZeroRange::KeepAllocated,
         };
         let n = self.in_file(off, len)?;
-        match self.storage.zero_range(off, n, how) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
-            Err(e) => return Err(Error::io(format!("Could not zero at {off:#x}"), e)),
+        let zeroed = self.guarded(off, None, len, || {
+            match self.storage.zero_range(off, n, how) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(false),
+                Err(e) => Err(Error::io(format!("Could not zero at {off:#x}"), e)),
+            }
+        })?;
+        if zeroed {
+            return Ok(());
         }
         let chunk = 1u64 << 20;
         let zeros = vec![0u8; chunk.min(len) as usize];
@@ -196,15 +321,17 @@ impl BlockDevice for RawDevice {
         self.check_writable(off, len)?;
         // advisory: where the host cannot release space, nothing happens (as in QEMU)
         let n = self.in_file(off, len)?;
-        match self
-            .storage
-            .zero_range(off, n, crate::io::ZeroRange::Discard)
-        {
-            Err(e) if e.kind() != std::io::ErrorKind::Unsupported => {
-                Err(Error::io(format!("Could not discard at {off:#x}"), e))
+        self.guarded(off, None, len, || {
+            match self
+                .storage
+                .zero_range(off, n, crate::io::ZeroRange::Discard)
+            {
+                Err(e) if e.kind() != std::io::ErrorKind::Unsupported => {
+                    Err(Error::io(format!("Could not discard at {off:#x}"), e))
+                }
+                _ => Ok(()),
             }
-            _ => Ok(()),
-        }
+        })
     }
 
     fn flush(&self) -> Result<()> {

@@ -150,6 +150,23 @@ fn byte_taken(file: &File, byte: i64) -> io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// Drop every OFD lock of `file`'s open file description now. Closing the descriptor does
+/// the same only once the kernel lets go of its last reference to the description, and
+/// io_uring can hold one past `close` (a ring is torn down by a kernel worker, later): an
+/// image closed and opened again at once by the same process would then meet its own old
+/// locks. The engines call this when they close a file.
+pub fn release_all(file: &File) {
+    let mut fl = libc::flock {
+        l_type: libc::F_UNLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: as in `lock_byte`; unlocking ranges nobody locked is not an error.
+    let _ = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+}
+
 /// Claim `spec` on `file` the way QEMU does (see the module documentation). On a conflict the
 /// bytes already locked stay locked until the caller closes the file, which it must then do.
 pub fn claim(file: &File, spec: LockSpec) -> Result<(), LockError> {
@@ -273,6 +290,34 @@ mod tests {
         );
         drop(d);
         claim(&open(&p), READER).unwrap();
+    }
+
+    /// The engines release their locks when they close, even while something else (here a
+    /// dup, for io_uring a ring being torn down) keeps the description alive.
+    #[test]
+    fn an_engine_closing_releases_the_locks_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let w = open(&p);
+        claim(&w, WRITER).unwrap();
+        let lingering = w.try_clone().unwrap();
+        drop(crate::io::sync::SyncFile::new(w));
+        claim(&open(&p), WRITER).expect("the closed engine's locks are gone");
+        drop(lingering);
+        #[cfg(feature = "uring")]
+        if let Ok(u) = {
+            let w = open(&p);
+            claim(&w, WRITER).unwrap();
+            crate::io::uring::UringFile::new(w)
+        } {
+            assert!(
+                claim(&open(&p), READER).is_err(),
+                "the ring's file holds them"
+            );
+            drop(u);
+            claim(&open(&p), WRITER).expect("the closed ring's locks are gone");
+        }
     }
 
     #[test]

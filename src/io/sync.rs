@@ -11,6 +11,12 @@ pub struct SyncFile {
     file: File,
 }
 
+impl Drop for SyncFile {
+    fn drop(&mut self) {
+        super::lock::release_all(&self.file);
+    }
+}
+
 impl SyncFile {
     pub fn new(file: File) -> Self {
         SyncFile { file }

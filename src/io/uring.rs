@@ -55,6 +55,13 @@ impl std::fmt::Debug for UringFile {
     }
 }
 
+impl Drop for UringFile {
+    fn drop(&mut self) {
+        // the rings may keep the description alive past this close (see `release_all`)
+        super::lock::release_all(&self.file);
+    }
+}
+
 enum Op<'a> {
     Read(&'a mut [u8]),
     Fsync,

@@ -98,6 +98,11 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
 
     /// Whether small writes complete in memory, so the server may run them on the connection's
     /// own thread (false: each waits for the device or a flush; the workers run them).
+    /// The NBD minimum block size to advertise (1 unless the image asks for more).
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+
     fn writes_buffered(&self) -> bool {
         true
     }
@@ -372,6 +377,10 @@ impl ExportBackend for ChainBackend {
 
     fn reuse_epoch(&self) -> u64 {
         self.chain.reuse_epoch()
+    }
+
+    fn request_alignment(&self) -> u32 {
+        self.chain.top().request_alignment()
     }
 
     fn writes_buffered(&self) -> bool {

@@ -43,6 +43,9 @@ impl ExportBackend for Offset {
     fn writes_buffered(&self) -> bool {
         self.inner.writes_buffered()
     }
+    fn request_alignment(&self) -> u32 {
+        self.inner.request_alignment()
+    }
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {
         self.inner.block_status(off + self.offset, len)
     }
@@ -125,6 +128,9 @@ impl ExportBackend for DetectZeroes {
     }
     fn writes_buffered(&self) -> bool {
         self.inner.writes_buffered()
+    }
+    fn request_alignment(&self) -> u32 {
+        self.inner.request_alignment()
     }
     fn block_status(&self, off: u64, len: u64) -> Result<Status> {
         self.inner.block_status(off, len)

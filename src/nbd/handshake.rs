@@ -488,10 +488,12 @@ impl Handshake {
         }
         let mut want_name = false;
         let mut want_desc = false;
+        let mut want_sizes = false;
         while let Some(i) = c.u16() {
             match i {
                 NBD_INFO_NAME => want_name = true,
                 NBD_INFO_DESCRIPTION => want_desc = true,
+                NBD_INFO_BLOCK_SIZE => want_sizes = true,
                 _ => {}
             }
         }
@@ -501,6 +503,16 @@ impl Handshake {
                 format!("export '{}' not present", String::from_utf8_lossy(name)),
             ));
         };
+        let align = export.backend.request_alignment().max(BLOCK_SIZES.0);
+        // as qemu-nbd: a client that only asks (INFO) without asking for block sizes is told
+        // to, when requests need an alignment; GO is served to every client, and one that did
+        // not ask is told the minimum is 1 (requests of any size are served regardless)
+        if opt == NBD_OPT_INFO && !want_sizes && align > 1 {
+            return Err((
+                NBD_REP_ERR_BLOCK_SIZE_REQD,
+                "request NBD_INFO_BLOCK_SIZE to use this export".to_string(),
+            ));
+        }
         let s = self.session(&export);
         if want_name {
             let mut d = NBD_INFO_NAME.to_be_bytes().to_vec();
@@ -513,7 +525,12 @@ impl Handshake {
             reply(out, opt, NBD_REP_INFO, &d);
         }
         let mut d = NBD_INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        d.extend_from_slice(&BLOCK_SIZES.0.to_be_bytes());
+        let min_block = if opt == NBD_OPT_INFO || want_sizes {
+            align
+        } else {
+            BLOCK_SIZES.0
+        };
+        d.extend_from_slice(&min_block.to_be_bytes());
         d.extend_from_slice(&BLOCK_SIZES.1.to_be_bytes());
         d.extend_from_slice(&BLOCK_SIZES.2.to_be_bytes());
         reply(out, opt, NBD_REP_INFO, &d);
