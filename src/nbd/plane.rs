@@ -53,6 +53,8 @@ const RECV_BUF: usize = 256 << 10;
 const MAX_QUEUED_REPLY: usize = 1 << 20;
 /// Bytes held by the requests of one connection that are on the workers or the ring.
 const MAX_JOB_BYTES: usize = 8 << 20;
+/// Empty reply batches a plane keeps for reuse.
+const MAX_SPARE_BATCHES: usize = 4 * MAX_INFLIGHT;
 /// Submission queue entries per plane ring.
 pub(crate) const RING_ENTRIES: u32 = 256;
 
@@ -319,7 +321,7 @@ impl Plane {
                         self.dirty.push(conn);
                     }
                     batch.clear();
-                    self.batches.push(batch);
+                    recycle(&mut self.batches, batch);
                 }
             }
         }
@@ -353,7 +355,10 @@ impl Plane {
             big: None,
             drain: None,
             recv_pending: false,
-            out: self.bufs.sharing_pool(),
+            out: self
+                .batches
+                .pop()
+                .unwrap_or_else(|| self.bufs.sharing_pool()),
             send_pending: false,
             sending_bytes: 0,
             jobs: 0,
@@ -446,7 +451,7 @@ impl Plane {
                     c.sending_bytes = 0;
                 }
                 // the sent batch's buffers are back in the pool; keep the empty batch
-                self.batches.push(*data);
+                recycle(&mut self.batches, *data);
             }
             _ => {}
         }
@@ -671,7 +676,7 @@ impl Plane {
                 c.stream.shutdown();
                 if let RingOp::Send { mut data, .. } = op {
                     data.clear();
-                    self.batches.push(*data);
+                    recycle(&mut self.batches, *data);
                 }
             }
         }
@@ -770,7 +775,16 @@ impl Plane {
         }
         let mut out = c.out;
         out.clear();
-        self.batches.push(out);
+        recycle(&mut self.batches, out);
+    }
+}
+
+/// Keep an emptied batch for reuse, up to [`MAX_SPARE_BATCHES`] (every connection and job
+/// takes one and gives it back: without the bound, a burst would be kept for ever).
+fn recycle(batches: &mut Vec<ReplyBatch>, mut batch: ReplyBatch) {
+    if batches.len() < MAX_SPARE_BATCHES {
+        batch.clear();
+        batches.push(batch);
     }
 }
 
