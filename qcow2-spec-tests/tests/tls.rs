@@ -125,15 +125,23 @@ impl Srv {
     }
 }
 
-/// Start `which` with `args` on a Unix socket in `dir`, exporting `dir/img.qcow2`.
+/// Start `which` with `args` on a Unix socket in `dir`, exporting `dir/img.qcow2` (qnbd with
+/// `-v`).
 fn serve(which: Impl, dir: &Path, name: &str, args: &[&str]) -> Srv {
+    serve_with(which, dir, name, args, true)
+}
+
+fn serve_with(which: Impl, dir: &Path, name: &str, args: &[&str], verbose: bool) -> Srv {
     let sock = dir.join(format!("{name}.sock"));
     let log = dir.join(format!("{name}.log"));
     let _ = std::fs::remove_file(&sock);
     let mut c = match which {
         Impl::Qnbd => {
             let mut c = Command::new(qcow2_spec_tests::qnbd_bin());
-            c.arg("serve").arg("-v");
+            c.arg("serve");
+            if verbose {
+                c.arg("-v");
+            }
             c
         }
         Impl::QemuNbd => Command::new("qemu-nbd"),
@@ -943,5 +951,147 @@ fn tls_command_line_errors() {
             .arg(&img));
         assert_ne!(rc, 0, "{args:?}: {o}{e}");
         assert!(e.contains(msg), "{args:?}: {e}");
+    }
+}
+
+/// The lines a quiet server logged, once the last of `expect` lines arrived.
+fn log_lines(srv: &Srv, expect: usize) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let lines: Vec<String> = srv.log().lines().map(str::to_string).collect();
+        if lines.len() >= expect || t.elapsed() > Duration::from_secs(10) {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A refused TLS client is logged in words an operator can act on: which credential file and
+/// which check (qemu-nbd says "Verify failed: No certificate was found." or "An illegal
+/// parameter has been received."). An `NBD_OPT_ABORT` is a normal end and is not logged.
+#[test]
+fn tls_failures_name_the_credential_and_the_check() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    make_image(dir);
+    let pki = Pki::new(dir);
+    let args = x509_args(&pki, "");
+    let srv = serve_with(Impl::Qnbd, dir, "quiet-x509", &strs(&args), false);
+    let server_dir = pki.dir("server");
+    // 1. no client certificate
+    assert!(nbdinfo(&x509_uri(&srv.sock, &pki.dir("no-cert"))).is_err());
+    // 2. a client certificate from another CA (OpenSSL sends it whatever the server's CA list)
+    let starttls = |sock: &Path| {
+        let mut s = greet(sock);
+        s.write_all(&opt(OPT_STARTTLS, b"")).unwrap();
+        let (o, t, _) = reply(&mut s).expect("starttls reply");
+        assert_eq!((o, t), (OPT_STARTTLS, REP_ACK));
+        s
+    };
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_ca_file(pki.root.join("ca-cert.pem")).unwrap();
+    b.set_certificate_file(
+        pki.root.join("rogue-client/client-cert.pem"),
+        SslFiletype::PEM,
+    )
+    .unwrap();
+    b.set_private_key_file(
+        pki.root.join("rogue-client/client-key.pem"),
+        SslFiletype::PEM,
+    )
+    .unwrap();
+    let rogue = b.build();
+    // TLS 1.3: the client's certificate is judged after the client finished, so the refusal
+    // shows on the first read
+    if let Ok(mut t) = rogue.connect("localhost", starttls(&srv.sock)) {
+        let mut one = [0u8; 1];
+        assert!(
+            !matches!(t.read(&mut one), Ok(1)),
+            "a rogue certificate got in"
+        );
+    }
+    // 3. a client that does not trust the server's CA
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_ca_file(pki.root.join("rogue-cert.pem")).unwrap();
+    b.set_verify(SslVerifyMode::PEER);
+    assert!(b.build().connect("localhost", starttls(&srv.sock)).is_err());
+    // 4. ABORT before TLS: acknowledged, closed, not logged
+    let mut s = greet(&srv.sock);
+    s.write_all(&opt(OPT_ABORT, b"")).unwrap();
+    assert_eq!(reply(&mut s).expect("abort reply").1, REP_ACK);
+    assert!(closed(&mut s));
+    nbdinfo(&x509_uri(&srv.sock, &pki.dir("client"))).unwrap();
+    let lines = log_lines(&srv, 3);
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    let want = [
+        format!("the client sent no certificate; verify-peer=on requires one issued by a CA in {server_dir}/ca-cert.pem"),
+        format!("client certificate '{CLIENT_DN}' refused: unable to get local issuer certificate (trusted CAs: {server_dir}/ca-cert.pem)"),
+        format!("the client does not trust the CA that issued {server_dir}/server-cert.pem"),
+    ];
+    for (line, w) in lines.iter().zip(&want) {
+        assert!(
+            line.starts_with("qnbd: option negotiation failed: TLS handshake failed: ")
+                && line.contains(w.as_str()),
+            "{line:?} should say {w:?}"
+        );
+    }
+    drop(srv);
+    // PSK: an unknown identity, and a known one with the wrong key
+    let srv = serve_with(Impl::Qnbd, dir, "quiet-psk", &strs(&psk_args(&pki)), false);
+    let keys = format!("{}/keys.psk", pki.dir("psk-server"));
+    assert!(nbdinfo(&psk_uri(&srv.sock, "bob", &pki.dir("bob.psk"))).is_err());
+    assert!(nbdinfo(&psk_uri(&srv.sock, "alice", &pki.dir("wrong-key.psk"))).is_err());
+    nbdinfo(&psk_uri(&srv.sock, "alice", &pki.dir("alice.psk"))).unwrap();
+    let lines = log_lines(&srv, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        lines[0].contains(&format!("PSK identity 'bob' is not in {keys}")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[1].contains(&format!(
+            "the client's key for PSK identity 'alice' is not the one in {keys}"
+        )),
+        "{lines:#?}"
+    );
+    drop(srv);
+    // verify-peer on a PSK object: accepted as qemu-nbd accepts it, and checked for on/off
+    for which in BOTH {
+        let obj = |v: &str| {
+            vec![
+                "--object".to_string(),
+                format!(
+                    "tls-creds-psk,id=tls0,endpoint=server,dir={},verify-peer={v}",
+                    pki.dir("psk-server")
+                ),
+                "--tls-creds".into(),
+                "tls0".into(),
+            ]
+        };
+        let srv = serve(which, dir, &format!("psk-vp-{which:?}"), &strs(&obj("off")));
+        nbdinfo(&psk_uri(&srv.sock, "alice", &pki.dir("alice.psk"))).unwrap();
+        assert!(nbdinfo(&psk_uri(&srv.sock, "bob", &pki.dir("bob.psk"))).is_err());
+        drop(srv);
+        let bin = match which {
+            Impl::Qnbd => qcow2_spec_tests::qnbd_bin().display().to_string(),
+            Impl::QemuNbd => "qemu-nbd".to_string(),
+        };
+        let mut c = Command::new(bin);
+        if which == Impl::Qnbd {
+            c.arg("serve");
+        }
+        let (rc, _, e) = run(c
+            .args(["-r", "-f", "qcow2", "-k"])
+            .arg(dir.join("never.sock"))
+            .args(obj("maybe"))
+            .arg(dir.join("img.qcow2")));
+        assert_eq!(rc, 1, "{which:?}: {e}");
+        assert!(
+            e.contains("Parameter 'verify-peer' expects 'on' or 'off'"),
+            "{which:?}: {e}"
+        );
     }
 }

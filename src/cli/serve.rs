@@ -521,7 +521,14 @@ fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
         }
         let allowed: &[&str] = match kind.as_str() {
             "tls-creds-x509" => &["id", "endpoint", "dir", "verify-peer", "priority"],
-            "tls-creds-psk" => &["id", "endpoint", "dir", "priority", "username"],
+            "tls-creds-psk" => &[
+                "id",
+                "endpoint",
+                "dir",
+                "priority",
+                "username",
+                "verify-peer",
+            ],
             "authz-simple" => &["id", "identity"],
             "tls-creds-anon" => {
                 return Err(Error::unsupported(
@@ -558,6 +565,9 @@ fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
                 verify_peer: on_off("verify-peer", get("verify-peer").unwrap_or("on"))?,
             }
         } else {
+            // accepted as QEMU accepts it (a property of every tls-creds object); a PSK
+            // handshake authenticates both sides whatever it says
+            on_off("verify-peer", get("verify-peer").unwrap_or("on"))?;
             Credentials::Psk {
                 file: dir.join("keys.psk"),
             }

@@ -52,6 +52,9 @@ pub enum Outcome {
     Ready(Session),
     /// Send what was produced, then close; the string says why (for the log).
     Close(String),
+    /// The client ended the negotiation with `NBD_OPT_ABORT` (acknowledged in the output): a
+    /// normal end, not a failure.
+    Abort,
 }
 
 #[derive(Debug)]
@@ -381,7 +384,7 @@ impl Handshake {
             }
             NBD_OPT_ABORT => {
                 reply(out, opt, NBD_REP_ACK, &[]);
-                return Outcome::Close("client aborted the negotiation".into());
+                return Outcome::Abort;
             }
             NBD_OPT_LIST => self.list(data, out),
             NBD_OPT_STARTTLS => match self.tls {
@@ -845,7 +848,7 @@ pub(crate) mod tests {
         let (out, _, o) = run(&input);
         let types: Vec<u32> = replies(&out).iter().map(|r| r.1).collect();
         assert_eq!(types, [NBD_REP_ERR_POLICY, NBD_REP_ACK]);
-        assert!(matches!(o, Outcome::Close(_)));
+        assert!(matches!(o, Outcome::Abort));
     }
 
     #[test]
@@ -925,7 +928,7 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(r[2].2, b"Option 0x7 not permitted before TLS");
-        assert!(matches!(o, Outcome::Close(_)));
+        assert!(matches!(o, Outcome::Abort));
     }
 
     #[test]

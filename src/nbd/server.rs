@@ -461,8 +461,13 @@ pub fn serve_connection(
                 break s;
             }
             Outcome::Close(why) => {
-                if cfg.verbose || !why.contains("aborted") {
-                    log(&format!("option negotiation failed: {why}"));
+                log(&format!("option negotiation failed: {why}"));
+                shutdown(&ctl);
+                return ConnEnd::NotNegotiated;
+            }
+            Outcome::Abort => {
+                if cfg.verbose {
+                    log("client ended the negotiation (NBD_OPT_ABORT)");
                 }
                 shutdown(&ctl);
                 return ConnEnd::NotNegotiated;

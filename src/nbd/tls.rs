@@ -62,6 +62,26 @@ pub struct TlsServer {
     kind: Kind,
     /// Identities allowed in (`--tls-authz`); `None` lets every authenticated client in.
     authz: Option<Vec<String>>,
+    /// The credentials' directory (x509) or key file (PSK), named in failure messages.
+    source: PathBuf,
+}
+
+thread_local! {
+    /// What the handshake running on this thread learnt before it failed (the callbacks run
+    /// inside `SSL_accept`, on the accepting thread): the PSK identity the client offered and
+    /// whether it is known, or the client certificate verification refused and why.
+    static ATTEMPT: std::cell::RefCell<Attempt> = const { std::cell::RefCell::new(Attempt::None) };
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Attempt {
+    None,
+    Psk { user: String, known: bool },
+    Refused { subject: String, why: String },
+}
+
+fn note(a: Attempt) {
+    ATTEMPT.with(|c| *c.borrow_mut() = a);
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -204,10 +224,22 @@ impl TlsServer {
                         .set_flags(X509VerifyFlags::CRL_CHECK)
                         .map_err(|e| creds_err("TLS setup failed", e))?;
                 }
-                b.set_verify(if *verify_peer {
+                let mode = if *verify_peer {
                     SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT
                 } else {
                     SslVerifyMode::NONE
+                };
+                b.set_verify_callback(mode, |ok, ctx| {
+                    if !ok {
+                        let subject = ctx
+                            .current_cert()
+                            .map_or_else(|| "?".into(), |c| gnutls_dn(c.subject_name()));
+                        note(Attempt::Refused {
+                            subject,
+                            why: ctx.error().error_string().to_string(),
+                        });
+                    }
+                    ok
                 });
                 Kind::X509
             }
@@ -235,26 +267,105 @@ impl TlsServer {
                 .map_err(|e| creds_err("TLS setup failed", e))?;
                 b.set_psk_server_callback(move |ssl, identity, psk| {
                     let Some(user) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
+                        note(Attempt::Psk {
+                            user: String::from_utf8_lossy(identity.unwrap_or_default()).into(),
+                            known: false,
+                        });
                         return Ok(0);
                     };
                     match keys.get(user) {
                         Some(k) if k.len() <= psk.len() => {
                             psk[..k.len()].copy_from_slice(k);
                             ssl.set_ex_data(idx, user.to_string());
+                            note(Attempt::Psk {
+                                user: user.into(),
+                                known: true,
+                            });
                             Ok(k.len())
                         }
                         // unknown user: no key, the handshake fails
-                        _ => Ok(0),
+                        _ => {
+                            note(Attempt::Psk {
+                                user: user.into(),
+                                known: false,
+                            });
+                            Ok(0)
+                        }
                     }
                 });
                 Kind::Psk
             }
         };
+        let source = match creds {
+            Credentials::X509 { dir, .. } => dir.clone(),
+            Credentials::Psk { file } => file.clone(),
+        };
         Ok(TlsServer {
             ctx: b.build(),
             kind,
             authz,
+            source,
         })
+    }
+
+    /// A failed handshake in words an operator can act on: which credential, which check.
+    /// `reason` is OpenSSL's, kept at the end.
+    fn explain(&self, reason: &str, io: bool, verify: Option<&str>, attempt: Attempt) -> String {
+        let src = self.source.display();
+        let r = reason.to_ascii_lowercase();
+        match (self.kind, attempt) {
+            (Kind::Psk, Attempt::Psk { user, known: false }) => {
+                format!("PSK identity '{user}' is not in {src} ({reason})")
+            }
+            (Kind::Psk, Attempt::Psk { user, known: true })
+                if r.contains("binder")
+                    || r.contains("decrypt")
+                    || r.contains("bad record mac") =>
+            {
+                format!(
+                    "the client's key for PSK identity '{user}' is not the one in {src} ({reason})"
+                )
+            }
+            (Kind::X509, Attempt::Refused { subject, why }) => format!(
+                "client certificate '{subject}' refused: {why} (trusted CAs: {src}/ca-cert.pem)"
+            ),
+            (Kind::X509, _) if r.contains("did not return a certificate") => format!(
+                "the client sent no certificate; verify-peer=on requires one issued by a CA in \
+                 {src}/ca-cert.pem ({reason})"
+            ),
+            (Kind::X509, _) if r.contains("alert unknown ca") => format!(
+                "the client does not trust the CA that issued {src}/server-cert.pem ({reason})"
+            ),
+            (Kind::X509, _)
+                if r.contains("alert bad certificate")
+                    || r.contains("alert certificate unknown") =>
+            {
+                format!(
+                    "the client refused {src}/server-cert.pem: check that its names (dns_name, \
+                     ip_address) include the host the client connects to ({reason})"
+                )
+            }
+            (Kind::X509, _) if r.contains("alert certificate expired") => {
+                format!("the client says {src}/server-cert.pem has expired ({reason})")
+            }
+            (_, _) if r.contains("unsupported protocol") || r.contains("version") => {
+                format!(
+                "the client offers no TLS version the server accepts (TLS {} and later): {reason}",
+                if self.kind == Kind::X509 { "1.3" } else { "1.2" }
+            )
+            }
+            (_, _) if r.contains("no shared cipher") || r.contains("no suitable") => {
+                format!("the client offers no cipher suite or key exchange the server accepts ({reason})")
+            }
+            (_, _) if r.contains("wrong version number") || r.contains("http request") => {
+                format!("the client did not speak TLS after STARTTLS ({reason})")
+            }
+            _ => match verify {
+                Some(v) => format!("{reason} ({v})"),
+                None if io => format!("{reason} (before the handshake completed)"),
+                None => reason.to_string(),
+            },
+        }
     }
 
     /// Run the server side of the handshake on `sock` (which becomes non-blocking), before
@@ -267,6 +378,7 @@ impl TlsServer {
         sock.set_nonblocking(true).map_err(|e| e.to_string())?;
         let fd = sock.as_raw_fd();
         let ssl = Ssl::new(&self.ctx).map_err(|e| e.to_string())?;
+        note(Attempt::None);
         let mut res = ssl.accept(sock);
         let stream = loop {
             match res {
@@ -289,20 +401,24 @@ impl TlsServer {
                 Err(HandshakeError::SetupFailure(e)) => return Err(format!("TLS setup: {e}")),
                 Err(HandshakeError::Failure(mid)) => {
                     let e = mid.error();
-                    let why = match (e.ssl_error(), e.io_error()) {
-                        (Some(s), _) => s.errors().last().map_or_else(
-                            || s.to_string(),
-                            |r| r.reason().unwrap_or("unknown error").to_string(),
+                    let (reason, io) = match (e.ssl_error(), e.io_error()) {
+                        (Some(s), _) => (
+                            s.errors().last().map_or_else(
+                                || s.to_string(),
+                                |r| r.reason().unwrap_or("unknown error").to_string(),
+                            ),
+                            false,
                         ),
-                        (None, Some(io)) => io.to_string(),
-                        (None, None) => "the client closed the connection".into(),
+                        (None, Some(io)) => (io.to_string(), true),
+                        (None, None) => ("the client closed the connection".into(), true),
                     };
                     let verify = mid.ssl().verify_result();
-                    return Err(if verify.as_raw() != 0 {
-                        format!("TLS handshake failed: {why} ({})", verify.error_string())
-                    } else {
-                        format!("TLS handshake failed: {why}")
-                    });
+                    let verify = (verify.as_raw() != 0).then(|| verify.error_string().to_string());
+                    let attempt = ATTEMPT.with(|c| c.replace(Attempt::None));
+                    return Err(format!(
+                        "TLS handshake failed: {}",
+                        self.explain(&reason, io, verify.as_deref(), attempt)
+                    ));
                 }
             }
         };
