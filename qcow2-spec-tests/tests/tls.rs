@@ -1095,3 +1095,156 @@ fn tls_failures_name_the_credential_and_the_check() {
         );
     }
 }
+
+/// `-L` against servers that require TLS, by qemu-nbd and by qnbd, with the same command
+/// lines (`--object tls-creds-x509|tls-creds-psk,endpoint=client`, `--tls-creds`,
+/// `--tls-hostname`) against both servers: the same listing, or the same refusal.
+#[test]
+fn list_over_tls_matches_qemu_nbd() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    make_image(dir);
+    let pki = Pki::new(dir);
+    std::fs::create_dir(dir.join("psk-client")).unwrap();
+    std::fs::copy(dir.join("alice.psk"), dir.join("psk-client/keys.psk")).unwrap();
+    let lister = |tool: Impl, args: &[String]| {
+        let mut c = match tool {
+            Impl::Qnbd => {
+                let mut c = Command::new(qcow2_spec_tests::qnbd_bin());
+                c.arg("serve");
+                c
+            }
+            Impl::QemuNbd => Command::new("qemu-nbd"),
+        };
+        let (rc, out, err) = run(c.arg("-L").args(args));
+        let err = err
+            .replace("qemu-nbd: ", "")
+            .replace("qnbd: TLS handshake failed: ", "")
+            .replace("qnbd: ", "");
+        (rc, out, err)
+    };
+    let x509 = |extra: &str| {
+        vec![
+            "--object".to_string(),
+            format!(
+                "tls-creds-x509,id=c0,endpoint=client,dir={}{extra}",
+                pki.dir("client")
+            ),
+            "--tls-creds".into(),
+            "c0".into(),
+        ]
+    };
+    let psk = |user: &str| {
+        vec![
+            "--object".to_string(),
+            format!(
+                "tls-creds-psk,id=c0,endpoint=client,dir={},username={user}",
+                pki.dir("psk-client")
+            ),
+            "--tls-creds".into(),
+            "c0".into(),
+        ]
+    };
+    let with = |mut v: Vec<String>, more: &[&str]| {
+        v.extend(more.iter().map(|s| s.to_string()));
+        v
+    };
+    let x509_cases: Vec<(&str, Vec<String>, Option<&str>)> = vec![
+        ("hostname", with(x509(""), &["--tls-hostname", "localhost"]), None),
+        ("verify-peer=off", x509(",verify-peer=off"), None),
+        (
+            "no hostname",
+            x509(""),
+            Some("No hostname for certificate validation"),
+        ),
+        (
+            "wrong hostname",
+            with(x509(""), &["--tls-hostname", "wrong.example"]),
+            Some("Certificate does not match the hostname wrong.example"),
+        ),
+        (
+            "no TLS",
+            Vec::new(),
+            Some("TLS negotiation required before option 3 (list)\nDid you forget a valid tls-creds?"),
+        ),
+        (
+            "hostname without creds",
+            vec!["--tls-hostname".into(), "localhost".into()],
+            Some("--tls-hostname is not permitted without --tls-creds"),
+        ),
+    ];
+    let psk_cases: Vec<(&str, Vec<String>, Option<&str>)> = vec![
+        ("alice", psk("alice"), None),
+        (
+            "unknown user",
+            psk("nobody"),
+            Some("Username nobody not found in PSK file"),
+        ),
+    ];
+    let x509_srv = x509_args(&pki, "");
+    let psk_srv = psk_args(&pki);
+    for (server_args, cases) in [(&x509_srv, &x509_cases), (&psk_srv, &psk_cases)] {
+        for which in BOTH {
+            let srv = serve(
+                which,
+                dir,
+                &format!("list-{which:?}-{}", cases[0].0),
+                &strs(&with(server_args.clone(), &["-x", "disk"])),
+            );
+            let sock = srv.sock.display().to_string();
+            for (name, args, refusal) in cases {
+                let args = with(args.clone(), &["-k", &sock]);
+                let q = lister(Impl::QemuNbd, &args);
+                let ours = lister(Impl::Qnbd, &args);
+                match refusal {
+                    None => {
+                        assert_eq!(q.0, 0, "qemu-nbd -L, {name}, {which:?} server: {}", q.2);
+                        assert!(q.1.contains("export: 'disk'"), "{}", q.1);
+                    }
+                    Some(msg) => {
+                        assert_eq!(q.0, 1, "qemu-nbd -L, {name}: {q:?}");
+                        assert!(q.2.starts_with(msg), "qemu-nbd -L, {name}: {}", q.2);
+                    }
+                }
+                assert_eq!(
+                    ours.0, q.0,
+                    "-L {name} against {which:?}: {ours:?} vs {q:?}"
+                );
+                assert_eq!(ours.1, q.1, "-L {name} against {which:?}");
+                if let Some(msg) = refusal {
+                    assert!(ours.2.starts_with(msg), "-L {name}: {}", ours.2);
+                }
+            }
+        }
+    }
+    // over TCP the host connected to is the name checked (the certificate has 127.0.0.1 and
+    // localhost)
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut c = Command::new(qcow2_spec_tests::qnbd_bin());
+    c.args(["serve", "-r", "-f", "qcow2", "-t", "-b", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(strs(&x509_srv))
+        .arg(dir.join("img.qcow2"))
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for host in ["127.0.0.1", "localhost"] {
+        let args = with(x509(""), &["-b", host, "-p", &port.to_string()]);
+        let q = lister(Impl::QemuNbd, &args);
+        let ours = lister(Impl::Qnbd, &args);
+        assert_eq!(q.0, 0, "qemu-nbd -L -b {host}: {}", q.2);
+        assert_eq!(ours, q, "-L -b {host}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -104,12 +104,17 @@ pub struct ServeArgs {
     /// Require TLS with the credentials of this --object id (qemu-nbd's form).
     #[arg(long = "tls-creds", value_name = "ID")]
     pub tls_creds: Option<String>,
+    /// With -L: the name the server's certificate must carry (default: the -b host; needed
+    /// for a Unix socket).
+    #[arg(long = "tls-hostname", value_name = "HOSTNAME")]
+    pub tls_hostname: Option<String>,
     /// Admit only TLS clients whose identity an --object authz-simple,id=ID lists.
     #[arg(long = "tls-authz", value_name = "ID")]
     pub tls_authz: Option<String>,
-    /// QEMU objects: tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off],
-    /// tls-creds-psk,id=ID,endpoint=server,dir=DIR, authz-simple,id=ID,identity=NAME
-    /// (commas inside values doubled). Repeatable.
+    /// QEMU objects: tls-creds-x509,id=ID,endpoint=server|client,dir=DIR[,verify-peer=on|off],
+    /// tls-creds-psk,id=ID,endpoint=server|client,dir=DIR[,username=NAME],
+    /// authz-simple,id=ID,identity=NAME (commas inside values doubled; endpoint=client with
+    /// -L). Repeatable.
     #[arg(long = "object", value_name = "SPEC")]
     pub objects: Vec<String>,
     /// Require TLS with X.509 credentials from DIR (ca-cert.pem, server-cert.pem,
@@ -505,9 +510,23 @@ fn on_off(key: &str, v: &str) -> Result<bool> {
     }
 }
 
-/// The TLS side of the server from the command line, or `None` without TLS.
-fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
-    let mut creds: Vec<(String, Credentials)> = Vec::new();
+/// A `tls-creds-*` object of the command line.
+#[derive(Debug, Clone)]
+struct TlsObject {
+    id: String,
+    kind: String,
+    endpoint: String,
+    dir: PathBuf,
+    verify_peer: bool,
+    username: String,
+}
+
+/// `authz-simple` objects: (id, identity).
+type Authz = Vec<(String, String)>;
+
+/// The `--object`s: TLS credentials and `authz-simple` identities.
+fn tls_objects(a: &ServeArgs) -> Result<(Vec<TlsObject>, Authz)> {
+    let mut creds: Vec<TlsObject> = Vec::new();
     let mut authz: Vec<(String, String)> = Vec::new();
     for o in &a.objects {
         let (kind, props) = parse_object(o)?;
@@ -516,7 +535,7 @@ fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
             .filter(|i| !i.is_empty())
             .ok_or_else(|| bad(format!("--object {kind}: Parameter 'id' is missing")))?
             .to_string();
-        if creds.iter().any(|c| c.0 == id) || authz.iter().any(|c| c.0 == id) {
+        if creds.iter().any(|c| c.id == id) || authz.iter().any(|c| c.0 == id) {
             return Err(bad(format!("attempt to add duplicate property '{id}'")));
         }
         let allowed: &[&str] = match kind.as_str() {
@@ -551,28 +570,101 @@ fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
             authz.push((id, ident.to_string()));
             continue;
         }
-        if get("endpoint").unwrap_or("client") != "server" {
+        let endpoint = get("endpoint").unwrap_or("client").to_string();
+        if endpoint != "server" && endpoint != "client" {
             return Err(bad(format!(
-                "Expecting TLS credentials with a server endpoint (object '{id}')"
+                "Parameter 'endpoint' does not accept value '{endpoint}'"
             )));
         }
         let dir = PathBuf::from(
             get("dir").ok_or_else(|| bad(format!("--object {kind}: 'dir' is required")))?,
         );
-        let c = if kind == "tls-creds-x509" {
+        // verify-peer is a property of every tls-creds object (for PSK, where both sides
+        // always authenticate, QEMU accepts it and it changes nothing)
+        let verify_peer = on_off("verify-peer", get("verify-peer").unwrap_or("on"))?;
+        creds.push(TlsObject {
+            id,
+            kind,
+            endpoint,
+            dir,
+            verify_peer,
+            username: get("username").unwrap_or("qemu").to_string(),
+        });
+    }
+    Ok((creds, authz))
+}
+
+/// The TLS client side of `-L`, from `--tls-creds` (an object with `endpoint=client`).
+fn tls_client(a: &ServeArgs) -> Result<Option<crate::nbd::tls::TlsClient>> {
+    use crate::nbd::tls::{ClientCredentials, TlsClient};
+    if a.tls_authz.is_some() {
+        return Err(bad("TLS authorization is incompatible with export list"));
+    }
+    if a.tls_certificates.is_some() || a.tls_psk.is_some() {
+        return Err(bad(
+            "--tls-certificates and --tls-psk are server options; with -L use --object \
+             tls-creds-x509|tls-creds-psk,endpoint=client and --tls-creds",
+        ));
+    }
+    let (creds, _) = tls_objects(a)?;
+    let Some(id) = &a.tls_creds else {
+        if a.tls_hostname.is_some() {
+            return Err(bad("--tls-hostname is not permitted without --tls-creds"));
+        }
+        return Ok(None);
+    };
+    let o = creds
+        .iter()
+        .find(|c| &c.id == id)
+        .ok_or_else(|| bad(format!("No TLS credentials with id '{id}'")))?;
+    if o.endpoint != "client" {
+        return Err(bad(format!(
+            "Expecting TLS credentials with a client endpoint (object '{id}')"
+        )));
+    }
+    let c = if o.kind == "tls-creds-x509" {
+        ClientCredentials::X509 {
+            dir: o.dir.clone(),
+            verify_peer: o.verify_peer,
+        }
+    } else {
+        ClientCredentials::Psk {
+            file: o.dir.join("keys.psk"),
+            username: o.username.clone(),
+        }
+    };
+    TlsClient::new(&c).map(Some)
+}
+
+/// The TLS side of the server from the command line, or `None` without TLS.
+fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
+    if a.tls_hostname.is_some() {
+        return Err(bad(if a.tls_creds.is_some() {
+            "TLS hostname is only supported with export list"
+        } else {
+            "--tls-hostname is not permitted without --tls-creds"
+        }));
+    }
+    let (objects, authz) = tls_objects(a)?;
+    let mut creds: Vec<(String, Credentials)> = Vec::new();
+    for o in objects {
+        if o.endpoint != "server" {
+            return Err(bad(format!(
+                "Expecting TLS credentials with a server endpoint (object '{}')",
+                o.id
+            )));
+        }
+        let c = if o.kind == "tls-creds-x509" {
             Credentials::X509 {
-                dir,
-                verify_peer: on_off("verify-peer", get("verify-peer").unwrap_or("on"))?,
+                dir: o.dir,
+                verify_peer: o.verify_peer,
             }
         } else {
-            // accepted as QEMU accepts it (a property of every tls-creds object); a PSK
-            // handshake authenticates both sides whatever it says
-            on_off("verify-peer", get("verify-peer").unwrap_or("on"))?;
             Credentials::Psk {
-                file: dir.join("keys.psk"),
+                file: o.dir.join("keys.psk"),
             }
         };
-        creds.push((id, c));
+        creds.push((o.id, c));
     }
     let short = match (&a.tls_certificates, &a.tls_psk) {
         (Some(_), Some(_)) => {
@@ -628,16 +720,26 @@ fn list(a: &ServeArgs) -> Result<i32> {
             "List mode is incompatible with a file name, --export and --fork",
         ));
     }
+    let tls = tls_client(a)?;
+    // the certificate is checked against --tls-hostname, else the host connected to (a Unix
+    // socket has none: QEMU then refuses an x509 connection, and so does qnbd)
     let (ext, exports) = if let Some(k) = &a.socket {
+        let host = a.tls_hostname.as_deref();
+        if let (Some(t), None) = (&tls, host) {
+            if t.needs_hostname() {
+                return Err(bad("No hostname for certificate validation"));
+            }
+        }
         let s = std::os::unix::net::UnixStream::connect(k)
             .map_err(|e| Error::io(format!("Failed to connect to '{k}'"), e))?;
-        crate::nbd::client::list_exports(s)?
+        crate::nbd::client::list_exports(s, tls.as_ref().map(|t| (t, host)))?
     } else {
         let host = a.bind.clone().unwrap_or_else(|| "localhost".into());
         let port = a.port.unwrap_or(10809);
         let s = std::net::TcpStream::connect((host.as_str(), port))
             .map_err(|e| Error::io(format!("Failed to connect to '{host}:{port}'"), e))?;
-        crate::nbd::client::list_exports(s)?
+        let check = a.tls_hostname.as_deref().unwrap_or(host.as_str());
+        crate::nbd::client::list_exports(s, tls.as_ref().map(|t| (t, Some(check))))?
     };
     print!("{}", crate::nbd::client::format_list(ext, &exports));
     Ok(0)
@@ -717,9 +819,6 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
             "kernel NBD devices (-c / -d) are not supported: serve on a socket (-k or -p) and \
              attach the device with nbd-client",
         ));
-    }
-    if a.list && (a.tls_creds.is_some() || a.tls_certificates.is_some() || a.tls_psk.is_some()) {
-        return Err(Error::unsupported("TLS with -L is not available"));
     }
     if a.list {
         return list(a);

@@ -61,7 +61,13 @@ pub struct ExportInfo {
 
 /// List every export of the server on `s` (structured/extended headers negotiated when
 /// offered, so the flags are the ones a modern client sees). Returns (extended?, exports).
-pub fn list_exports<S: Read + Write>(s: S) -> Result<(bool, Vec<ExportInfo>)> {
+///
+/// With `tls`, the client starts TLS first (`NBD_OPT_STARTTLS`) and checks the server's
+/// certificate against the host name given.
+pub fn list_exports<S: Read + Write>(
+    s: S,
+    tls: Option<(&super::tls::TlsClient, Option<&str>)>,
+) -> Result<(bool, Vec<ExportInfo>)> {
     let mut c = Conn { s };
     let g = c.read_exact(18)?;
     if g[0..8] != NBDMAGIC.to_be_bytes() || g[8..16] != IHAVEOPT.to_be_bytes() {
@@ -74,6 +80,22 @@ pub fn list_exports<S: Read + Write>(s: S) -> Result<(bool, Vec<ExportInfo>)> {
     }
     c.s.write_all(&cflags.to_be_bytes())
         .map_err(|e| Error::io("writing to the server", e))?;
+    match tls {
+        None => list_options(c),
+        Some((client, host)) => {
+            c.send_opt(NBD_OPT_STARTTLS, &[])?;
+            let (t, _) = c.reply(NBD_OPT_STARTTLS)?;
+            if t != NBD_REP_ACK {
+                return Err(proto("Server don't support STARTTLS option"));
+            }
+            let s = client.connect(c.s, host)?;
+            list_options(Conn { s })
+        }
+    }
+}
+
+/// The option phase of [`list_exports`], after the greeting (and TLS).
+fn list_options<S: Read + Write>(mut c: Conn<S>) -> Result<(bool, Vec<ExportInfo>)> {
     c.send_opt(NBD_OPT_EXTENDED_HEADERS, &[])?;
     let mut extended = c.reply(NBD_OPT_EXTENDED_HEADERS)?.0 == NBD_REP_ACK;
     if !extended {
@@ -92,6 +114,13 @@ pub fn list_exports<S: Read + Write>(s: S) -> Result<(bool, Vec<ExportInfo>)> {
                 names.push(d[4..4 + n].to_vec());
             }
             NBD_REP_ACK => break,
+            NBD_REP_ERR_TLS_REQD => {
+                return Err(proto(format!(
+                    "TLS negotiation required before option {NBD_OPT_LIST} (list)\n\
+                     Did you forget a valid tls-creds?\nserver reported: {}",
+                    String::from_utf8_lossy(&d)
+                )))
+            }
             t if t & NBD_REP_FLAG_ERROR != 0 => {
                 return Err(proto(format!(
                     "Server refused to list exports: {}",

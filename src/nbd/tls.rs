@@ -579,6 +579,182 @@ fn wait(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> io::Resu
     }
 }
 
+/// Client credentials: a QEMU `tls-creds-x509,endpoint=client` directory (`ca-cert.pem`, and
+/// `client-cert.pem` + `client-key.pem` when the server asks for a certificate) or a
+/// `tls-creds-psk,endpoint=client` key file with the identity to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCredentials {
+    X509 { dir: PathBuf, verify_peer: bool },
+    Psk { file: PathBuf, username: String },
+}
+
+/// The client side of TLS (`serve -L` against a server that requires TLS).
+pub struct TlsClient {
+    ctx: SslContext,
+    kind: Kind,
+    verify_peer: bool,
+    source: PathBuf,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl TlsClient {
+    pub fn new(creds: &ClientCredentials) -> Result<TlsClient> {
+        let mut b = SslContextBuilder::new(SslMethod::tls_client())
+            .map_err(|e| creds_err("TLS setup failed", e))?;
+        b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
+        b.set_min_proto_version(Some(SslVersion::TLS1_2))
+            .map_err(|e| creds_err("TLS setup failed", e))?;
+        let (kind, verify_peer, source) = match creds {
+            ClientCredentials::X509 { dir, verify_peer } => {
+                let ca = need_file(dir, "ca-cert.pem")?;
+                b.set_ca_file(&ca)
+                    .map_err(|e| creds_err(format!("Cannot load {}", ca.display()), e))?;
+                let (cert, key) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+                if cert.is_file() && key.is_file() {
+                    b.set_certificate_chain_file(&cert)
+                        .map_err(|e| creds_err(format!("Cannot load {}", cert.display()), e))?;
+                    b.set_private_key_file(&key, SslFiletype::PEM)
+                        .map_err(|e| creds_err(format!("Cannot load {}", key.display()), e))?;
+                    b.check_private_key().map_err(|e| {
+                        creds_err("client-key.pem does not match client-cert.pem", e)
+                    })?;
+                }
+                b.set_verify(if *verify_peer {
+                    SslVerifyMode::PEER
+                } else {
+                    SslVerifyMode::NONE
+                });
+                (Kind::X509, *verify_peer, dir.clone())
+            }
+            ClientCredentials::Psk { file, username } => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    Error::io(format!("Unable to read PSK file {}", file.display()), e)
+                })?;
+                let keys = parse_psk_file(&text).map_err(|m| {
+                    Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("PSK file {}: {m}", file.display()),
+                    )
+                })?;
+                let key = keys.get(username).cloned().ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "Username {username} not found in PSK file {}",
+                            file.display()
+                        ),
+                    )
+                })?;
+                b.set_cipher_list(
+                    "ECDHE-PSK-CHACHA20-POLY1305:PSK-AES128-GCM-SHA256:\
+                     PSK-AES256-GCM-SHA384:PSK-CHACHA20-POLY1305:\
+                     ECDHE-PSK-AES128-CBC-SHA256:ECDHE-PSK-AES256-CBC-SHA384",
+                )
+                .map_err(|e| creds_err("TLS setup failed", e))?;
+                let user = username.clone();
+                b.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
+                    let id = user.as_bytes();
+                    if id.len() >= identity.len() || key.len() > psk.len() {
+                        return Ok(0);
+                    }
+                    identity[..id.len()].copy_from_slice(id);
+                    identity[id.len()] = 0;
+                    psk[..key.len()].copy_from_slice(&key);
+                    Ok(key.len())
+                });
+                b.set_verify(SslVerifyMode::NONE);
+                (Kind::Psk, false, file.clone())
+            }
+        };
+        Ok(TlsClient {
+            ctx: b.build(),
+            kind,
+            verify_peer,
+            source,
+        })
+    }
+
+    /// Whether the server's certificate must be checked against a host name (QEMU refuses a
+    /// connection without one: `No hostname for certificate validation`).
+    pub fn needs_hostname(&self) -> bool {
+        self.kind == Kind::X509 && self.verify_peer
+    }
+
+    /// Run the client handshake over `s`, checking the server's certificate against
+    /// `hostname` (a DNS name or an IP address).
+    pub fn connect<S: Read + Write>(&self, s: S, hostname: Option<&str>) -> Result<SslStream<S>> {
+        let mut ssl = Ssl::new(&self.ctx).map_err(|e| creds_err("TLS setup failed", e))?;
+        if self.needs_hostname() {
+            let host = hostname.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    "No hostname for certificate validation",
+                )
+            })?;
+            let param = ssl.param_mut();
+            match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => param.set_ip(ip),
+                Err(_) => param.set_host(host),
+            }
+            .map_err(|e| creds_err("TLS setup failed", e))?;
+            if host.parse::<std::net::IpAddr>().is_err() {
+                ssl.set_hostname(host)
+                    .map_err(|e| creds_err("TLS setup failed", e))?;
+            }
+        }
+        ssl.connect(s).map_err(|e| {
+            let why = match &e {
+                HandshakeError::Failure(mid) => {
+                    let v = mid.ssl().verify_result();
+                    if v.as_raw() != 0 {
+                        let ca = self.source.join("ca-cert.pem");
+                        match v.as_raw() {
+                            62 | 64 => {
+                                return Error::new(
+                                    ErrorKind::InvalidArgument,
+                                    format!(
+                                        "Certificate does not match the hostname {}",
+                                        hostname.unwrap_or("")
+                                    ),
+                                )
+                            }
+                            _ => format!(
+                                "The server's certificate failed validation against {}: {}",
+                                ca.display(),
+                                v.error_string()
+                            ),
+                        }
+                    } else {
+                        let e = mid.error();
+                        match (e.ssl_error(), e.io_error()) {
+                            (Some(s), _) => s.errors().last().map_or_else(
+                                || s.to_string(),
+                                |r| r.reason().unwrap_or("unknown error").to_string(),
+                            ),
+                            (None, Some(io)) => io.to_string(),
+                            (None, None) => "the server closed the connection".into(),
+                        }
+                    }
+                }
+                HandshakeError::SetupFailure(e) => e.to_string(),
+                HandshakeError::WouldBlock(_) => "the socket would block".into(),
+            };
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("TLS handshake failed: {why}"),
+            )
+        })
+    }
+}
+
 struct Shared {
     ssl: Mutex<SslStream<Socket>>,
     /// The socket under the session, for poll and shutdown without taking the lock.
