@@ -1014,3 +1014,122 @@ fn odd_sized_and_probed_raw_images_serve_as_qemu_nbd_serves_them() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
 }
+
+/// `qemu-img bench` command lines (as management scripts and benchmark wrappers write them):
+/// the same checks, messages and exit codes from qnbd as `qemu-img` (by name), `-n`,
+/// `--no-drain` and `-q` included; and `bench --nbd` ignores the image options it has no
+/// use for, and writes what it was asked to, flushing at the interval with or without drain.
+#[test]
+fn bench_command_lines_run_as_qemu_img_runs_them() {
+    if !tools() {
+        return;
+    }
+    let d = scratch_dir();
+    let root = d.path();
+    let bin = link_dir(root);
+    let q = root.join("q");
+    std::fs::create_dir_all(&q).unwrap();
+    tool_ok(
+        "qemu-img",
+        &q,
+        ["create", "-q", "-f", "raw", "b.raw", "16M"],
+    );
+    let ours = bin.join("qemu-img");
+    let cases: &[&[&str]] = &[
+        &[],
+        &["-w", "-d", "4", "--flush-interval=100"],
+        &["-w", "-d", "4", "--flush-interval=100", "--no-drain"],
+        &["--no-drain"],
+        &["-w", "-q", "--pattern=7"],
+        &["--flush-interval=10"],
+        &["-w", "--flush-interval=10"],
+        &["-d", "0"],
+        &["-s", "0"],
+        &["-c", "5", "-c", "0"],
+        &["-w", "--pattern=300"],
+        &["-i", "bogus"],
+        &["-t", "bogus"],
+        &["-n"],
+        &["-n", "-t", "none"],
+        &["-i", "native", "-t", "none"],
+        &["-i", "threads", "-S", "8192", "-o", "4096"],
+    ];
+    let keep = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("Run completed") && !l.starts_with("engine "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut problems = Vec::new();
+    for extra in cases {
+        let mut args = vec!["bench", "-f", "raw", "-c", "500"];
+        args.extend_from_slice(extra);
+        args.push("b.raw");
+        let a = tool("qemu-img", &q, &args);
+        let b = tool(ours.to_str().unwrap(), &q, &args);
+        if (a.code, keep(&a.stdout_text()), a.stderr.clone())
+            != (b.code, keep(&b.stdout_text()), b.stderr.clone())
+        {
+            problems.push(format!(
+                "{args:?}:\n qemu-img {}\n{}\n qnbd     {}\n{}",
+                a.outcome(),
+                keep(&a.stdout_text()),
+                b.outcome(),
+                keep(&b.stdout_text())
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    // over NBD, against qemu-nbd: options for a local image are ignored; writes land
+    for (i, drain) in [&[][..], &["--no-drain"][..]].iter().enumerate() {
+        let srv = start(
+            &q,
+            Path::new("qemu-nbd"),
+            &["-t", "-f", "raw", "-k", "{SOCK}", "b.raw"],
+            "",
+        )
+        .expect("qemu-nbd");
+        let uri = srv.uri.clone();
+        let pattern = format!("--pattern={}", 0x30 + i);
+        let mut args = vec![
+            "bench",
+            "-f",
+            "qcow2",
+            "-t",
+            "none",
+            "-i",
+            "native",
+            "-U",
+            "--image-opts",
+            "-w",
+            "-c",
+            "1024",
+            "-d",
+            "8",
+            "-s",
+            "4096",
+            "--flush-interval=64",
+            &pattern,
+            "--nbd",
+            &uri,
+        ];
+        args.extend_from_slice(drain);
+        let r = tool(qnbd_bin().to_str().unwrap(), &q, &args);
+        assert!(r.success(), "{args:?}: {}", r.outcome());
+        assert!(
+            r.stdout_text().contains("Sending flush every 64 requests"),
+            "{}",
+            r.stdout_text()
+        );
+        drop(srv);
+        let data = std::fs::read(q.join("b.raw")).unwrap();
+        assert!(
+            data[..4 << 20].iter().all(|&b| b == 0x30 + i as u8),
+            "{args:?}: the first 4 MiB do not hold the pattern"
+        );
+        assert!(
+            data[4 << 20..].iter().all(|&b| b == 0),
+            "{args:?}: wrote past"
+        );
+    }
+}

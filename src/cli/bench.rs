@@ -28,6 +28,7 @@ use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct BenchArgs {
     /// Image format (qcow2, raw); probed when omitted.
     #[arg(short = 'f', long = "format")]
@@ -50,21 +51,33 @@ pub struct BenchArgs {
     /// Distance between the starts of consecutive requests (default: the request size).
     #[arg(short = 'S', long = "step-size", value_parser = parse_size_arg)]
     pub step: Option<u64>,
-    /// I/O engine: io_uring, threads/sync (qemu-img bench's -i).
+    /// I/O engine: io_uring, threads, native (native needs -t none or directsync, as in
+    /// qemu-img).
     #[arg(short = 'i', long = "aio")]
     pub aio: Option<String>,
+    /// Same as -i native.
+    #[arg(short = 'n', long = "native")]
+    pub native: bool,
     /// Host cache mode: writeback (default), none (O_DIRECT), writethrough, directsync, unsafe.
     #[arg(short = 't', long = "cache")]
     pub cache: Option<String>,
-    /// Byte pattern written (qemu-img bench --pattern).
+    /// Byte pattern written, 0 to 255 (qemu-img bench --pattern).
     #[arg(long = "pattern", default_value_t = 0)]
-    pub pattern: u8,
-    /// Flush after this many write requests (0: never; qemu-img bench --flush-interval).
+    pub pattern: u32,
+    /// Flush after this many write requests (0: never; at least the depth). Each flush waits
+    /// for the requests in flight first, unless --no-drain.
     #[arg(long = "flush-interval", default_value_t = 0)]
     pub flush_interval: u64,
+    /// With --flush-interval: flush while other requests are in flight.
+    #[arg(long = "no-drain")]
+    pub no_drain: bool,
+    /// Accepted for qemu-img's command lines; like qemu-img bench, the report is printed anyway.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
     /// Random offsets (aligned to the request size) instead of a sequence.
     #[arg(long = "random")]
     pub random: bool,
+    /// Output format: human (qemu-img's text) or json (qemu-img's JSON).
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
     /// Share the image with writers: read-only, no lock denied to others (qemu-img -U).
@@ -76,9 +89,14 @@ pub struct BenchArgs {
     pub nbd: Option<String>,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// The image to drive (not with --nbd).
     #[arg(required_unless_present = "nbd")]
     pub image: Option<String>,
 }
+
+/// The cookie of the FLUSHes `--flush-interval` sends over NBD (request cookies are the
+/// in-flight slots, below the depth).
+const FLUSH_COOKIE: u64 = u64::MAX - 1;
 
 /// Offset of request number `i`.
 fn request_offset(a: &BenchArgs, i: u64, size: u64, rng_state: u64) -> u64 {
@@ -112,14 +130,43 @@ struct Measured {
     lat: Vec<u64>,
 }
 
+/// qemu-img bench's checks of its arguments, with its messages, before anything is opened.
 fn check_args(a: &BenchArgs) -> Result<()> {
-    if a.size == 0 || a.depth == 0 {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "request size and depth must be positive",
-        ));
+    let bad = |m: &str| Err(Error::new(ErrorKind::InvalidArgument, m));
+    const MAX: u64 = i32::MAX as u64;
+    if a.count == 0 || a.count > MAX {
+        return bad("Invalid request count specified. Must be between 1 and 2147483647.");
+    }
+    if a.depth == 0 || a.depth as u64 > MAX {
+        return bad("Invalid queue depth specified. Must be between 1 and 2147483647.");
+    }
+    if a.size == 0 || a.size > MAX {
+        return bad("Invalid buffer size specified. Must be between 1 and 2147483647.");
+    }
+    if a.pattern > 255 {
+        return bad("Invalid pattern byte specified. Must be between 0 and 255.");
+    }
+    if let Some(aio) = &a.aio {
+        if Engine::parse(aio).is_none() {
+            return bad(&format!("Invalid aio option: {aio}"));
+        }
+    }
+    if a.flush_interval > 0 && !a.write {
+        return bad("--flush-interval is only available in write tests");
+    }
+    if a.flush_interval > 0 && a.flush_interval < a.depth as u64 {
+        return bad("Flush interval can't be smaller than depth");
     }
     Ok(())
+}
+
+/// The -i / -n engine asked for ("native" when -n).
+fn aio(a: &BenchArgs) -> Option<&str> {
+    if a.native {
+        Some("native")
+    } else {
+        a.aio.as_deref()
+    }
 }
 
 fn announce(a: &BenchArgs) {
@@ -133,6 +180,9 @@ fn announce(a: &BenchArgs) {
             a.offset,
             if a.random { "random".to_string() } else { a.step.unwrap_or(a.size).to_string() }
         );
+        if a.flush_interval > 0 {
+            println!("Sending flush every {} requests", a.flush_interval);
+        }
     }
 }
 
@@ -154,17 +204,26 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
 
 fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
     let mut opts = open_options(a.format.as_deref())?;
-    if let Some(aio) = &a.aio {
+    if let Some(aio) = aio(a) {
         opts.engine = Engine::parse(aio).ok_or_else(|| {
             Error::new(
                 ErrorKind::InvalidArgument,
-                format!("Invalid AIO option: '{aio}'"),
+                format!("Invalid aio option: {aio}"),
             )
         })?;
     }
     if let Some(c) = &a.cache {
         opts.cache = CacheMode::parse(c)
             .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "Invalid cache mode"))?;
+    }
+    if aio(a) == Some("native") && !opts.cache.direct() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "Could not open '{image}': aio=native was specified, but it requires \
+                 cache.direct=on, which was not specified."
+            ),
+        ));
     }
     opts.writable = a.write;
     opts.locking = super::locking(image, a.force_share, a.write, crate::open::Locking::Tool)?;
@@ -178,9 +237,22 @@ fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
             "request size is larger than the image",
         ));
     }
+    if a.offset >= size {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "Failed request: offset {} is beyond the end of the image ({size} bytes)",
+                a.offset
+            ),
+        ));
+    }
     announce(a);
     let next = AtomicU64::new(0);
     let writes_done = AtomicU64::new(0);
+    // a flush waits for the writes in flight and holds new ones back (qemu-img bench drains
+    // before each flush) unless --no-drain
+    let gate = std::sync::RwLock::new(());
+    let drain = !a.no_drain;
     let lat: Mutex<Vec<u64>> = Mutex::new(Vec::with_capacity(a.count as usize));
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let seed = 0x1234_5678_9abc_def0u64;
@@ -190,7 +262,7 @@ fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
             s.spawn(|| {
                 let mut buf = crate::io::buf::IoBuf::new(a.size as usize);
                 if a.write {
-                    buf.fill(a.pattern);
+                    buf.fill(a.pattern as u8);
                 }
                 let mut mine = Vec::new();
                 loop {
@@ -201,9 +273,13 @@ fn run_local(a: &BenchArgs, image: &str) -> Result<Measured> {
                     let off = request_offset(a, i, size, seed);
                     let t = Instant::now();
                     let r = if a.write {
+                        let held = drain.then(|| gate.read().unwrap_or_else(|e| e.into_inner()));
                         let r = chain.write(off, &buf, false);
+                        drop(held);
                         let n = writes_done.fetch_add(1, Ordering::Relaxed) + 1;
                         if r.is_ok() && a.flush_interval > 0 && n.is_multiple_of(a.flush_interval) {
+                            let _all =
+                                drain.then(|| gate.write().unwrap_or_else(|e| e.into_inner()));
                             chain.flush()
                         } else {
                             r
@@ -307,22 +383,38 @@ fn run_nbd(a: &BenchArgs, uri: &str) -> Result<Measured> {
         let _ = tok_tx.send(i);
     }
     let starts: Vec<AtomicU64> = (0..depth).map(|_| AtomicU64::new(0)).collect();
-    let data = vec![a.pattern; if a.write { len } else { 0 }];
+    let data = vec![a.pattern as u8; if a.write { len } else { 0 }];
+    let flush_every = if a.write { a.flush_interval } else { 0 };
+    let flushes = a.count.checked_div(flush_every).unwrap_or(0);
+    // the receiver tells a draining sender that its FLUSH was answered
+    let (flushed_tx, flushed_rx) = mpsc::channel::<()>();
     let t0 = Instant::now();
     let io = |what: &'static str| move |e| Error::io(what, e);
     let (starts, data, w, r) = (&starts, &data, &mut wr, &mut rd);
     let (sent, got) = std::thread::scope(|s| {
         let sender = s.spawn(move || -> Result<()> {
             let mut out = Vec::new();
+            let mut free: Vec<usize> = Vec::with_capacity(depth);
             let mut i = 0u64;
-            while i < a.count {
-                let Ok(first) = tok_rx.recv() else {
-                    return Ok(()); // the receiver stopped (and reports why)
-                };
+            let send = |w: &mut Box<dyn Write + Send>, out: &mut Vec<u8>| {
+                let r = w.write_all(out);
                 out.clear();
-                let mut slot = Some(first);
-                while let Some(k) = slot {
+                r.map_err(|e| {
+                    stop();
+                    io("writing requests to the server")(e)
+                })
+            };
+            while i < a.count {
+                if free.is_empty() {
+                    let Ok(k) = tok_rx.recv() else {
+                        return Ok(()); // the receiver stopped (and reports why)
+                    };
+                    free.push(k);
+                }
+                free.extend(tok_rx.try_iter());
+                while let Some(k) = free.pop() {
                     if i >= a.count {
+                        free.push(k);
                         break;
                     }
                     let off = request_offset(a, i, size, seed);
@@ -330,12 +422,28 @@ fn run_nbd(a: &BenchArgs, uri: &str) -> Result<Measured> {
                     encode_request(&mut out, cmd, k as u64, off, len as u32);
                     out.extend_from_slice(data);
                     i += 1;
-                    slot = tok_rx.try_recv().ok();
+                    if flush_every == 0 || !i.is_multiple_of(flush_every) {
+                        continue;
+                    }
+                    if a.no_drain {
+                        encode_request(&mut out, NBD_CMD_FLUSH, FLUSH_COOKIE, 0, 0);
+                        continue;
+                    }
+                    // drain: every request answered, then the flush alone
+                    send(w, &mut out)?;
+                    while free.len() < depth {
+                        let Ok(k) = tok_rx.recv() else {
+                            return Ok(());
+                        };
+                        free.push(k);
+                    }
+                    encode_request(&mut out, NBD_CMD_FLUSH, FLUSH_COOKIE, 0, 0);
+                    send(w, &mut out)?;
+                    if flushed_rx.recv().is_err() {
+                        return Ok(());
+                    }
                 }
-                if let Err(e) = w.write_all(&out) {
-                    stop();
-                    return Err(io("writing requests to the server")(e));
-                }
+                send(w, &mut out)?;
             }
             Ok(())
         });
@@ -343,10 +451,20 @@ fn run_nbd(a: &BenchArgs, uri: &str) -> Result<Measured> {
             let mut lat = Vec::with_capacity(a.count as usize);
             let mut buf = crate::io::buf::IoBuf::new(len);
             let mut h = [0u8; 16];
-            for _ in 0..a.count {
+            for _ in 0..a.count + flushes {
                 r.read_exact(&mut h)
                     .map_err(io("reading a reply from the server"))?;
                 let (err, cookie) = decode_simple_reply(&h)?;
+                if cookie == FLUSH_COOKIE {
+                    if err != 0 {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("the server failed FLUSH (NBD error {err})"),
+                        ));
+                    }
+                    let _ = flushed_tx.send(());
+                    continue;
+                }
                 if err != 0 {
                     return Err(Error::new(
                         ErrorKind::Io,

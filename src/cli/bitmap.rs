@@ -13,6 +13,7 @@ use serde_json::json;
 use std::sync::{Arc, RwLock};
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct BitmapArgs {
     /// Create the bitmap (persistent, enabled unless --disable).
     #[arg(long = "add")]
@@ -51,10 +52,13 @@ pub struct BitmapArgs {
     /// data or zeroes, so no change it may have missed goes unnoticed.
     #[arg(long = "recover")]
     pub recover: bool,
+    /// Output format: human (qemu-img's text) or json (qemu-img's JSON).
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
+    /// With --dump: from this guest offset (size suffixes allowed).
     #[arg(long = "start-offset", value_parser = parse_size_arg, default_value = "0")]
     pub start_offset: u64,
+    /// With --dump: at most this many bytes from the start offset.
     #[arg(long = "max-length", value_parser = parse_size_arg)]
     pub max_length: Option<u64>,
     /// Image format (must be qcow2).
@@ -66,7 +70,9 @@ pub struct BitmapArgs {
     pub force_share: bool,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// The qcow2 image holding the bitmaps.
     pub image: String,
+    /// The bitmap to act on (every action but --list and --recover without a name needs it).
     pub bitmap: Option<String>,
 }
 

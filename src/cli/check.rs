@@ -20,10 +20,12 @@ pub enum RepairArg {
 }
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct CheckArgs {
     /// Image format (qcow2, raw); probed when omitted.
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
+    /// Output format: human (qemu-img's text) or json (qemu-img's JSON).
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
     /// Repair what can be repaired (opens the image read-write).
@@ -37,6 +39,7 @@ pub struct CheckArgs {
     pub quiet: bool,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// The image to check.
     pub image: String,
 }
 

@@ -9,6 +9,7 @@ use clap::Args;
 use std::io::Write;
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct ConvertArgs {
     /// Source format (qcow2, raw); probed when omitted.
     #[arg(short = 'f')]
@@ -34,7 +35,7 @@ pub struct ConvertArgs {
     /// Skip creating the target: write into an existing file or block device (raw output).
     #[arg(short = 'n')]
     pub no_create: bool,
-    /// Quiet.
+    /// Quiet: no progress and no messages but errors.
     #[arg(short = 'q')]
     pub quiet: bool,
     /// Share the source with writers: no lock denied to others (qemu-img -U).
@@ -52,7 +53,9 @@ pub struct ConvertArgs {
     pub src_cache: Option<String>,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// The source image (file, block device, json:{...}, nbd:// URI).
     pub src: String,
+    /// The output image (created unless -n; a block device or /dev/null is written in place).
     pub dst: String,
 }
 

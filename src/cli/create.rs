@@ -10,6 +10,7 @@ use clap::Args;
 use std::path::Path;
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct CreateArgs {
     /// Image format (qcow2 or raw); raw when omitted, like qemu-img.
     #[arg(short = 'f', long = "format", default_value = "raw")]
@@ -29,6 +30,7 @@ pub struct CreateArgs {
     /// Quiet: do not print the `Formatting` line.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// The image file to create.
     pub image: String,
     /// Virtual size (suffixes k, M, G, T, P, E); taken from the backing file when omitted.
     #[arg(allow_hyphen_values = true)]

@@ -10,10 +10,12 @@ use serde_json::{json, Map, Value};
 use std::io::Write;
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct InfoArgs {
     /// Image format (qcow2, raw); probed when omitted.
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
+    /// Output format: human (qemu-img's text) or json (qemu-img's JSON).
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
     /// Show every image of the backing chain.
@@ -26,6 +28,7 @@ pub struct InfoArgs {
     pub allow_backing: Vec<String>,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// The image: a file name, a block device, json:{...}, or QemuOpts with --image-opts.
     pub image: String,
 }
 

@@ -7,14 +7,18 @@ use clap::Args;
 use std::io::Write;
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct MapArgs {
     /// Image format (qcow2, raw); probed when omitted.
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
+    /// Output format: human (qemu-img's text) or json (qemu-img's JSON).
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
+    /// Map from this guest offset (size suffixes allowed).
     #[arg(short = 's', long = "start-offset", value_parser = parse_size_arg, default_value = "0")]
     pub start_offset: u64,
+    /// Map at most this many bytes from the start offset (default: to the end).
     #[arg(short = 'l', long = "max-length", value_parser = parse_size_arg)]
     pub max_length: Option<u64>,
     /// Share the image with writers: read-only, no lock denied to others (qemu-img -U).
@@ -24,6 +28,7 @@ pub struct MapArgs {
     pub allow_backing: Vec<String>,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// The image: a file name, a block device, json:{...}, or QemuOpts with --image-opts.
     pub image: String,
 }
 

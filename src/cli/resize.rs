@@ -5,6 +5,7 @@ use crate::open::Format;
 use clap::Args;
 
 #[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct ResizeArgs {
     /// Image format (qcow2, raw); probed when omitted.
     #[arg(short = 'f', long = "format")]
@@ -12,11 +13,12 @@ pub struct ResizeArgs {
     /// Allow making the image smaller (data past the new end is lost).
     #[arg(long = "shrink")]
     pub shrink: bool,
-    /// Quiet.
+    /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     pub quiet: bool,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// The image to resize.
     pub image: String,
     /// New size, or +SIZE / -SIZE relative to the current one (suffixes k, M, G, T).
     #[arg(allow_hyphen_values = true)]
