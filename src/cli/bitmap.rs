@@ -181,16 +181,14 @@ pub fn run(a: &BitmapArgs) -> Result<i32> {
     if inspecting {
         return inspect(a, opts);
     }
+    let ops = ops_in_order(a);
+    if ops.is_empty() {
+        return Err(bad(need_an_action()));
+    }
     let name = a
         .bitmap
         .clone()
-        .ok_or_else(|| bad("Expecting image file name and bitmap name"))?;
-    let ops = ops_in_order(a);
-    if ops.is_empty() {
-        return Err(bad(
-            "Need at least one of --add, --remove, --clear, --enable, --disable, --merge, --recover",
-        ));
-    }
+        .ok_or_else(|| bad("Expecting filename and bitmap name"))?;
     opts.writable = true;
     let file = super::image_name(&a.image, a.image_opts, &mut opts)?;
     let img = super::open_named(&file, &opts)?;
@@ -426,7 +424,7 @@ fn inspect(a: &BitmapArgs, mut opts: OpenOptions) -> Result<i32> {
     let name = a
         .bitmap
         .clone()
-        .ok_or_else(|| bad("Expecting image file name and bitmap name"))?;
+        .ok_or_else(|| bad("Expecting filename and bitmap name"))?;
     let d = q.bitmap(&name).map_err(|e| {
         if e.message().contains("inconsistent") {
             inconsistent(&name)
@@ -472,4 +470,14 @@ fn inspect(a: &BitmapArgs, mut opts: OpenOptions) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The refusal of a bitmap command without an action: qemu-img's words by that name (it has
+/// no --recover).
+pub(crate) fn need_an_action() -> &'static str {
+    if crate::error::program() == "qemu-img" {
+        "Need at least one of --add, --remove, --clear, --enable, --disable, or --merge"
+    } else {
+        "Need at least one of --add, --remove, --clear, --enable, --disable, --merge, --recover"
+    }
 }

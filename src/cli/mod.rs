@@ -276,7 +276,51 @@ fn version_text(p: Personality) -> String {
 /// Print a clap error (help and version are not errors) and give its exit code. Invoked by a
 /// QEMU tool's name, the errors scripts see are worded as that tool's getopt and checks word
 /// them.
-fn clap_exit(e: clap::Error, p: Personality) -> i32 {
+/// qemu-nbd's refusal of a command line without exactly one image.
+const QEMU_NBD_ARGC: &str =
+    "qemu-nbd: Invalid number of arguments\nTry `qemu-nbd --help' for more information.\n";
+
+/// qemu-img's refusal of missing (or, with `extra`, surplus) positional arguments of `sub`.
+fn qemu_img_positionals(
+    sub: Option<&str>,
+    extra: bool,
+    args: &[std::ffi::OsString],
+) -> Option<String> {
+    let sub = sub?;
+    let tail = format!("\nTry 'qemu-img {sub} --help' for more info\n");
+    let extra_arg = || {
+        args.last()
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    Some(match (sub, extra) {
+        ("info" | "map" | "check" | "bench", _) => {
+            format!("qemu-img: Expecting one image file name{tail}")
+        }
+        ("create", false) => format!("qemu-img: Expecting image file name{tail}"),
+        ("create", true) => format!("qemu-img: Unexpected argument: {}{tail}", extra_arg()),
+        ("resize", false) => format!("qemu-img: Expecting image file name and size{tail}"),
+        ("resize", true) => format!("qemu-img: Extra argument(s) in command line{tail}"),
+        ("convert", false) => "qemu-img: Must specify image file name\n".into(),
+        ("bitmap", _) => {
+            let acts = [
+                "--add", "--remove", "--clear", "--enable", "--disable", "--merge",
+            ];
+            let any = args.iter().any(|a| {
+                let a = a.to_string_lossy();
+                acts.iter().any(|x| a == *x || a.starts_with(&format!("{x}=")))
+            });
+            if any {
+                "qemu-img: Expecting filename and bitmap name\n".into()
+            } else {
+                format!("qemu-img: {}\n", bitmap::need_an_action())
+            }
+        }
+        _ => return None,
+    })
+}
+
+fn clap_exit(e: clap::Error, p: Personality, args: &[std::ffi::OsString]) -> i32 {
     use clap::error::{ContextKind, ContextValue, ErrorKind as K};
     if !e.use_stderr() {
         let _ = e.print();
@@ -302,6 +346,12 @@ fn clap_exit(e: clap::Error, p: Personality) -> i32 {
             use std::error::Error as _;
             e.source().map(|s| format!("{prog}: {s}\n"))
         }
+        (Personality::QemuNbd, K::MissingRequiredArgument) => Some(QEMU_NBD_ARGC.into()),
+        (Personality::QemuNbd, K::UnknownArgument)
+            if ctx(ContextKind::InvalidArg).is_some_and(|a| !a.starts_with('-')) =>
+        {
+            Some(QEMU_NBD_ARGC.into())
+        }
         (Personality::QemuNbd, K::UnknownArgument) => ctx(ContextKind::InvalidArg).map(|a| {
             let what = match a.strip_prefix('-') {
                 Some(short) if !short.starts_with('-') => format!("invalid option -- '{short}'"),
@@ -316,6 +366,14 @@ fn clap_exit(e: clap::Error, p: Personality) -> i32 {
             ctx(ContextKind::InvalidSubcommand).map(|c| {
                 format!("{prog}: Command not found: {c}\nTry '{prog} --help' for more info\n")
             })
+        }
+        (Personality::QemuImg, K::MissingRequiredArgument) => {
+            qemu_img_positionals(sub.as_deref(), false, args)
+        }
+        (Personality::QemuImg, K::UnknownArgument)
+            if ctx(ContextKind::InvalidArg).is_some_and(|a| !a.starts_with('-')) =>
+        {
+            qemu_img_positionals(sub.as_deref(), true, args)
         }
         (Personality::QemuImg, K::UnknownArgument) => ctx(ContextKind::InvalidArg).map(|a| {
             let cmd = sub
@@ -353,7 +411,7 @@ pub fn main() -> i32 {
     if personality == Personality::QemuNbd {
         let cli = match QemuNbdCli::try_parse_from(&args) {
             Ok(c) => c,
-            Err(e) => return clap_exit(e, personality),
+            Err(e) => return clap_exit(e, personality, &args),
         };
         if cli.version {
             print!("{}", version_text(personality));
@@ -383,7 +441,7 @@ pub fn main() -> i32 {
         .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
     {
         Ok(c) => c,
-        Err(e) => return clap_exit(e, personality),
+        Err(e) => return clap_exit(e, personality, &args),
     };
     let res = match cli.command {
         Command::Info(a) => info::run(&a),

@@ -852,7 +852,11 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         Some(o) => return Err(bad(format!("Invalid aio mode '{o}'"))),
     };
     if a.image.is_none() && a.exports.is_empty() {
-        return Err(bad("Expected exactly one file name argument (or --export)"));
+        return Err(bad(if crate::error::program() == "qemu-nbd" {
+            "Invalid number of arguments\nTry `qemu-nbd --help' for more information."
+        } else {
+            "Expected exactly one file name argument (or --export)"
+        }));
     }
     if a.stdio && (a.fork || a.socket.is_some() || a.port.is_some() || a.bind.is_some()) {
         return Err(bad("--stdio is incompatible with --fork, -k, -b and -p"));
