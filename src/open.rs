@@ -316,6 +316,8 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Metadata only: no data file needed, encryption tolerated (qemu-img info).
     pub no_io: bool,
+    /// Every write becomes compressed clusters of the top image (`driver=compress`).
+    pub compress_writes: bool,
     pub qcow2: Qcow2Options,
 }
 
@@ -748,7 +750,8 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
     }
     check_distinct_files(&layers)?;
     let chain = Chain::new(layers.iter().map(|l| l.device.clone()).collect())?
-        .with_write_through(opts.cache.write_through());
+        .with_write_through(opts.cache.write_through())
+        .with_compressed_writes(opts.compress_writes)?;
     Ok(Image { layers, chain })
 }
 

@@ -91,6 +91,9 @@ pub struct Chain {
     layers: Vec<Arc<dyn BlockDevice>>,
     /// Flush after every write and write-zeroes (`cache=writethrough`, `directsync`).
     write_through: bool,
+    /// `driver=compress`: writes go to the top layer as whole compressed clusters, one
+    /// request at a time (a partial cluster is read, merged and rewritten under this lock).
+    compress: Option<Arc<std::sync::Mutex<()>>>,
 }
 
 impl Chain {
@@ -102,6 +105,7 @@ impl Chain {
         Ok(Chain {
             layers,
             write_through: false,
+            compress: None,
         })
     }
 
@@ -116,11 +120,31 @@ impl Chain {
         self.write_through
     }
 
+    /// Turn every write into compressed clusters of the top layer (QEMU's `compress` filter
+    /// driver). Fails when the top layer cannot store them (raw, or a qcow2 image with an
+    /// external data file).
+    pub fn with_compressed_writes(mut self, on: bool) -> Result<Chain> {
+        if on {
+            if self.layers[0].compress_cluster().is_none() {
+                return Err(Error::unsupported(
+                    "driver 'compress' needs a qcow2 image without an external data file",
+                ));
+            }
+            self.compress = Some(Arc::new(std::sync::Mutex::new(())));
+        }
+        Ok(self)
+    }
+
+    pub fn compressed_writes(&self) -> bool {
+        self.compress.is_some()
+    }
+
     /// Whether a write completes in memory (page cache, no flush): cheap enough for the NBD
     /// server to run on a connection's own thread. Not with `O_DIRECT` files or write-through.
     pub fn writes_buffered(&self) -> bool {
         let top = &self.layers[0];
         !self.write_through
+            && self.compress.is_none()
             && [FileRole::Image, FileRole::DataFile]
                 .into_iter()
                 .filter_map(|r| top.storage(r))
@@ -210,6 +234,14 @@ impl Chain {
     /// Write guest bytes to the top layer (copy-on-write from the layers below).
     pub fn write(&self, off: u64, buf: &[u8], fua: bool) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
+        if let Some(lock) = &self.compress {
+            let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.write_compressing(off, buf)?;
+            if fua || self.write_through {
+                self.flush()?;
+            }
+            return Ok(());
+        }
         self.layers[0].write(
             off,
             buf,
@@ -218,9 +250,42 @@ impl Chain {
         )
     }
 
+    /// Whole compressed clusters for `buf` at `off`: a cluster the write covers in part is
+    /// completed with what the guest reads there now.
+    fn write_compressing(&self, off: u64, buf: &[u8]) -> Result<()> {
+        let top = &self.layers[0];
+        let below = Below(&self.layers[1..]);
+        let cs = top
+            .compress_cluster()
+            .ok_or_else(|| Error::unsupported("compressed writes need a qcow2 image"))?;
+        let size = self.size();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let g = off + pos as u64;
+            let start = g - g % cs;
+            let clen = cs.min(size - start) as usize;
+            let within = (g - start) as usize;
+            let n = (clen - within).min(buf.len() - pos);
+            if within == 0 && n == clen {
+                top.write_compressed(start, &buf[pos..pos + n], &below)?;
+            } else {
+                let mut c = vec![0u8; clen];
+                self.read(start, &mut c)?;
+                c[within..within + n].copy_from_slice(&buf[pos..pos + n]);
+                top.write_compressed(start, &c, &below)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Make a range read as zeros.
     pub fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode) -> Result<()> {
         self.check_range(off, len)?;
+        let _one = self
+            .compress
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         self.layers[0].write_zeroes(off, len, mode, &Below(&self.layers[1..]))?;
         if self.write_through {
             self.flush()?;
@@ -231,6 +296,10 @@ impl Chain {
     /// Release a range (advisory).
     pub fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_range(off, len)?;
+        let _one = self
+            .compress
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         self.layers[0].discard(off, len, &Below(&self.layers[1..]))
     }
 

@@ -190,6 +190,19 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         1
     }
 
+    /// The cluster size of compressed writes, when this device stores them (`driver=compress`).
+    fn compress_cluster(&self) -> Option<u64> {
+        None
+    }
+
+    /// Store one whole cluster at `off` compressed (see [`BlockDevice::compress_cluster`]).
+    fn write_compressed(&self, off: u64, data: &[u8], below: &dyn CowSource) -> Result<()> {
+        let _ = (off, data, below);
+        Err(crate::error::Error::unsupported(
+            "compressed writes need a qcow2 image",
+        ))
+    }
+
     /// Write guest bytes; partial clusters are completed from `below`.
     fn write(&self, off: u64, buf: &[u8], below: &dyn CowSource, fua: bool) -> Result<()> {
         let _ = (off, buf, below, fua);

@@ -204,11 +204,7 @@ impl ImageSpec {
     /// Apply to the options of a command whose own flags are already in `opts`; a format
     /// given both ways must agree.
     pub fn apply(&self, opts: &mut OpenOptions) -> Result<()> {
-        if self.compress {
-            return Err(Error::unsupported(
-                "driver 'compress' is not supported yet (use convert -c to write compressed clusters)",
-            ));
-        }
+        opts.compress_writes |= self.compress;
         if let Some(f) = self.format {
             if opts.format.is_some_and(|g| g != f) {
                 return Err(bad(format!(

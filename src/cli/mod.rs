@@ -304,11 +304,17 @@ fn qemu_img_positionals(
         ("convert", false) => "qemu-img: Must specify image file name\n".into(),
         ("bitmap", _) => {
             let acts = [
-                "--add", "--remove", "--clear", "--enable", "--disable", "--merge",
+                "--add",
+                "--remove",
+                "--clear",
+                "--enable",
+                "--disable",
+                "--merge",
             ];
             let any = args.iter().any(|a| {
                 let a = a.to_string_lossy();
-                acts.iter().any(|x| a == *x || a.starts_with(&format!("{x}=")))
+                acts.iter()
+                    .any(|x| a == *x || a.starts_with(&format!("{x}=")))
             });
             if any {
                 "qemu-img: Expecting filename and bitmap name\n".into()

@@ -608,6 +608,19 @@ impl BlockDevice for Qcow2 {
         alloc::write_zeroes(self, off, len, mode, below)
     }
 
+    fn compress_cluster(&self) -> Option<u64> {
+        (!self.header.has_data_file()).then(|| self.header.cluster_size())
+    }
+
+    fn write_compressed(
+        &self,
+        off: u64,
+        data: &[u8],
+        below: &dyn crate::block::CowSource,
+    ) -> Result<()> {
+        Qcow2::write_compressed(self, off, data, below)
+    }
+
     fn discard(&self, off: u64, len: u64, below: &dyn crate::block::CowSource) -> Result<()> {
         alloc::discard(self, off, len, below)
     }
