@@ -1251,7 +1251,10 @@ fn compress_driver_writes_compressed_clusters_as_qemu_nbd_does() {
         );
         let mut data = std::fs::read(dir.join("guest.raw")).unwrap();
         if who == "ours" {
-            assert!(data[..64 << 10].iter().all(|&b| b == 0x66), "the rewrite is lost");
+            assert!(
+                data[..64 << 10].iter().all(|&b| b == 0x66),
+                "the rewrite is lost"
+            );
         }
         // the rewrite qemu-nbd refused: compare the rest
         data[..64 << 10].fill(0);
