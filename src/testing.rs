@@ -55,7 +55,8 @@ pub fn nbd_session(data: &[u8]) -> usize {
 
 /// [`nbd_session`], also saying how the connection ended (whether it entered transmission).
 pub fn nbd_session_end(data: &[u8]) -> (usize, crate::nbd::server::ConnEnd) {
-    use crate::nbd::server::{serve_connection, ConnEnd, Pool};
+    use crate::nbd::dispatch::Pool;
+    use crate::nbd::server::{serve_connection, ConnEnd};
     use std::io::{Cursor, Write};
     use std::sync::Mutex;
 
@@ -159,8 +160,9 @@ pub fn nbd_plane_session(data: &[u8]) -> Option<usize> {
 /// it entered transmission but stayed on the threaded path.
 #[cfg(feature = "uring")]
 pub fn nbd_plane_session_end(data: &[u8]) -> Option<(usize, crate::nbd::server::ConnEnd)> {
+    use crate::nbd::dispatch::Pool;
     use crate::nbd::plane::Planes;
-    use crate::nbd::server::{serve_connection, ConnEnd, EndHook, Pool, Transport};
+    use crate::nbd::server::{serve_connection, ConnEnd, EndHook, Transport};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::sync::OnceLock;

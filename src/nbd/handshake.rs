@@ -19,9 +19,11 @@
 //! after it that already arrived in plaintext (nbdkit CVE-2021-3716), runs the TLS handshake,
 //! and keeps feeding this machine, which has forgotten everything negotiated before.
 
-use super::export::{Export, ExportSet, BLOCK_SIZES};
+use super::export::{Export, ExportSet};
 use super::meta::{MetaContext, QueryMode};
+use super::session::Session;
 use super::transmission::HeaderMode;
+use super::transmission::BLOCK_SIZES;
 use super::wire::*;
 use std::sync::Arc;
 
@@ -29,17 +31,6 @@ use std::sync::Arc;
 pub const MAX_OPTION_LEN: u32 = 32 << 20;
 /// Known options above this are drained, not buffered.
 pub const OPTION_BUFFER_LIMIT: u32 = 1 << 20;
-
-/// What transmission needs from a finished negotiation.
-#[derive(Debug, Clone)]
-pub struct Session {
-    pub export: Arc<Export>,
-    pub mode: HeaderMode,
-    /// Selected metadata contexts with their ids.
-    pub contexts: Vec<(u32, MetaContext)>,
-    /// Transmission flags sent to the client.
-    pub flags: u16,
-}
 
 #[derive(Debug)]
 pub enum Outcome {

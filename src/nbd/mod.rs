@@ -5,10 +5,13 @@
 //! * [`handshake`] — fixed-newstyle negotiation as a byte-in/byte-out state machine.
 //! * [`transmission`] — request decoding and validation, reply encoding.
 //! * [`extents`] — block-status descriptor building.
-//! * [`export`] — exports, the [`export::ExportBackend`] trait, command execution.
+//! * [`export`] — exports and the [`export::ExportBackend`] trait (what a backend answers).
+//! * [`session`] — a negotiated session and the execution of its commands.
 //! * [`filters`] — backends wrapping another: `-o` offset, zero detection.
 //! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
-//! * [`server`] — sockets, connections, worker threads; with [`plane`], the only modules doing
+//! * [`dispatch`] — which requests run on a driver's thread and which on the worker pool,
+//!   and the bounds per connection, shared by both drivers.
+//! * [`server`] — sockets, connections, the threaded driver; with [`plane`], the only modules doing
 //!   I/O.
 //! * [`plane`] — the ring data plane: plain connections served on event rings after negotiation.
 //! * [`tls`] — TLS credentials, handshake and authorization, and the encrypted transport.
@@ -17,6 +20,7 @@
 //! This module never imports `qcow2`: it sees images through `block::Chain` only.
 
 pub mod client;
+pub mod dispatch;
 pub mod export;
 pub mod extents;
 pub mod filters;
@@ -26,6 +30,7 @@ pub mod meta;
 pub mod plane;
 pub mod reply;
 pub mod server;
+pub mod session;
 pub mod tls;
 pub mod transmission;
 pub mod wire;

@@ -27,10 +27,10 @@
 //! plus a bound on replies waiting for a slow reader: the plane stops decoding (and receiving)
 //! while any of them is reached.
 
+use super::dispatch::{job_cost, Pool, INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_INFLIGHT};
 use super::export::{self, AsyncPlan, Completion, Wait};
-use super::handshake::Session;
 use super::reply::ReplyBatch;
-use super::server::{job_cost, Pool, INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_INFLIGHT};
+use super::session::{self, Session};
 use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, RawRequest};
 use crate::block::Segment;
 use crate::io::buf::IoBuf;
@@ -574,8 +574,7 @@ impl Plane {
             }
             Command::Read { offset, length, df } => {
                 if length <= INLINE_READ_MAX {
-                    let done = c.session.export.read_into(
-                        mode,
+                    let done = c.session.read_into(
                         req.cookie,
                         req.offset,
                         offset,
@@ -601,10 +600,7 @@ impl Plane {
                 fua: false,
                 ..
             } if data.len() <= INLINE_WRITE_MAX && c.session.export.backend.writes_buffered() => {
-                let reply = c
-                    .session
-                    .export
-                    .execute(&c.session, req.cookie, req.offset, cmd);
+                let reply = c.session.execute(req.cookie, req.offset, cmd);
                 c.out.push_head(|o| o.extend_from_slice(&reply));
                 return;
             }
@@ -628,8 +624,7 @@ impl Plane {
         let (tx, wake) = (self.tx.clone(), self.wake.clone());
         self.pool.run(Box::new(move || {
             if let Command::Read { offset, length, df } = cmd {
-                s.export.read_into(
-                    s.mode,
+                s.read_into(
                     req.cookie,
                     req.offset,
                     offset,
@@ -639,7 +634,7 @@ impl Plane {
                     Wait::Block,
                 );
             } else {
-                let out = s.export.execute(&s, req.cookie, req.offset, cmd);
+                let out = s.execute(req.cookie, req.offset, cmd);
                 batch.push_head(|o| o.extend_from_slice(&out));
             }
             let _ = tx.send(Msg::Done {
@@ -863,7 +858,7 @@ impl Plane {
             let last = split.len().saturating_sub(1);
             for (k, piece) in split.into_iter().enumerate() {
                 let mut h = Vec::new();
-                export::encode_read_chunk(&mut h, mode, cookie, roff, k == last, pos, piece);
+                session::encode_read_chunk(&mut h, mode, cookie, roff, k == last, pos, piece);
                 pieces.push(Piece::Head(h));
                 // a piece is a merge of whole segments: take those it covers
                 let mut covered = 0;

@@ -28,9 +28,13 @@
 //! negotiation disconnects unless `persistent`, and SIGTERM/SIGINT end it cleanly (Unix socket
 //! files are removed).
 
+use super::dispatch::{
+    job_cost, Pool, INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_INFLIGHT, MAX_INFLIGHT_BYTES,
+};
 use super::export::{Completion, ExportSet, Wait};
-use super::handshake::{self, Handshake, Outcome, Session, Tls};
+use super::handshake::{self, Handshake, Outcome, Tls};
 use super::reply::ReplyBatch;
+use super::session::Session;
 use super::tls::{Socket, TlsServer, TlsStream};
 use super::transmission::{self, Command, Decoded, Limits, Payload};
 use crate::error::{Error, Result};
@@ -40,16 +44,9 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// Requests in flight per connection at most.
-pub const MAX_INFLIGHT: usize = 64;
-/// Bytes of request payload and reply data held per connection at most (one request may exceed
-/// it when nothing else is in flight).
-pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 
 /// A listening socket.
 #[derive(Debug)]
@@ -217,44 +214,6 @@ impl Transport for TlsStream {
     }
     fn shutdown(&self) {
         TlsStream::shutdown(self);
-    }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The worker threads shared by all connections.
-#[derive(Clone)]
-pub struct Pool {
-    tx: mpsc::Sender<Job>,
-}
-
-impl Pool {
-    pub fn new(workers: usize) -> Pool {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..workers.max(1) {
-            let rx = rx.clone();
-            let _ = thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    match job {
-                        Ok(j) => j(),
-                        Err(_) => return,
-                    }
-                });
-        }
-        Pool { tx }
-    }
-
-    pub(crate) fn run(&self, job: Job) {
-        if let Err(mpsc::SendError(job)) = self.tx.send(job) {
-            // no worker left: run inline rather than drop the request
-            job();
-        }
     }
 }
 
@@ -622,8 +581,7 @@ pub fn serve_connection(
             _ => None,
         };
         if let Some((offset, length, df)) = inline_read {
-            let done = session.export.read_into(
-                session.mode,
+            let done = session.read_into(
                 req.cookie,
                 req.offset,
                 offset,
@@ -646,9 +604,7 @@ pub fn serve_connection(
         if matches!(&cmd, Command::Write { data, fua: false, .. } if data.len() <= INLINE_WRITE_MAX)
             && session.export.backend.writes_buffered()
         {
-            let out = session
-                .export
-                .execute(&session, req.cookie, req.offset, cmd);
+            let out = session.execute(req.cookie, req.offset, cmd);
             batch.push_head(|o| o.extend_from_slice(&out));
             if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
                 && send_batch(&writer, &mut batch).is_err()
@@ -672,20 +628,11 @@ pub fn serve_connection(
             let sent = if let Command::Read { offset, length, df } = cmd {
                 WORKER_BATCH.with(|b| {
                     let mut b = b.borrow_mut();
-                    s.export.read_into(
-                        s.mode,
-                        cookie,
-                        req_offset,
-                        offset,
-                        length,
-                        df,
-                        &mut b,
-                        Wait::Block,
-                    );
+                    s.read_into(cookie, req_offset, offset, length, df, &mut b, Wait::Block);
                     send_batch(&w, &mut b)
                 })
             } else {
-                let out = s.export.execute(&s, cookie, req_offset, cmd);
+                let out = s.execute(cookie, req_offset, cmd);
                 if out.is_empty() {
                     Ok(())
                 } else {
@@ -713,23 +660,6 @@ pub fn serve_connection(
 /// (or before the thread next waits for the socket).
 const BATCH_BYTES: usize = 256 << 10;
 const BATCH_PIECES: usize = 256;
-/// Reads up to this size may be answered on the connection's thread (or its plane) from the page
-/// cache; bigger ones go to the workers (or the plane's ring), so that copying one request's
-/// data overlaps with sending another's.
-pub(crate) const INLINE_READ_MAX: u32 = 256 << 10;
-/// Writes (without FUA) up to this size are done on the connection's thread (or its plane) when
-/// they complete in the page cache.
-pub(crate) const INLINE_WRITE_MAX: usize = 128 << 10;
-
-/// What a request handed to the workers counts against its connection's in-flight bytes.
-pub(crate) fn job_cost(cmd: &Command) -> usize {
-    64 + match cmd {
-        Command::Read { length, .. } => *length as usize,
-        Command::Write { data, .. } => data.len(),
-        Command::BlockStatus { .. } => 1 << 20,
-        _ => 0,
-    }
-}
 /// I/O vectors per `writev` (Linux's `IOV_MAX`).
 const MAX_IOV: usize = 1024;
 

@@ -35,6 +35,9 @@ pub enum HeaderMode {
 /// Largest payload we accept or send (advertised as the maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
+/// Advertised block sizes: minimum, preferred, maximum (qemu-nbd's values).
+pub const BLOCK_SIZES: (u32, u32, u32) = (1, 4096, MAX_PAYLOAD);
+
 /// A request header as it arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawRequest {

@@ -17,18 +17,19 @@
 
 use super::cluster_set::ClusterSet;
 use super::compress;
+use super::meta::Meta;
 use super::spec::entries::{
     SubclusterType, L2E_OFFSET_MASK, L2_BITMAP_ALL_ALLOC, OFLAG_COPIED, OFLAG_ZERO,
     REFT_OFFSET_MASK,
 };
-use super::spec::header::{autoclear, incompat, Header};
+use super::spec::header::{autoclear, incompat};
 use super::spec::refblock;
 use super::tables::l2_for;
 use super::Qcow2;
 use crate::block::{Access, CowSource, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{read_exact_or_zero, Storage};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -36,71 +37,6 @@ use std::sync::Arc;
 const L2_BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 /// Dirty tables kept in memory before an implicit metadata flush.
 const MAX_DIRTY_TABLES: usize = 512;
-
-/// Metadata that writes change. Guarded by `Qcow2::meta`.
-#[derive(Debug)]
-pub(crate) struct Meta {
-    pub l1: Vec<u64>,
-    pub l1_offset: u64,
-    pub l1_dirty: BTreeSet<usize>,
-    pub dirty_l2: HashMap<u64, Arc<Vec<u64>>>,
-    pub reftable: Option<Vec<u64>>,
-    pub reftable_offset: u64,
-    pub reftable_clusters: u32,
-    pub reftable_dirty: bool,
-    pub dirty_refblocks: HashMap<u64, Arc<Vec<u8>>>,
-    /// Host cluster indexes whose refcount drops by one once the tables are durable.
-    pub pending_decrements: Vec<u64>,
-    pub free_hint: u64,
-    pub file_len: u64,
-    pub size: u64,
-    pub corrupt: bool,
-    /// Autoclear bits as on disk now.
-    pub autoclear: u64,
-    /// The trusted bitmaps extension as on disk now.
-    pub bitmaps_ext: Option<super::spec::extensions::BitmapsExt>,
-    prepared: bool,
-    /// Host clusters holding metadata (for overlap checks), built before the first write.
-    metadata: Option<ClusterSet>,
-}
-
-impl Meta {
-    pub(crate) fn new(
-        h: &Header,
-        bitmaps_ext: Option<super::spec::extensions::BitmapsExt>,
-        l1: Vec<u64>,
-        file_len: u64,
-    ) -> Meta {
-        Meta {
-            l1,
-            l1_offset: h.l1_table_offset,
-            l1_dirty: BTreeSet::new(),
-            dirty_l2: HashMap::new(),
-            reftable: None,
-            reftable_offset: h.refcount_table_offset,
-            reftable_clusters: h.refcount_table_clusters,
-            reftable_dirty: false,
-            dirty_refblocks: HashMap::new(),
-            pending_decrements: Vec::new(),
-            free_hint: 0,
-            file_len,
-            size: h.size,
-            corrupt: h.is_corrupt(),
-            autoclear: h.autoclear_features,
-            bitmaps_ext,
-            prepared: false,
-            metadata: None,
-        }
-    }
-
-    fn is_dirty(&self) -> bool {
-        !self.l1_dirty.is_empty()
-            || !self.dirty_l2.is_empty()
-            || self.reftable_dirty
-            || !self.dirty_refblocks.is_empty()
-            || !self.pending_decrements.is_empty()
-    }
-}
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();

@@ -19,6 +19,7 @@ mod cluster_set;
 pub mod compress;
 pub mod create;
 pub mod luks;
+mod meta;
 pub mod refcount;
 pub mod spec;
 pub mod tables;
@@ -60,7 +61,7 @@ pub struct Qcow2 {
     ext: Extensions,
     layout: EntryLayout,
     /// Metadata that writes change (L1, dirty tables, refcounts, sizes); see `alloc.rs`.
-    meta: RwLock<alloc::Meta>,
+    meta: RwLock<meta::Meta>,
     /// Held shared by reads from mapping to the end of their data I/O; taken exclusively before
     /// freed clusters become reusable, so a freed cluster never changes under a reader.
     io_barrier: RwLock<()>,
@@ -305,7 +306,7 @@ impl Qcow2 {
                 return Qcow2::open(file, opts);
             }
         }
-        let meta = alloc::Meta::new(&header, ext.bitmaps, l1, file_len);
+        let meta = meta::Meta::new(&header, ext.bitmaps, l1, file_len);
         let q = Qcow2 {
             file,
             data_file: None,
@@ -386,13 +387,13 @@ impl Qcow2 {
         self.meta_read().file_len
     }
 
-    pub(crate) fn meta_read(&self) -> std::sync::RwLockReadGuard<'_, alloc::Meta> {
+    pub(crate) fn meta_read(&self) -> std::sync::RwLockReadGuard<'_, meta::Meta> {
         // A panic while holding the lock would have left tables half updated; the corrupt flag
         // set by the write path stops further writes, so reading on is safe.
         self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn meta_write(&self) -> std::sync::RwLockWriteGuard<'_, alloc::Meta> {
+    pub(crate) fn meta_write(&self) -> std::sync::RwLockWriteGuard<'_, meta::Meta> {
         self.meta.write().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -21,7 +21,7 @@ impl Qcow2 {
     }
 
     /// Load the refcount table into `m` if it is not there yet.
-    pub(crate) fn ensure_reftable(&self, m: &mut super::alloc::Meta) -> Result<()> {
+    pub(crate) fn ensure_reftable(&self, m: &mut super::meta::Meta) -> Result<()> {
         if m.reftable.is_some() {
             return Ok(());
         }
@@ -62,7 +62,7 @@ impl Qcow2 {
     /// The refcount block at `block_off`: the dirty copy if there is one, else cached.
     pub(crate) fn refblock(
         &self,
-        m: &super::alloc::Meta,
+        m: &super::meta::Meta,
         block_off: u64,
     ) -> Result<std::sync::Arc<Vec<u8>>> {
         if let Some(b) = m.dirty_refblocks.get(&block_off) {
@@ -82,7 +82,7 @@ impl Qcow2 {
     }
 
     /// Refcount of host cluster `index` with the metadata lock held (reftable loaded).
-    pub(crate) fn refcount_in(&self, m: &super::alloc::Meta, index: u64) -> Result<u64> {
+    pub(crate) fn refcount_in(&self, m: &super::meta::Meta, index: u64) -> Result<u64> {
         let h = &self.header;
         let per_block = self.refblock_entries();
         let t = m.reftable.as_deref().unwrap_or(&[]);

@@ -13,7 +13,7 @@ use zerocopy::IntoBytes;
 
 /// Load the L2 table at host offset `l2_off`, decoded to native u64s: the dirty copy when a
 /// write changed it, else through the cache.
-pub(crate) fn load_l2_in(q: &Qcow2, m: &super::alloc::Meta, l2_off: u64) -> Result<Arc<Vec<u64>>> {
+pub(crate) fn load_l2_in(q: &Qcow2, m: &super::meta::Meta, l2_off: u64) -> Result<Arc<Vec<u64>>> {
     if let Some(t) = m.dirty_l2.get(&l2_off) {
         return Ok(t.clone());
     }
@@ -38,7 +38,7 @@ pub(crate) fn load_l2(q: &Qcow2, l2_off: u64) -> Result<Arc<Vec<u64>>> {
 /// Locate the L2 table for `off`: `Ok(None)` when the L1 entry is empty.
 pub(crate) fn l2_for(
     q: &Qcow2,
-    m: &super::alloc::Meta,
+    m: &super::meta::Meta,
     off: u64,
 ) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
     let l1_idx = off / q.header.l2_coverage();
@@ -132,7 +132,7 @@ fn out_of_range(off: u64) -> Error {
 /// data clusters (QEMU's behaviour for preallocated images).
 pub(crate) fn map_in(
     q: &Qcow2,
-    m: &super::alloc::Meta,
+    m: &super::meta::Meta,
     off: u64,
     len: u64,
     prealloc: bool,
@@ -158,7 +158,7 @@ pub(crate) fn map_in(
 /// that table (`None`: the L1 entry is empty) as `(host offset, entries)`.
 fn map_in_table(
     q: &Qcow2,
-    m: &super::alloc::Meta,
+    m: &super::meta::Meta,
     off: u64,
     end: u64,
     table: Option<(u64, &[u64])>,
