@@ -28,6 +28,10 @@ pub enum ErrorKind {
     InvalidArgument,
     /// Another user holds the file in a way that conflicts (an image lock).
     Busy,
+    /// A named object (a bitmap, a snapshot) does not exist.
+    NotFound,
+    /// A persistent structure exists but cannot be trusted (a bitmap left `in-use`).
+    Inconsistent,
 }
 
 /// Library error: kind + message + optional source.
@@ -94,8 +98,10 @@ impl Error {
                 .as_ref()
                 .and_then(|e| e.raw_os_error())
                 .unwrap_or(libc::EIO),
-            ErrorKind::OutOfRange | ErrorKind::InvalidArgument => libc::EINVAL,
-            ErrorKind::Denied => libc::EPERM,
+            ErrorKind::OutOfRange | ErrorKind::InvalidArgument | ErrorKind::NotFound => {
+                libc::EINVAL
+            }
+            ErrorKind::Denied | ErrorKind::Inconsistent => libc::EPERM,
             ErrorKind::Busy => libc::EAGAIN,
             ErrorKind::Unsupported => libc::ENOTSUP,
             ErrorKind::InvalidImage | ErrorKind::Corrupt => libc::EIO,

@@ -312,17 +312,14 @@ impl Chain {
         for l in &self.layers {
             match l.dirty_bitmap(name) {
                 Ok(b) => return Ok(b),
-                Err(e) if e.message().contains("not found") => {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
                     first_err.get_or_insert(e);
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(first_err.unwrap_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Bitmap '{name}' is not found"),
-            )
+            Error::new(ErrorKind::NotFound, format!("Bitmap '{name}' is not found"))
         }))
     }
 

@@ -245,7 +245,7 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         name: &str,
     ) -> Result<std::sync::Arc<std::sync::RwLock<crate::bitmap::DirtyBitmap>>> {
         Err(crate::error::Error::new(
-            crate::error::ErrorKind::InvalidArgument,
+            crate::error::ErrorKind::NotFound,
             format!("Bitmap '{name}' is not found"),
         ))
     }

@@ -305,7 +305,7 @@ pub fn run(a: &BitmapArgs) -> Result<i32> {
                                 Error::unsupported("the merge source must be a qcow2 image")
                             })?;
                             let d = sq.bitmap(src).map_err(|e| {
-                                if e.message().contains("inconsistent") {
+                                if e.kind() == crate::ErrorKind::Inconsistent {
                                     inconsistent(src)
                                 } else {
                                     bad(format!("Dirty bitmap '{src}' not found"))
@@ -426,7 +426,7 @@ fn inspect(a: &BitmapArgs, mut opts: OpenOptions) -> Result<i32> {
         .clone()
         .ok_or_else(|| bad("Expecting filename and bitmap name"))?;
     let d = q.bitmap(&name).map_err(|e| {
-        if e.message().contains("inconsistent") {
+        if e.kind() == crate::ErrorKind::Inconsistent {
             inconsistent(&name)
         } else {
             e

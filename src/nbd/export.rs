@@ -197,9 +197,10 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
 
     /// The run of bitmap `name` at `off`: (length, dirty).
     fn dirty_bitmap(&self, name: &str, _off: u64, _len: u64) -> Result<(u64, bool)> {
-        Err(Error::unsupported(format!(
-            "Bitmap '{name}' is not found (bitmap support not available yet)"
-        )))
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!("Bitmap '{name}' is not found"),
+        ))
     }
 }
 

@@ -61,7 +61,7 @@ pub struct BitmapInfo {
 
 fn inconsistent(name: &str) -> Error {
     Error::new(
-        ErrorKind::Denied,
+        ErrorKind::Inconsistent,
         format!("Bitmap '{name}' is inconsistent and cannot be used"),
     )
 }
@@ -223,7 +223,7 @@ impl Qcow2 {
         let mut set = self.bitmaps_lock();
         let Some(b) = set.list.iter_mut().find(|b| b.entry.name == name) else {
             return Err(Error::new(
-                ErrorKind::InvalidArgument,
+                ErrorKind::NotFound,
                 format!("Bitmap '{name}' not found"),
             ));
         };

@@ -640,7 +640,7 @@ impl BlockDevice for Qcow2 {
 
     fn dirty_bitmap(&self, name: &str) -> Result<Arc<RwLock<crate::bitmap::DirtyBitmap>>> {
         self.bitmap(name).map_err(|e| {
-            if e.message().ends_with("not found") {
+            if e.kind() == crate::ErrorKind::NotFound {
                 Error::new(e.kind(), format!("Bitmap '{name}' is not found"))
             } else {
                 e
