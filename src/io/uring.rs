@@ -199,7 +199,7 @@ impl UringFile {
 /// `submit_and_wait`, with an error injected after a successful submission when a test asks
 /// for it (the entries are then in flight, as after a real failure of the wait).
 fn submit_and_wait(ring: &mut IoUring, want: usize) -> io::Result<usize> {
-    #[cfg(any(test, feature = "test-utils"))]
+    #[cfg(test)]
     if let Some(errno) = inject::take() {
         ring.submit()?;
         return Err(io::Error::from_raw_os_error(errno));
@@ -208,7 +208,7 @@ fn submit_and_wait(ring: &mut IoUring, want: usize) -> io::Result<usize> {
 }
 
 /// Fault injection for the submission path (tests only).
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(test)]
 pub mod inject {
     use std::cell::Cell;
 

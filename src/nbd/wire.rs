@@ -150,25 +150,6 @@ pub fn errno_to_nbd(errno: i32) -> u32 {
     }
 }
 
-/// Option request header (proto.md, "Fixed newstyle negotiation"), followed by `length` bytes.
-#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct OptionHeader {
-    pub magic: U64,
-    pub option: U32,
-    pub length: U32,
-}
-
-/// Option reply header, followed by `length` bytes.
-#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct OptionReplyHeader {
-    pub magic: U64,
-    pub option: U32,
-    pub reply_type: U32,
-    pub length: U32,
-}
-
 /// Compact request (28 bytes).
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -188,38 +169,6 @@ pub struct ExtendedRequestHeader {
     pub magic: U32,
     pub flags: U16,
     pub cmd_type: U16,
-    pub cookie: U64,
-    pub offset: U64,
-    pub length: U64,
-}
-
-/// Simple reply (16 bytes).
-#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct SimpleReplyHeader {
-    pub magic: U32,
-    pub error: U32,
-    pub cookie: U64,
-}
-
-/// Structured reply chunk (20 bytes).
-#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct StructuredReplyHeader {
-    pub magic: U32,
-    pub flags: U16,
-    pub reply_type: U16,
-    pub cookie: U64,
-    pub length: U32,
-}
-
-/// Extended reply chunk (32 bytes).
-#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct ExtendedReplyHeader {
-    pub magic: U32,
-    pub flags: U16,
-    pub reply_type: U16,
     pub cookie: U64,
     pub offset: U64,
     pub length: U64,
@@ -253,16 +202,11 @@ mod tests {
 
     #[test]
     fn header_sizes_match_the_spec() {
-        assert_eq!(size_of::<OptionHeader>(), OPTION_HEADER_LEN);
-        assert_eq!(size_of::<OptionReplyHeader>(), 20);
         assert_eq!(size_of::<RequestHeader>(), REQUEST_HEADER_LEN);
         assert_eq!(
             size_of::<ExtendedRequestHeader>(),
             EXTENDED_REQUEST_HEADER_LEN
         );
-        assert_eq!(size_of::<SimpleReplyHeader>(), 16);
-        assert_eq!(size_of::<StructuredReplyHeader>(), 20);
-        assert_eq!(size_of::<ExtendedReplyHeader>(), 32);
     }
 
     #[test]
