@@ -10,6 +10,11 @@
 //! Where a ring buys nothing the engine uses positioned I/O in the calling thread: writes (a
 //! buffered one is a page-cache copy, an `O_DIRECT` one a wait for the device either way) and
 //! single reads of `O_DIRECT` files. Page-cache hits are tried with `RWF_NOWAIT` first.
+//!
+//! [`EventRing`] is the other kind of ring: one per NBD data-plane thread (`nbd/plane.rs`),
+//! carrying socket receives and sends, file reads and an eventfd wake-up, with an in-flight
+//! table that owns every submitted buffer until its completion is reaped. [`WakeFd`] wakes it
+//! from other threads.
 
 use super::buf::IoBuf;
 use super::sync::seek_extent;

@@ -1,13 +1,9 @@
-//! Exports: what a client can connect to, and the execution of validated commands.
+//! Exports: what a client can connect to, and the backend that answers for it.
 //!
 //! An [`Export`] pairs a name and description with an [`ExportBackend`], the narrow interface
-//! the NBD server needs from the block layer. The backend answers for data, block status and
-//! (later) writes and dirty bitmaps; this module turns its answers into reply bytes. It never
+//! the NBD server needs from the block layer: data, writes, zeroes, trims, flushes, block
+//! status and dirty bitmaps. `session.rs` turns its answers into reply bytes. This module never
 //! names an image format: [`ChainBackend`] serves any [`Chain`].
-//!
-//! READ with structured replies sends `NBD_REPLY_TYPE_OFFSET_HOLE` for ranges that read as
-//! zeros (unless the client set DF); BLOCK_STATUS is answered from block status only, never by
-//! reading data.
 
 use super::meta::Available;
 use super::transmission::HeaderMode;

@@ -2,7 +2,9 @@
 //!
 //! Contexts (proto.md "Metadata querying"; qemu `docs/interop/nbd.rst`):
 //! `base:allocation`, `qemu:allocation-depth` (when the export enables it) and
-//! `qemu:dirty-bitmap:<name>` for every exported bitmap. Query syntax follows qemu-nbd:
+//! `qemu:dirty-bitmap:<name>` for every exported bitmap, and the vendor context
+//! `qnbd:dirty-allocated:<name>` (dirty and holding data) beside each. Query syntax follows
+//! qemu-nbd:
 //! `base:` and `qemu:` list their whole namespace, `qemu:dirty-bitmap:` lists every bitmap; the
 //! empty leaf selects nothing in `NBD_OPT_SET_META_CONTEXT`; unknown namespaces and unknown
 //! leaves are ignored, never errors.

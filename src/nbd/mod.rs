@@ -11,13 +11,14 @@
 //! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
 //! * [`dispatch`] — which requests run on a driver's thread and which on the worker pool,
 //!   and the bounds per connection, shared by both drivers.
-//! * [`server`] — sockets, connections, the threaded driver; with [`plane`], the only modules doing
-//!   I/O.
+//! * [`server`] — sockets, connections, the threaded driver.
 //! * [`plane`] — the ring data plane: plain connections served on event rings after negotiation.
 //! * [`tls`] — TLS credentials, handshake and authorization, and the encrypted transport.
 //! * [`client`] — the small client behind `serve -L` (listing a server's exports).
 //!
-//! This module never imports `qcow2`: it sees images through `block::Chain` only.
+//! Socket I/O happens in [`server`] and [`plane`] (the two transmission drivers), [`tls`] (the
+//! TLS handshake and stream) and [`client`]; the protocol modules are sans-I/O. This module
+//! never imports `qcow2`: it sees images through `block::Chain` only.
 
 pub mod client;
 pub mod dispatch;

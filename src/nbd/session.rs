@@ -4,6 +4,10 @@
 //! structured or extended replies); READ replies are built into a [`ReplyBatch`] of headers
 //! and page-aligned data buffers, BLOCK_STATUS replies carry one chunk per selected
 //! metadata context.
+//!
+//! READ with structured replies sends `NBD_REPLY_TYPE_OFFSET_HOLE` for ranges that read as
+//! zeros (unless the client set DF); BLOCK_STATUS is answered from block status only, never by
+//! reading data.
 
 use super::export::{Direct, Export, Piece, PlannedRead, Wait, ZeroFlags};
 use super::extents::{Extent, ExtentBuilder, MAX_EXTENTS};

@@ -4,9 +4,15 @@
 //! | --- | --- |
 //! | `spec/` | on-disk codecs: header, extensions, L1/L2 entries, refcount blocks, snapshots, bitmap directory |
 //! | `mod.rs` (here) | open (header, extensions, L1, snapshots, bitmap directory), `BlockDevice` |
+//! | `meta.rs` | the metadata state writers change (`Meta`, under `Qcow2::meta`) |
 //! | `tables.rs` | L2 tables through the bounded cache; the mapping of one guest range |
 //! | `refcount.rs` | refcount table and blocks (read side) |
+//! | `alloc.rs` | the write side: cluster allocation, COW, zeroes, discard, refcount updates, ordered flushes, resize, compressed writes |
+//! | `bitmaps.rs` | persistent dirty bitmaps: load, `in-use`, store on close |
+//! | `cluster_set.rs` | sets of host clusters (metadata overlap checks) |
 //! | `compress.rs` | deflate / zstd clusters |
+//! | `create.rs` | new images (qemu-img create's layouts) |
+//! | `luks.rs` | the LUKS header, recognised for `info` (encrypted images are never served) |
 //! | `check.rs` | consistency check and repair (qemu-img check) |
 //!
 //! This module never opens other files: backing and data files are opened by `open.rs` under
