@@ -31,7 +31,7 @@ pub fn open_and_map(data: &[u8]) -> Result<()> {
     let mut read_budget: u64 = 64 << 20;
     let mut buf = Vec::new();
     while off < size && runs < 4096 {
-        let e = chain.map_entry(off, size - off)?;
+        let e = crate::cli::map::map_entry(&chain, off, size - off)?;
         let r = chain.resolve(off, size - off)?;
         let n = r.len.min(e.length).max(1);
         let want = n.min(1 << 20).min(read_budget);

@@ -50,42 +50,6 @@ impl Resolved {
     }
 }
 
-/// One entry of `qemu-img map --output=json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MapEntry {
-    pub start: u64,
-    pub length: u64,
-    /// 0-based layer index as qemu-img prints it.
-    pub depth: usize,
-    pub present: bool,
-    pub zero: bool,
-    pub data: bool,
-    pub compressed: bool,
-    pub offset: Option<u64>,
-}
-
-impl MapEntry {
-    /// qemu-img's `entry_mergeable`.
-    pub fn mergeable(&self, next: &MapEntry) -> bool {
-        if self.length == 0 {
-            return false;
-        }
-        if self.zero != next.zero
-            || self.data != next.data
-            || self.compressed != next.compressed
-            || self.depth != next.depth
-            || self.present != next.present
-            || self.offset.is_some() != next.offset.is_some()
-        {
-            return false;
-        }
-        match (self.offset, next.offset) {
-            (Some(a), Some(b)) => a.checked_add(self.length) == Some(b),
-            _ => true,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Chain {
     layers: Vec<Arc<dyn BlockDevice>>,
@@ -660,53 +624,6 @@ pub enum Completion {
     Done,
     /// Part of the data is not in memory; use the blocking read.
     WouldBlock,
-}
-
-impl Chain {
-    /// `qemu-img map`'s answer for the range at `off` (qemu-img.c `get_block_status`).
-    pub fn map_entry(&self, off: u64, len: u64) -> Result<MapEntry> {
-        self.check_range(off, len)?;
-        let mut len = len;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let run = layer.map(off, len.min(layer.size().saturating_sub(off)).max(1))?;
-            len = run.len.clamp(1, len);
-            let entry = |present, zero, data, compressed, offset| MapEntry {
-                start: off,
-                length: len,
-                depth: i,
-                present,
-                zero,
-                data,
-                compressed,
-                offset,
-            };
-            match run.mapping {
-                Mapping::Data { host, zero, .. } => {
-                    return Ok(entry(true, zero, true, false, Some(host)))
-                }
-                Mapping::Zero { host, .. } => return Ok(entry(true, true, false, false, host)),
-                Mapping::Compressed => return Ok(entry(true, false, true, true, None)),
-                Mapping::Backing { host, .. } => {
-                    let beyond_backing = self.layers.get(i + 1).map(|b| off >= b.size());
-                    match beyond_backing {
-                        // no backing file: unallocated reads as zero (if the format has backing
-                        // files at all)
-                        None => {
-                            let zero = layer.supports_backing();
-                            return Ok(entry(false, zero, false, false, host));
-                        }
-                        Some(true) => return Ok(entry(false, true, false, false, host)),
-                        Some(false) => {}
-                    }
-                }
-            }
-        }
-        // unreachable in practice: the last layer answers above
-        Err(Error::new(
-            ErrorKind::Corrupt,
-            "chain walk fell off the end",
-        ))
-    }
 }
 
 /// One piece of a read planned for an asynchronous engine.
