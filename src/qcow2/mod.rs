@@ -658,3 +658,43 @@ impl BlockDevice for Qcow2 {
         alloc::zero_is_fast(self, off, len).unwrap_or(false)
     }
 }
+
+/// Fresh in-memory images for the unit tests of this module's files.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::create::{create_qcow2, CreateOptions};
+    use super::{Qcow2, Qcow2Options};
+    use crate::block::{Access, BlockDevice, Chain};
+    use crate::io::mem::MemStorage;
+    use std::sync::Arc;
+
+    /// A new qcow2 image (`opts`, size and cluster size filled in) opened read-write over
+    /// memory, with a chain over it alone.
+    pub(crate) fn fresh_with(size: u64, cluster: u64, opts: CreateOptions) -> (Arc<Qcow2>, Chain) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        let opts = CreateOptions {
+            size,
+            cluster_size: cluster,
+            ..opts
+        };
+        create_qcow2(p.to_str().unwrap(), &opts).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let q = Qcow2::open(
+            Arc::new(MemStorage::new(bytes)),
+            &Qcow2Options {
+                access: Access::ReadWrite,
+                ..Qcow2Options::default()
+            },
+        )
+        .unwrap();
+        let q = Arc::new(q);
+        let chain = Chain::new(vec![q.clone() as Arc<dyn BlockDevice>]).unwrap();
+        (q, chain)
+    }
+
+    /// [`fresh_with`] qemu-img's defaults otherwise.
+    pub(crate) fn fresh(size: u64, cluster: u64) -> (Arc<Qcow2>, Chain) {
+        fresh_with(size, cluster, CreateOptions::default())
+    }
+}

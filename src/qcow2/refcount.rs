@@ -132,3 +132,56 @@ pub(crate) fn detect_metadata_preallocation(q: &Qcow2) -> Result<bool> {
     }
     Ok(count >= threshold)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::fresh;
+    use crate::block::{BlockDevice, Mapping, NoBacking};
+
+    /// A new image counts each of its metadata clusters once: header, refcount table and
+    /// block, L1 table; nothing past them.
+    #[test]
+    fn a_fresh_image_counts_its_metadata_once() {
+        let (q, _) = fresh(16 << 20, 65536);
+        let cs = q.header.cluster_size();
+        let mut meta = vec![
+            0,
+            q.header.refcount_table_offset / cs,
+            q.header.l1_table_offset / cs,
+        ];
+        let t = q.reftable().unwrap();
+        meta.push((t[0] & crate::qcow2::spec::entries::REFT_OFFSET_MASK) / cs);
+        for &c in &meta {
+            assert_eq!(q.refcount(c).unwrap(), 1, "cluster {c}");
+        }
+        let end = meta.iter().max().unwrap() + 1;
+        for c in end..end + 16 {
+            assert_eq!(q.refcount(c).unwrap(), 0, "cluster {c}");
+        }
+        assert!(!super::detect_metadata_preallocation(&q).unwrap());
+    }
+
+    /// A cluster allocated by a write counts at once, before any flush: the allocator's
+    /// next search must not hand it out again (refcounts read through the dirty blocks).
+    #[test]
+    fn an_unflushed_allocation_counts_at_once() {
+        let (q, _) = fresh(16 << 20, 65536);
+        q.write(1 << 20, &[7u8; 4096], &NoBacking, false).unwrap();
+        let run = crate::qcow2::tables::map(&q, 1 << 20, 4096).unwrap();
+        let Mapping::Data { host, .. } = run.mapping else {
+            panic!("not data: {:?}", run.mapping)
+        };
+        let c = host / 65536;
+        assert_eq!(q.refcount(c).unwrap(), 1);
+        // a second allocation lands elsewhere
+        q.write(2 << 20, &[8u8; 4096], &NoBacking, false).unwrap();
+        let run = crate::qcow2::tables::map(&q, 2 << 20, 4096).unwrap();
+        let Mapping::Data { host: h2, .. } = run.mapping else {
+            panic!("not data")
+        };
+        assert_ne!(h2 / 65536, c);
+        q.flush().unwrap();
+        assert_eq!(q.refcount(c).unwrap(), 1);
+        assert_eq!(q.refcount(h2 / 65536).unwrap(), 1);
+    }
+}

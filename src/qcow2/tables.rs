@@ -430,3 +430,94 @@ impl Qcow2 {
             .get_or_init(|| refcount::detect_metadata_preallocation(self).unwrap_or(false))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::fresh;
+    use super::{map, map_many};
+    use crate::block::{BlockDevice, FileRole, Mapping, NoBacking, Run, ZeroMode};
+
+    /// Unallocated ranges show the layer below; written ones map to host clusters holding
+    /// the bytes; zeroed ones are zero clusters, with or without their host cluster.
+    #[test]
+    fn mappings_follow_what_was_written() {
+        let (q, _) = fresh(8 << 20, 65536);
+        let r = map(&q, 0, 8 << 20).unwrap();
+        assert!(
+            matches!(r.mapping, Mapping::Backing { host: None, .. }),
+            "{r:?}"
+        );
+        assert!(r.len > 0);
+        q.write(128 << 10, &[0x5a; 65536], &NoBacking, false)
+            .unwrap();
+        let r = map(&q, 128 << 10, 65536).unwrap();
+        let Mapping::Data { file, host, zero } = r.mapping else {
+            panic!("{r:?}")
+        };
+        assert_eq!((file, zero, r.len), (FileRole::Image, false, 65536));
+        assert_eq!(host % 65536, 0);
+        let mut b = vec![0u8; 65536];
+        crate::io::read_exact_or_zero(&**q.file(), &mut b, host).unwrap();
+        assert!(b.iter().all(|&x| x == 0x5a));
+        q.write_zeroes(128 << 10, 65536, ZeroMode::KeepAllocated, &NoBacking)
+            .unwrap();
+        let r = map(&q, 128 << 10, 65536).unwrap();
+        assert_eq!(
+            r.mapping,
+            Mapping::Zero {
+                file: FileRole::Image,
+                host: Some(host)
+            }
+        );
+        q.write_zeroes(128 << 10, 65536, ZeroMode::MayUnmap, &NoBacking)
+            .unwrap();
+        let r = map(&q, 128 << 10, 65536).unwrap();
+        assert!(
+            matches!(r.mapping, Mapping::Zero { host: None, .. }),
+            "{r:?}"
+        );
+    }
+
+    /// `map_many` answers what repeated `map` calls answer, run for run.
+    #[test]
+    fn map_many_agrees_with_map() {
+        let (q, _) = fresh(4 << 20, 65536);
+        for (i, off) in [0u64, 65536, 3 << 16, 9 << 16, 10 << 16, 40 << 16]
+            .iter()
+            .enumerate()
+        {
+            q.write(*off, &vec![i as u8 + 1; 65536], &NoBacking, false)
+                .unwrap();
+        }
+        q.write_zeroes(20 << 16, 2 << 16, ZeroMode::MayUnmap, &NoBacking)
+            .unwrap();
+        let mut many: Vec<Run> = Vec::new();
+        map_many(&q, 0, 4 << 20, 4096, &mut many).unwrap();
+        let mut one = Vec::new();
+        let mut off = 0;
+        while off < 4 << 20 {
+            let r = map(&q, off, (4 << 20) - off).unwrap();
+            off += r.len;
+            one.push(r);
+        }
+        assert_eq!(many.iter().map(|r| r.len).sum::<u64>(), 4 << 20);
+        // the same bytes in the same states, however the runs are cut
+        let expand = |runs: &[Run]| {
+            let mut v = Vec::new();
+            for r in runs {
+                for k in 0..r.len / 65536 {
+                    v.push(match r.mapping {
+                        Mapping::Data { host, file, zero } => Mapping::Data {
+                            host: host + k * 65536,
+                            file,
+                            zero,
+                        },
+                        m => m,
+                    });
+                }
+            }
+            v
+        };
+        assert_eq!(expand(&many), expand(&one));
+    }
+}
