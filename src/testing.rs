@@ -90,7 +90,7 @@ pub fn nbd_session_end(data: &[u8]) -> (usize, crate::nbd::server::ConnEnd) {
 }
 
 /// The export of the NBD fuzz sessions: a writable 1 MiB in-memory raw image.
-fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
+pub(crate) fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
     use crate::nbd::export::{ChainBackend, Export, ExportSet};
     use crate::nbd::meta::Available;
     use crate::nbd::server::ConnConfig;

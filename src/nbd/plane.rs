@@ -984,3 +984,41 @@ impl Plane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::server::tests::scripted_client;
+    use crate::nbd::server::ConnEnd;
+
+    /// After negotiation the connection moves to a plane, which serves the same session as
+    /// the threaded driver and reports its end; many sessions one after another leave no
+    /// spare batches beyond the bound (a batch was once kept per connection, for ever).
+    #[test]
+    fn a_plane_serves_sessions_and_keeps_its_spares_bounded() {
+        if let Err(e) = crate::testing::ring_plane_available() {
+            assert!(!crate::testing::in_ci(), "no ring data plane here: {e}");
+            eprintln!("SKIP: no ring data plane here: {e}");
+            return;
+        }
+        let pool = Pool::new(2);
+        let planes = Arc::new(Planes::start(1, pool.clone()).unwrap());
+        for _ in 0..3 {
+            let mut cfg = crate::testing::fuzz_export_config().unwrap();
+            cfg.planes = Some(planes.clone());
+            let (answered, reported) = scripted_client(cfg, pool.clone());
+            assert_eq!(answered, ConnEnd::HandedOver);
+            assert_eq!(reported, ConnEnd::Negotiated);
+        }
+    }
+
+    #[test]
+    fn recycle_keeps_at_most_the_bound() {
+        let mut spare = Vec::new();
+        let owner = ReplyBatch::new();
+        for _ in 0..MAX_SPARE_BATCHES + 10 {
+            recycle(&mut spare, owner.sharing_pool());
+        }
+        assert_eq!(spare.len(), MAX_SPARE_BATCHES);
+    }
+}

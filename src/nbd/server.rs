@@ -961,3 +961,126 @@ pub fn serve_stdio(cfg: &ConnConfig, workers: usize) -> ConnEnd {
         None,
     )
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::nbd::client::{decode_simple_reply, encode_request, open_export};
+    use crate::nbd::wire::*;
+
+    fn reply(s: &mut UnixStream, data: usize) -> (u32, u64, Vec<u8>) {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).expect("a reply header");
+        let (err, cookie) = decode_simple_reply(&h).expect("a simple reply");
+        let mut d = vec![0u8; if err == 0 { data } else { 0 }];
+        s.read_exact(&mut d).expect("the reply's data");
+        (err, cookie, d)
+    }
+
+    /// Drive one connection over a socket pair against `cfg`'s export (the 1 MiB fuzz
+    /// export: a writable raw image whose first 4 KiB are 0xab): negotiate, write, read it
+    /// back, read past the end (refused, the connection goes on), flush, disconnect. Returns
+    /// what the negotiation thread answered and what the end hook was told.
+    pub(crate) fn scripted_client(cfg: ConnConfig, pool: Pool) -> (ConnEnd, ConnEnd) {
+        let (server, client) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hook: EndHook = Arc::new(move |e| {
+            let _ = tx.send(e);
+        });
+        let srv = thread::spawn(move || {
+            let (r, c) = (server.try_clone().unwrap(), server.try_clone().unwrap());
+            let end = serve_connection(
+                Box::new(r),
+                Box::new(server),
+                Some(Box::new(c)),
+                &cfg,
+                &pool,
+                Some(&hook),
+            );
+            if end != ConnEnd::HandedOver {
+                hook(end);
+            }
+            end
+        });
+        let mut o = open_export(client, "").expect("negotiation");
+        assert_eq!(o.size, 1 << 20);
+        assert_eq!(o.flags & NBD_FLAG_READ_ONLY, 0);
+        let s = &mut o.stream;
+        let mut req = Vec::new();
+        encode_request(&mut req, NBD_CMD_WRITE, 1, 8192, 4096);
+        req.extend_from_slice(&[0x5c; 4096]);
+        s.write_all(&req).unwrap();
+        assert_eq!(reply(s, 0).0, 0, "WRITE");
+        for (cookie, off, want) in [(2u64, 8192u64, 0x5cu8), (3, 0, 0xab), (4, 65536, 0)] {
+            req.clear();
+            encode_request(&mut req, NBD_CMD_READ, cookie, off, 4096);
+            s.write_all(&req).unwrap();
+            let (err, c, d) = reply(s, 4096);
+            assert_eq!((err, c), (0, cookie));
+            assert!(d.iter().all(|&b| b == want), "READ at {off}");
+        }
+        req.clear();
+        encode_request(&mut req, NBD_CMD_READ, 5, 1 << 20, 512);
+        s.write_all(&req).unwrap();
+        assert_eq!(reply(s, 512).0, NBD_EINVAL, "READ past the end");
+        req.clear();
+        encode_request(&mut req, NBD_CMD_FLUSH, 6, 0, 0);
+        s.write_all(&req).unwrap();
+        assert_eq!(reply(s, 0), (0, 6, Vec::new()));
+        req.clear();
+        encode_request(&mut req, NBD_CMD_DISC, 7, 0, 0);
+        s.write_all(&req).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "bytes after DISC");
+        let answered = srv.join().unwrap();
+        let reported = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the end was reported");
+        (answered, reported)
+    }
+
+    /// The threaded driver serves a whole session and reports it negotiated.
+    #[test]
+    fn the_threaded_driver_serves_a_session() {
+        let cfg = crate::testing::fuzz_export_config().unwrap();
+        #[cfg(feature = "uring")]
+        assert!(cfg.planes.is_none());
+        let (answered, reported) = scripted_client(cfg, Pool::new(2));
+        assert_eq!(
+            (answered, reported),
+            (ConnEnd::Negotiated, ConnEnd::Negotiated)
+        );
+    }
+
+    /// A client that never finishes negotiating is dropped at the handshake limit.
+    #[test]
+    fn a_silent_client_is_dropped_at_the_handshake_limit() {
+        let mut cfg = crate::testing::fuzz_export_config().unwrap();
+        cfg.handshake_limit = Some(Duration::from_millis(200));
+        let (server, mut client) = UnixStream::pair().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let t = Instant::now();
+        let srv = thread::spawn(move || {
+            let (r, c) = (server.try_clone().unwrap(), server.try_clone().unwrap());
+            serve_connection(
+                Box::new(r),
+                Box::new(server),
+                Some(Box::new(c)),
+                &cfg,
+                &Pool::new(1),
+                None,
+            )
+        });
+        let mut greeting = Vec::new();
+        let _ = client.read_to_end(&mut greeting);
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        assert_eq!(srv.join().unwrap(), ConnEnd::NotNegotiated);
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+}
