@@ -426,7 +426,7 @@ impl Qcow2 {
         self.flush_tables(&mut m, super::alloc::Barrier::Held)?;
         self.rewrite_header(&mut m, new_ext)?;
         for c in old_clusters {
-            self.adjust_refcount_pub(&mut m, c, -1)?;
+            self.adjust_refcount(&mut m, c, -1)?;
         }
         self.flush_tables(&mut m, super::alloc::Barrier::Held)?;
         drop(m);

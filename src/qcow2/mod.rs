@@ -535,6 +535,52 @@ fn load_bitmap_dir(
     bitmap_dir::parse(&dir, b.nb_bitmaps, h.cluster_size(), h.size)
 }
 
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::io(what, e)
+}
+
+pub(crate) fn u64s_to_be(v: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 8);
+    for x in v {
+        out.extend_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+/// Helpers of the write side (`alloc.rs`, `refcount.rs`, `bitmaps.rs`).
+impl Qcow2 {
+    pub(crate) fn cs(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    pub(crate) fn data_st(&self) -> Result<&Arc<dyn Storage>> {
+        self.data_storage()
+    }
+
+    /// Write a header field in place and make it durable.
+    pub(crate) fn write_header_field(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_at(bytes, off)
+            .map_err(io_err("Could not update the qcow2 header"))?;
+        self.file
+            .sync()
+            .map_err(io_err("Could not flush the qcow2 header"))
+    }
+
+    /// Set the corrupt bit on disk (best effort) and refuse further writes.
+    pub(crate) fn mark_corrupt(&self, m: &mut meta::Meta, why: String) -> Error {
+        if !m.corrupt {
+            m.corrupt = true;
+            let bits = self.header.incompatible_features | spec::header::incompat::CORRUPT;
+            let _ = self.write_header_field(72, &bits.to_be_bytes());
+        }
+        Error::corrupt(format!(
+            "{why}; the image has been marked as corrupt and further writes are refused"
+        ))
+    }
+}
+
 impl BlockDevice for Qcow2 {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
