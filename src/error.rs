@@ -1,14 +1,14 @@
 //! The one error type of the library.
 //!
-//! Every failure carries an [`ErrorKind`] (what class of problem, which maps onto an exit code or an
-//! NBD errno), a human message in the style of qemu-img (what failed, where, why) and, when there is
+//! Every failure carries an [`ErrorKind`] (what class of problem: callers branch on it, and it
+//! maps onto an NBD errno; every command that fails exits 1, as qemu-img does), a human message in the style of qemu-img (what failed, where, why) and, when there is
 //! one, the underlying `io::Error`. Nothing from a disk image or the wire may panic: it becomes one
 //! of these.
 
 use std::fmt;
 use std::io;
 
-/// Class of failure; decides exit codes and NBD errnos.
+/// Class of failure; decides NBD errnos and what callers do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ErrorKind {

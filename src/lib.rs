@@ -1,12 +1,15 @@
 //! qnbd: a qcow2 / raw image engine with a built-in NBD server.
 //!
 //! Floors (who may import whom), from the bottom:
-//! 1. [`error`], [`units`]
+//! 1. [`error`], [`units`], [`cache`] (bounded caches), [`bitmap`] (dirty bitmaps in memory)
 //! 2. [`io`] (storage + I/O engines; all io_uring and nearly all `unsafe` code)
 //! 3. [`block`] (generic layer: `BlockDevice`, `Chain`), [`qcow2::spec`] (pure codecs)
 //! 4. [`qcow2`] (the driver), `nbd` (the protocol; never imports `qcow2`)
 //! 5. [`open`] (probe, open policy, engine choice, chain building)
 //! 6. [`cli`] (argument structs, output formatting)
+//! 7. [`testing`] (entry points of the fuzz targets and test helpers)
+//!
+//! `docs/architecture.md` draws the rooms and the READ / WRITE / BLOCK_STATUS routes.
 
 pub mod bitmap;
 pub mod block;

@@ -2,7 +2,8 @@
 //!
 //! `resolve` walks `Mapping::Backing` downwards and reports which layer answered (the 1-based
 //! depth that `qemu:allocation-depth` exports; 0 means no layer holds the range). `read` plans a
-//! guest read from resolved runs; `map_entry` reproduces `qemu-img map`'s per-range answer.
+//! guest read from resolved runs (`cli/map.rs` builds `qemu-img map`'s per-range answer on
+//! `layers`).
 
 use super::{Access, BlockDevice, CowSource, FileRole, Mapping, ReadPin, Run, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};

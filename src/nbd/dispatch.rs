@@ -6,7 +6,9 @@
 //! of at most [`INLINE_READ_MAX`] bytes the page cache holds, a write of at most
 //! [`INLINE_WRITE_MAX`] bytes without FUA that completes in the page cache); everything else
 //! goes to the [`Pool`]. What a request handed to the pool holds is its [`job_cost`]; a
-//! connection stops reading while [`MAX_INFLIGHT`] requests or its byte bound are reached.
+//! connection stops reading while [`MAX_INFLIGHT`] requests or its byte bound are reached (the
+//! threaded driver's is [`MAX_INFLIGHT_BYTES`], request payloads and reply data; the plane
+//! bounds the bytes on its workers and ring more tightly, see `plane.rs`).
 
 use super::transmission::Command;
 use std::sync::{mpsc, Arc, Mutex};

@@ -89,13 +89,13 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
         0
     }
 
-    /// Whether small writes complete in memory, so the server may run them on the connection's
-    /// own thread (false: each waits for the device or a flush; the workers run them).
     /// The NBD minimum block size to advertise (1 unless the image asks for more).
     fn request_alignment(&self) -> u32 {
         1
     }
 
+    /// Whether small writes complete in memory, so the server may run them on the connection's
+    /// own thread (false: each waits for the device or a flush; the workers run them).
     fn writes_buffered(&self) -> bool {
         true
     }

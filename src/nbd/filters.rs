@@ -5,7 +5,9 @@
 //!   a WRITE_ZEROES, as QEMU's `detect-zeroes` turns it into a zero write on the top node
 //!   (`unmap`: one that may release space, which the export's discard mode then allows).
 //!
-//! A filter forwards everything it does not change, dirty bitmaps included.
+//! A filter forwards what it does not change, dirty bitmaps included, except the batched
+//! block status (`block_status_many`) and planned reads (`read_planned`): those fall back to
+//! the trait's defaults, one status or one read at a time.
 
 use super::export::{Access, AsyncPlan, Completion, ExportBackend, Status, ZeroFlags};
 use crate::error::Result;

@@ -1,8 +1,8 @@
 //! The ring data plane: transmission for plain (non-TLS) connections on event rings.
 //!
 //! A few plane threads (default: one per core) each own one [`EventRing`] that carries the
-//! socket receives and sends of every connection assigned to it, plus an eventfd read that
-//! wakes the plane when a worker finished a request or a new connection arrives. Connections
+//! socket receives and sends of every connection assigned to it, the file reads of their
+//! READs that miss the page cache, plus an eventfd read that wakes the plane when a worker finished a request or a new connection arrives. Connections
 //! are handed over after negotiation (which stays on a short-lived thread, under its time
 //! limit) and spread round-robin over the planes; the image is shared, so a multi-conn client
 //! sees one image whichever plane serves it.
@@ -11,10 +11,12 @@
 //! decodes every complete request in the receive buffer, answers what needs no waiting right
 //! there (reads the page cache holds, via `preadv2(RWF_NOWAIT)`, and small writes without FUA),
 //! queues their replies, and submits all the sends and receives of the turn with one
-//! `io_uring_enter`, which also waits for the next completions. Everything that may wait for
-//! the disk or takes metadata locks for long (cache misses, big or FUA writes, flushes, zeroing,
-//! trims, block status) goes to the shared worker pool; the worker posts the finished reply
-//! back to the plane, which sends it. Replies leave in completion order; clients match cookies.
+//! `io_uring_enter`, which also waits for the next completions. A READ the page cache cannot
+//! answer is planned into (file, host offset) reads and zero runs and read on the ring
+//! (`KIND_FILE`); one whose plan or read fails, or whose clusters were reused meanwhile, is
+//! read again by a worker. Everything else that may wait for the disk or takes metadata locks
+//! for long (big or FUA writes, flushes, zeroing, trims, block status) goes to the shared
+//! worker pool; the worker posts the finished reply back to the plane, which sends it. Replies leave in completion order; clients match cookies.
 //!
 //! Buffers: a connection's receive buffer and queued replies are owned by the ring while an
 //! operation on them is in flight, and come back with the completion. Read data sits in

@@ -1,4 +1,5 @@
-//! Sockets and threads: with [`super::plane`], the only part of `nbd/` that does I/O.
+//! Sockets and threads: listeners, the negotiation thread of each connection, and the
+//! threaded transmission driver (the other driver is [`super::plane`]).
 //!
 //! A [`Server`] owns its listeners (TCP, Unix, a socket-activation fd), a small worker pool
 //! shared by every connection and, unless the portable engine was asked for, the ring data

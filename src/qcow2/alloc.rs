@@ -582,7 +582,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Bytes of data the writer is allowed to have dirty before an implicit flush.
+    /// Flush the metadata when too many tables are dirty or too many decrements pending
+    /// (`MAX_DIRTY_TABLES`).
     fn maybe_flush(&self, m: &mut Meta) -> Result<()> {
         if m.dirty_l2.len() + m.dirty_refblocks.len() > MAX_DIRTY_TABLES
             || m.pending_decrements.len() > 65536

@@ -6,7 +6,7 @@
 //! | `mod.rs` (here) | open (header, extensions, L1, snapshots, bitmap directory), `BlockDevice` |
 //! | `meta.rs` | the metadata state writers change (`Meta`, under `Qcow2::meta`) |
 //! | `tables.rs` | L2 tables through the bounded cache; the mapping of one guest range |
-//! | `refcount.rs` | refcount table and blocks (read side) |
+//! | `refcount.rs` | refcount table and blocks: reads, changes, allocation, write-back |
 //! | `alloc.rs` | the write side: cluster allocation, COW, zeroes, discard, refcount updates, ordered flushes, resize, compressed writes |
 //! | `bitmaps.rs` | persistent dirty bitmaps: load, `in-use`, store on close |
 //! | `cluster_set.rs` | sets of host clusters (metadata overlap checks) |

@@ -471,7 +471,8 @@ impl Qcow2 {
         }
     }
 
-    /// Write refcount blocks and the refcount table (steps 1-2 of the module doc).
+    /// Write refcount blocks and the refcount table (steps 1-2 of the flush order in
+    /// `alloc.rs`).
     pub(crate) fn flush_refcounts(&self, m: &mut Meta) -> Result<()> {
         if self.header.has_data_file() {
             self.data_st()?
