@@ -290,32 +290,94 @@ fn log(msg: &str) {
 }
 
 /// Serve one client over `reader` / `writer`. `ctl` sets timeouts and shuts the stream down.
-/// A plain socket connection moves to a data plane after negotiation when `cfg` has planes;
-/// `end` is then handed over with it.
+/// Negotiation runs here (under the handshake limit); then a plain socket connection moves to
+/// a data plane when `cfg` has planes (`end` is handed over with it), and any other stays on
+/// this thread for the threaded driver ([`transmit`]).
 pub fn serve_connection(
-    mut reader: Box<dyn Read + Send>,
+    reader: Box<dyn Read + Send>,
     writer: Box<dyn Write + Send>,
     ctl: Option<Box<dyn Transport>>,
     cfg: &ConnConfig,
     pool: &Pool,
     end: Option<&EndHook>,
 ) -> ConnEnd {
-    let mut writer = Arc::new(Mutex::new(writer));
-    let mut ctl: Option<Arc<dyn Transport>> = ctl.map(Arc::from);
-    let shutdown = |ctl: &Option<Arc<dyn Transport>>| {
-        if let Some(c) = ctl {
-            c.shutdown();
-        }
+    let n = match negotiate(reader, writer, ctl, cfg) {
+        Ok(n) => n,
+        Err(e) => return e,
     };
-    let send = |w: &Arc<Mutex<Box<dyn Write + Send>>>, bytes: &[u8]| -> io::Result<()> {
-        let mut g = w
-            .lock()
-            .map_err(|_| io::Error::other("writer lock poisoned"))?;
-        g.write_all(bytes)?;
-        g.flush()
+    let Negotiated {
+        session,
+        pending,
+        reader,
+        writer,
+        ctl,
+    } = n;
+    #[cfg(feature = "uring")]
+    let (session, pending) = match (&cfg.planes, &ctl, end) {
+        // a TLS stream has no plain socket to hand over: it stays on this thread
+        (Some(planes), Some(c), Some(end)) => match c.socket() {
+            Some(Ok(sock)) => {
+                let stream = match sock {
+                    Socket::Tcp(t) => super::plane::Stream::Tcp(t),
+                    Socket::Unix(u) => super::plane::Stream::Unix(u),
+                };
+                let end = end.clone();
+                let h = super::plane::Handover {
+                    stream,
+                    session,
+                    pending,
+                    verbose: cfg.verbose,
+                    on_end: Box::new(move || end(ConnEnd::Negotiated)),
+                };
+                match planes.hand_over(h) {
+                    Ok(()) => return ConnEnd::HandedOver,
+                    Err(h) => (h.session, h.pending),
+                }
+            }
+            _ => (session, pending),
+        },
+        _ => (session, pending),
     };
+    #[cfg(not(feature = "uring"))]
+    let _ = end;
 
-    // ---- handshake ----
+    transmit(reader, writer, ctl, cfg, pool, session, pending)
+}
+
+/// What a finished negotiation leaves: the session, bytes the client pipelined after it, and
+/// the streams (TLS ones after STARTTLS).
+struct Negotiated {
+    session: Session,
+    pending: Vec<u8>,
+    reader: Box<dyn Read + Send>,
+    writer: SharedWriter,
+    ctl: Option<Arc<dyn Transport>>,
+}
+
+fn shutdown(ctl: &Option<Arc<dyn Transport>>) {
+    if let Some(c) = ctl {
+        c.shutdown();
+    }
+}
+
+fn send(w: &SharedWriter, bytes: &[u8]) -> io::Result<()> {
+    let mut g = w
+        .lock()
+        .map_err(|_| io::Error::other("writer lock poisoned"))?;
+    g.write_all(bytes)?;
+    g.flush()
+}
+
+/// The option phase: greeting, options (STARTTLS swapping the streams), until the client
+/// enters transmission (`Ok`) or the connection ends (`Err`, always `NotNegotiated`).
+fn negotiate(
+    mut reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    ctl: Option<Box<dyn Transport>>,
+    cfg: &ConnConfig,
+) -> std::result::Result<Negotiated, ConnEnd> {
+    let mut writer: SharedWriter = Arc::new(Mutex::new(writer));
+    let mut ctl: Option<Arc<dyn Transport>> = ctl.map(Arc::from);
     let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
     let tls_mode = if cfg.tls.is_some() {
         Tls::Required
@@ -330,7 +392,7 @@ pub fn serve_connection(
     }
     if send(&writer, &handshake::greeting()).is_err() {
         shutdown(&ctl);
-        return ConnEnd::NotNegotiated;
+        return Err(ConnEnd::NotNegotiated);
     }
     let session: Session = loop {
         if let (Some(d), Some(c)) = (deadline, &ctl) {
@@ -338,7 +400,7 @@ pub fn serve_connection(
             if left.is_zero() {
                 log("option negotiation failed: handshake timed out");
                 shutdown(&ctl);
-                return ConnEnd::NotNegotiated;
+                return Err(ConnEnd::NotNegotiated);
             }
             let _ = c.set_timeout(Some(left));
         }
@@ -348,7 +410,7 @@ pub fn serve_connection(
                     log("client closed the connection during negotiation");
                 }
                 shutdown(&ctl);
-                return ConnEnd::NotNegotiated;
+                return Err(ConnEnd::NotNegotiated);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -363,7 +425,7 @@ pub fn serve_connection(
                 };
                 log(&format!("option negotiation failed: {why}"));
                 shutdown(&ctl);
-                return ConnEnd::NotNegotiated;
+                return Err(ConnEnd::NotNegotiated);
             }
         };
         let mut out = Vec::new();
@@ -373,7 +435,7 @@ pub fn serve_connection(
             Outcome::Continue if sent => {}
             Outcome::Continue => {
                 shutdown(&ctl);
-                return ConnEnd::NotNegotiated;
+                return Err(ConnEnd::NotNegotiated);
             }
             Outcome::StartTls => {
                 // what the client sent after STARTTLS in plaintext is dropped unread
@@ -408,7 +470,7 @@ pub fn serve_connection(
                     Err(why) => {
                         log(&format!("option negotiation failed: {why}"));
                         shutdown(&ctl);
-                        return ConnEnd::NotNegotiated;
+                        return Err(ConnEnd::NotNegotiated);
                     }
                 }
             }
@@ -416,21 +478,21 @@ pub fn serve_connection(
                 pending.extend_from_slice(&buf[used..n]);
                 if !sent {
                     shutdown(&ctl);
-                    return ConnEnd::NotNegotiated;
+                    return Err(ConnEnd::NotNegotiated);
                 }
                 break s;
             }
             Outcome::Close(why) => {
                 log(&format!("option negotiation failed: {why}"));
                 shutdown(&ctl);
-                return ConnEnd::NotNegotiated;
+                return Err(ConnEnd::NotNegotiated);
             }
             Outcome::Abort => {
                 if cfg.verbose {
                     log("client ended the negotiation (NBD_OPT_ABORT)");
                 }
                 shutdown(&ctl);
-                return ConnEnd::NotNegotiated;
+                return Err(ConnEnd::NotNegotiated);
             }
         }
     };
@@ -438,36 +500,27 @@ pub fn serve_connection(
         let _ = c.set_timeout(None);
     }
 
-    #[cfg(feature = "uring")]
-    let (session, pending) = match (&cfg.planes, &ctl, end) {
-        // a TLS stream has no plain socket to hand over: it stays on this thread
-        (Some(planes), Some(c), Some(end)) => match c.socket() {
-            Some(Ok(sock)) => {
-                let stream = match sock {
-                    Socket::Tcp(t) => super::plane::Stream::Tcp(t),
-                    Socket::Unix(u) => super::plane::Stream::Unix(u),
-                };
-                let end = end.clone();
-                let h = super::plane::Handover {
-                    stream,
-                    session,
-                    pending,
-                    verbose: cfg.verbose,
-                    on_end: Box::new(move || end(ConnEnd::Negotiated)),
-                };
-                match planes.hand_over(h) {
-                    Ok(()) => return ConnEnd::HandedOver,
-                    Err(h) => (h.session, h.pending),
-                }
-            }
-            _ => (session, pending),
-        },
-        _ => (session, pending),
-    };
-    #[cfg(not(feature = "uring"))]
-    let _ = end;
+    Ok(Negotiated {
+        session,
+        pending,
+        reader,
+        writer,
+        ctl,
+    })
+}
 
-    // ---- transmission ----
+/// The threaded transmission driver: decode requests from `reader` (after `pending`), run
+/// small reads and writes here and everything else on `pool`, until DISC, EOF or an error.
+fn transmit(
+    mut reader: Box<dyn Read + Send>,
+    writer: SharedWriter,
+    ctl: Option<Arc<dyn Transport>>,
+    cfg: &ConnConfig,
+    pool: &Pool,
+    session: Session,
+    pending: Vec<u8>,
+) -> ConnEnd {
+    let mut buf = vec![0u8; 64 << 10];
     let session = Arc::new(session);
     let inflight = Arc::new(Inflight::default());
     let broken = Arc::new(AtomicBool::new(false));
