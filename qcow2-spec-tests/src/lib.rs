@@ -1132,7 +1132,7 @@ impl Mismatches {
 // Servers, checks, corpora
 
 /// An NBD server process (`qnbd serve` or `qemu-nbd`) on a Unix socket: started once it
-/// accepts connections (a server that exits first is a panic with its stderr), SIGTERM by
+/// greets (see [`nbd_greets`]) (a server that exits first is a panic with its stderr), SIGTERM by
 /// [`NbdServer::stop`], SIGKILL on drop.
 pub struct NbdServer {
     child: std::process::Child,
@@ -1168,7 +1168,7 @@ impl NbdServer {
             uri: format!("nbd+unix:///?socket={}", sock.display()),
         };
         let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        while !nbd_greets(sock, Duration::from_secs(20)) {
             if let Ok(Some(st)) = s.child.try_wait() {
                 let mut err = String::new();
                 if let Some(mut e) = s.child.stderr.take() {
@@ -1226,6 +1226,18 @@ impl NbdServer {
         let st = self.wait();
         assert!(st.success(), "server {} after SIGTERM: {st}", self.uri);
     }
+}
+
+/// Whether a server on `sock` sends an NBD greeting (`NBDMAGIC`) within `wait`. A server may
+/// listen before it opens its images (qemu-nbd does), and close the connection when the open
+/// fails, so a socket that accepts is not yet a server that serves.
+pub fn nbd_greets(sock: &Path, wait: Duration) -> bool {
+    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(wait));
+    let mut magic = [0u8; 8];
+    std::io::Read::read_exact(&mut c, &mut magic).is_ok() && &magic == b"NBDMAGIC"
 }
 
 impl Drop for NbdServer {

@@ -7,9 +7,8 @@
 //! - every `qnbd bitmap` operation equals the same `qemu-img bitmap` operation;
 //! - a writer killed mid-write leaves `in-use`; `--recover` makes the bitmap usable again.
 
-use qcow2_spec_tests::{qnbd_bin, reference_set, require_tools};
+use qcow2_spec_tests::{nbd_greets, qnbd_bin, reference_set, require_tools};
 use serde_json::Value;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,7 +41,7 @@ impl Drop for Srv {
 fn start(cmd: &mut Command, sock: &Path) -> Srv {
     let child = cmd.stdin(Stdio::null()).spawn().expect("spawn server");
     let t = Instant::now();
-    while UnixStream::connect(sock).is_err() {
+    while !nbd_greets(sock, Duration::from_secs(20)) {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "server did not start"

@@ -4,7 +4,7 @@
 //! (`qemu-img compare`, `qemu-img map` of the two files, `qemu-img check` of ours), and how
 //! bad command lines end (exit code and message).
 
-use qcow2_spec_tests::{qnbd_bin, require_tools, scratch_dir, tool, tool_ok};
+use qcow2_spec_tests::{nbd_greets, qnbd_bin, require_tools, scratch_dir, tool, tool_ok};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,15 +80,6 @@ impl Drop for Server {
     }
 }
 
-fn greets(sock: &Path) -> bool {
-    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
-        return false;
-    };
-    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut m = [0u8; 8];
-    std::io::Read::read_exact(&mut c, &mut m).is_ok() && &m == b"NBDMAGIC"
-}
-
 /// Start `program` with `args` in `dir` (`{SOCK}` and `{PID}` replaced): the server, or how
 /// it ended when it did not start (exit code, stderr without the program name).
 fn start(
@@ -148,7 +139,7 @@ fn start(
                 .parse()
                 .unwrap_or_else(|_| panic!("{program:?} {args:?}: no pid file after --fork"));
             assert!(
-                greets(&sock),
+                nbd_greets(&sock, Duration::from_secs(5)),
                 "{program:?} {args:?}: forked server not serving"
             );
             return Ok(Server {
@@ -157,7 +148,7 @@ fn start(
                 uri,
             });
         }
-        if !fork && greets(&sock) {
+        if !fork && nbd_greets(&sock, Duration::from_secs(5)) {
             let pid = child.id();
             return Ok(Server {
                 child: Some(child),

@@ -3,7 +3,9 @@
 //! image that a QEMU tool or another qnbd holds exactly when QEMU's own tool does, with QEMU's
 //! words and exit code. A refused open changes nothing: the image's bytes are compared.
 
-use qcow2_spec_tests::{qnbd_bin, require_tools, scratch_dir, sha256_file, tool_ok, NbdServer};
+use qcow2_spec_tests::{
+    nbd_greets, qnbd_bin, require_tools, scratch_dir, sha256_file, tool_ok, NbdServer,
+};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -229,17 +231,6 @@ fn run(dir: &Path, program: &Path, args: &[&str]) -> Outcome {
     }
 }
 
-/// Whether a server greets on `sock` (a server may listen before it opens the image, and
-/// then close the connection when the open fails).
-fn serving(sock: &Path) -> bool {
-    let Ok(mut c) = std::os::unix::net::UnixStream::connect(sock) else {
-        return false;
-    };
-    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut magic = [0u8; 8];
-    std::io::Read::read_exact(&mut c, &mut magic).is_ok() && &magic == b"NBDMAGIC"
-}
-
 /// Start a server on a socket of its own: `None` if it listens (then it is stopped), else its
 /// exit code and stderr.
 fn serve(dir: &Path, program: &Path, args: &[&str]) -> Outcome {
@@ -267,7 +258,7 @@ fn serve(dir: &Path, program: &Path, args: &[&str]) -> Outcome {
                 stderr: strip_tool(&err),
             };
         }
-        if serving(&sock) {
+        if nbd_greets(&sock, Duration::from_secs(5)) {
             let _ = child.kill();
             let _ = child.wait();
             return Outcome {

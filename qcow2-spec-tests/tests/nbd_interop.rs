@@ -6,7 +6,7 @@
 //! that each bad request is answered as the specification says and that the server keeps
 //! serving. Missing tools skip a test with a printed reason, except under CI.
 
-use qcow2_spec_tests::require_tools;
+use qcow2_spec_tests::{nbd_greets, require_tools};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -71,7 +71,7 @@ impl Drop for Srv {
 
 fn wait_for(sock: &Path) {
     let t = Instant::now();
-    while UnixStream::connect(sock).is_err() {
+    while !nbd_greets(sock, Duration::from_secs(20)) {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "server did not start: {sock:?}"
