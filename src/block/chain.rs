@@ -1,55 +1,15 @@
 //! A backing chain: layer 0 is the image the user named, layer 1 its backing file, and so on.
 //!
-//! `resolve` walks `Mapping::Backing` downwards and reports which layer answered (the 1-based
-//! depth that `qemu:allocation-depth` exports; 0 means no layer holds the range). `read` plans a
-//! guest read from resolved runs (`cli/map.rs` builds `qemu-img map`'s per-range answer on
-//! `layers`).
+//! [`Chain`] is the handle every user of an image holds: it checks ranges, resolves them
+//! (`walk.rs`), reads through read plans (`plan.rs`), and sends writes to the top layer with
+//! the layers below as the copy-on-write source (`Below`). `cli/map.rs` builds
+//! `qemu-img map`'s per-range answer on [`Chain::layers`].
 
-use super::{Access, BlockDevice, CowSource, FileRole, Mapping, ReadPin, Run, ZeroMode};
+use super::plan::{plan_async_in, plan_in, read_in, Completion, ReadPlan, Segment, Wait};
+use super::walk::{resolve_batch, resolve_in, Resolved};
+use super::{Access, BlockDevice, CowSource, FileRole, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::read_exact_or_zero;
-use std::os::fd::RawFd;
 use std::sync::Arc;
-
-/// The answer of the chain for a guest range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resolved {
-    pub len: u64,
-    /// The mapping in the layer that answered; `Backing` when no layer did.
-    pub mapping: Mapping,
-    /// 1 = top layer, 2 = first backing file, ...; 0 = allocated nowhere.
-    pub depth: usize,
-    /// When `depth` is 0 because the range lies beyond the end of a backing file shorter than
-    /// the layers above it: that file's depth (its synthesized zeros count as allocated there
-    /// for `qemu:allocation-depth`, as QEMU's `bdrv_is_allocated_above` counts them); else 0.
-    pub past_end_of: usize,
-}
-
-impl Resolved {
-    /// The depth `qemu:allocation-depth` reports: the answering layer, or the shorter backing
-    /// file beyond whose end the range lies.
-    pub fn allocation_depth(&self) -> usize {
-        if self.depth == 0 {
-            self.past_end_of
-        } else {
-            self.depth
-        }
-    }
-
-    /// Reads as zeros (`base:allocation` ZERO).
-    pub fn reads_zero(&self) -> bool {
-        match self.mapping {
-            Mapping::Zero { .. } | Mapping::Backing { .. } => true,
-            Mapping::Data { zero, .. } => zero,
-            Mapping::Compressed => false,
-        }
-    }
-
-    /// Holds data (`base:allocation` not HOLE).
-    pub fn is_data(&self) -> bool {
-        matches!(self.mapping, Mapping::Data { .. } | Mapping::Compressed)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Chain {
@@ -159,16 +119,7 @@ impl Chain {
         out: &mut Vec<Resolved>,
     ) -> Result<()> {
         self.check_range(off, len)?;
-        let first = out.len();
-        let limit = first.saturating_add(max.max(1));
-        match resolve_many_in(&self.layers, 0, off, len, limit, out, &mut Vec::new()) {
-            Ok(_) => Ok(()),
-            // runs are pushed whole and in order: the ones before the failure stand, and the
-            // error is reported when the caller asks for that range itself (as `resolve` run
-            // by run would)
-            Err(_) if out.len() > first => Ok(()),
-            Err(e) => Err(e),
-        }
+        resolve_batch(&self.layers, off, len, max, out)
     }
 
     /// Resolve `[off, off + len)` once, with every layer pinned, for reading (see [`ReadPlan`]).
@@ -321,333 +272,6 @@ impl CowSource for Below<'_> {
     }
 }
 
-fn no_layer() -> Error {
-    Error::new(ErrorKind::Corrupt, "a run maps to no layer")
-}
-
-/// Resolve through `layers` (the first is the top). Offsets beyond the top's size are the
-/// caller's to refuse; beyond a shorter lower layer they read as zeros.
-fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Resolved> {
-    {
-        let mut len = len;
-        for (i, layer) in layers.iter().enumerate() {
-            let size = layer.size();
-            if off >= size {
-                // beyond the end of a (shorter) backing file: zeros, owned by no layer
-                return Ok(Resolved {
-                    len,
-                    mapping: Mapping::Backing {
-                        file: FileRole::Image,
-                        host: None,
-                    },
-                    depth: 0,
-                    past_end_of: i + 1,
-                });
-            }
-            len = len.min(size - off);
-            let run = layer.map(off, len)?;
-            debug_assert!(run.len > 0 && run.len <= len);
-            len = run.len.clamp(1, len);
-            if !matches!(run.mapping, Mapping::Backing { .. }) {
-                return Ok(Resolved {
-                    len,
-                    mapping: run.mapping,
-                    depth: i + 1,
-                    past_end_of: 0,
-                });
-            }
-        }
-        Ok(Resolved {
-            len,
-            mapping: Mapping::Backing {
-                file: FileRole::Image,
-                host: None,
-            },
-            depth: 0,
-            past_end_of: 0,
-        })
-    }
-}
-
-/// Resolve consecutive runs of `[off, off + len)` through `layers` (the first is the top,
-/// `depth` layers above it in the whole chain) until `out` holds `limit` runs; returns how many
-/// bytes the appended runs cover (0 only when `out` was already full). `scratch` holds each
-/// layer's runs while they are walked (left as it was found).
-fn resolve_many_in(
-    layers: &[Arc<dyn BlockDevice>],
-    depth: usize,
-    off: u64,
-    len: u64,
-    limit: usize,
-    out: &mut Vec<Resolved>,
-    scratch: &mut Vec<Run>,
-) -> Result<u64> {
-    // zeros owned by no layer: below the bottom (`past_end_of` 0), or beyond the end of a
-    // (shorter) backing file (`past_end_of` its depth)
-    let unowned = |len, past_end_of| Resolved {
-        len,
-        mapping: Mapping::Backing {
-            file: FileRole::Image,
-            host: None,
-        },
-        depth: 0,
-        past_end_of,
-    };
-    if out.len() >= limit || len == 0 {
-        return Ok(0);
-    }
-    let Some((layer, below)) = layers.split_first() else {
-        out.push(unowned(len, 0));
-        return Ok(len);
-    };
-    let size = layer.size();
-    if off >= size {
-        out.push(unowned(len, depth + 1));
-        return Ok(len);
-    }
-    let inside = len.min(size - off);
-    let base = scratch.len();
-    let res = layer
-        .map_many(off, inside, limit - out.len(), scratch)
-        .and_then(|()| walk_runs(below, depth, off, inside, limit, out, scratch, base));
-    scratch.truncate(base);
-    let done = res?;
-    if done == inside && inside < len && out.len() < limit {
-        out.push(unowned(len - inside, depth + 1));
-        return Ok(len);
-    }
-    Ok(done)
-}
-
-/// The second half of `resolve_many_in`: turn the runs one layer mapped (`scratch[base..]`,
-/// from `off`, covering at most `inside` bytes) into resolved runs, walking `below` for the
-/// unallocated ones. Returns the bytes covered.
-#[allow(clippy::too_many_arguments)]
-fn walk_runs(
-    below: &[Arc<dyn BlockDevice>],
-    depth: usize,
-    off: u64,
-    inside: u64,
-    limit: usize,
-    out: &mut Vec<Resolved>,
-    scratch: &mut Vec<Run>,
-    base: usize,
-) -> Result<u64> {
-    let mut done = 0u64;
-    let mut i = base;
-    while let Some(&run) = scratch.get(i) {
-        i += 1;
-        let n = run.len.clamp(1, inside - done);
-        if out.len() >= limit {
-            return Ok(done);
-        }
-        if !matches!(run.mapping, Mapping::Backing { .. }) {
-            out.push(Resolved {
-                len: n,
-                mapping: run.mapping,
-                depth: depth + 1,
-                past_end_of: 0,
-            });
-        } else if below.is_empty() {
-            out.push(Resolved {
-                len: n,
-                mapping: Mapping::Backing {
-                    file: FileRole::Image,
-                    host: None,
-                },
-                depth: 0,
-                past_end_of: 0,
-            });
-        } else {
-            let got = resolve_many_in(below, depth + 1, off + done, n, limit, out, scratch)?;
-            if got < n {
-                return Ok(done + got);
-            }
-        }
-        done += n;
-        if done >= inside {
-            break;
-        }
-    }
-    Ok(done)
-}
-
-/// Pin every layer, then resolve `[off, off + len)` through `layers` completely.
-fn plan_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<ReadPlan<'_>> {
-    // pinned before mapping: a host cluster the plan names cannot be freed and reused until
-    // the plan (and so the data I/O done through it) is finished
-    let pins: Vec<_> = layers.iter().map(|l| l.pin()).collect();
-    let mut runs = Vec::new();
-    let mut starts = Vec::new();
-    let mut scratch = Vec::new();
-    let mut pos = off;
-    let end = off + len;
-    while pos < end {
-        let first = runs.len();
-        let limit = first.saturating_add(1024);
-        let got = resolve_many_in(layers, 0, pos, end - pos, limit, &mut runs, &mut scratch)?;
-        for r in &runs[first..] {
-            starts.push(pos);
-            pos += r.len;
-        }
-        if got == 0 {
-            return Err(no_layer());
-        }
-    }
-    Ok(ReadPlan {
-        layers,
-        _pins: pins,
-        off,
-        len,
-        runs,
-        starts,
-    })
-}
-
-/// A guest range resolved once through the chain, every layer pinned while the plan lives:
-/// the runs tell what reads as zeros and what is data (so a reply can send holes), and
-/// [`ReadPlan::read`] reads from the host offsets they name, without mapping again. No host
-/// cluster the plan names can be freed and reused before the plan is dropped.
-pub struct ReadPlan<'a> {
-    layers: &'a [Arc<dyn BlockDevice>],
-    _pins: Vec<ReadPin<'a>>,
-    off: u64,
-    len: u64,
-    runs: Vec<Resolved>,
-    /// Guest offset where each run starts.
-    starts: Vec<u64>,
-}
-
-impl std::fmt::Debug for ReadPlan<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadPlan")
-            .field("off", &self.off)
-            .field("len", &self.len)
-            .field("runs", &self.runs)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ReadPlan<'_> {
-    /// The resolved runs, in guest order, covering the planned range exactly.
-    pub fn runs(&self) -> &[Resolved] {
-        &self.runs
-    }
-
-    /// Read `buf.len()` guest bytes at `off` (inside the planned range). With `Wait::Never`,
-    /// `Completion::WouldBlock` when that would wait for the disk (`buf` then unspecified);
-    /// compressed clusters always answer `WouldBlock` then.
-    pub fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion> {
-        let end = off.checked_add(buf.len() as u64);
-        if off < self.off || end.is_none_or(|e| e > self.off + self.len) {
-            return Err(Error::new(
-                ErrorKind::OutOfRange,
-                format!("read {off:#x}+{:#x} outside the planned range", buf.len()),
-            ));
-        }
-        let layer_at = |depth: usize| depth.checked_sub(1).and_then(|i| self.layers.get(i));
-        let mut i = self.starts.partition_point(|&s| s <= off).saturating_sub(1);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = off + done as u64;
-            let (Some(r), Some(&start)) = (self.runs.get(i), self.starts.get(i)) else {
-                return Err(no_layer());
-            };
-            let into = pos - start;
-            let n = usize::try_from(r.len - into)
-                .unwrap_or(usize::MAX)
-                .min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
-            match r.mapping {
-                Mapping::Data { file, host, .. } => {
-                    let host = host + into;
-                    let layer = layer_at(r.depth).ok_or_else(no_layer)?;
-                    let st = layer.storage(file).ok_or_else(|| {
-                        Error::new(ErrorKind::Corrupt, "data run in a missing data file")
-                    })?;
-                    let io_err = |e| {
-                        Error::io(
-                            format!("reading guest offset {pos:#x} at host {host:#x}"),
-                            e,
-                        )
-                    };
-                    match wait {
-                        Wait::Block => read_exact_or_zero(&**st, dst, host).map_err(io_err)?,
-                        Wait::Never => match st.read_at_nowait(dst, host) {
-                            Ok(k) if k == dst.len() => {}
-                            // partly cached, or the end of the file: the blocking path
-                            // completes it
-                            Ok(_) => return Ok(Completion::WouldBlock),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                return Ok(Completion::WouldBlock)
-                            }
-                            Err(e) => return Err(io_err(e)),
-                        },
-                    }
-                }
-                Mapping::Compressed if wait == Wait::Never => return Ok(Completion::WouldBlock),
-                Mapping::Compressed => {
-                    let layer = layer_at(r.depth).ok_or_else(no_layer)?;
-                    layer.read_compressed(pos, dst)?;
-                }
-                Mapping::Zero { .. } | Mapping::Backing { .. } => dst.fill(0),
-            }
-            done += n;
-            i += 1;
-        }
-        Ok(Completion::Done)
-    }
-}
-
-/// Read guest bytes through `layers`: resolved once, every layer pinned for the whole read, so
-/// no host cluster it maps can be freed and reused under us.
-fn read_in(
-    layers: &[Arc<dyn BlockDevice>],
-    off: u64,
-    buf: &mut [u8],
-    wait: Wait,
-) -> Result<Completion> {
-    plan_in(layers, off, buf.len() as u64)?.read(off, buf, wait)
-}
-
-/// Whether a read may wait for the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    /// Block until the data is read.
-    Block,
-    /// Only read what is in memory (the page cache).
-    Never,
-}
-
-/// How a non-blocking read ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Completion {
-    Done,
-    /// Part of the data is not in memory; use the blocking read.
-    WouldBlock,
-}
-
-/// One piece of a read planned for an asynchronous engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Segment {
-    /// `len` bytes at `host` of the file behind descriptor `fd`.
-    Data { fd: RawFd, host: u64, len: u64 },
-    /// `len` bytes that read as zeros.
-    Zero(u64),
-}
-
-/// Runs resolved per batch while planning an asynchronous read.
-const PLAN_BATCH: usize = 64;
-
-impl Segment {
-    /// Guest bytes this piece covers.
-    pub fn bytes(&self) -> u64 {
-        match *self {
-            Segment::Data { len, .. } | Segment::Zero(len) => len,
-        }
-    }
-}
-
 impl Chain {
     /// A value that changes before any layer can reuse host space it freed (see
     /// [`BlockDevice::reuse_epoch`]).
@@ -657,70 +281,20 @@ impl Chain {
             .fold(0u64, |a, l| a.wrapping_add(l.reuse_epoch()))
     }
 
-    /// Plan a read of `len` bytes at `off` as reads by file descriptor and zero runs, for an
-    /// engine that reads asynchronously without pinning the layers. `None` when some part
-    /// cannot be read that way (compressed clusters, storage without a descriptor). The data
-    /// read is right only if [`reuse_epoch`](Self::reuse_epoch), read before this call, is
-    /// unchanged once every read has completed; otherwise read again with [`Chain::read`].
-    /// Ranges past the end of a host file read short: treat a short read like a changed epoch.
+    /// Plan a read of `len` bytes at `off` as reads by file descriptor and zero runs (see
+    /// `plan.rs`): `None` when some part cannot be read that way. Read
+    /// [`reuse_epoch`](Self::reuse_epoch) before this call and compare it once every read has
+    /// completed; if it changed, read again with [`Chain::read`].
     pub fn plan_async(&self, off: u64, len: u64) -> Result<Option<Vec<Segment>>> {
         self.check_range(off, len)?;
-        let mut segs: Vec<Segment> = Vec::new();
-        let mut runs = Vec::new();
-        let end = off + len;
-        let mut pos = off;
-        while pos < end {
-            // many runs per layer lookup (`map_many`); an error stops a batch at its run, and
-            // is reported when the next batch starts there
-            runs.clear();
-            self.resolve_many(pos, end - pos, PLAN_BATCH, &mut runs)?;
-            for r in &runs {
-                let n = r.len.clamp(1, end - pos);
-                let seg = if r.reads_zero() {
-                    // zeros whatever the mapping (as the hole/data split of a READ counts them)
-                    Segment::Zero(n)
-                } else {
-                    match r.mapping {
-                        Mapping::Data { file, host, .. } => {
-                            let layer = r
-                                .depth
-                                .checked_sub(1)
-                                .and_then(|i| self.layers.get(i))
-                                .ok_or_else(no_layer)?;
-                            let Some(fd) = layer.storage(file).and_then(|s| s.raw_fd()) else {
-                                return Ok(None);
-                            };
-                            Segment::Data { fd, host, len: n }
-                        }
-                        _ => return Ok(None),
-                    }
-                };
-                // merge with the previous piece when contiguous
-                match (segs.last_mut(), seg) {
-                    (Some(Segment::Zero(l)), Segment::Zero(k)) => *l += k,
-                    (
-                        Some(Segment::Data { fd, host, len }),
-                        Segment::Data {
-                            fd: f2,
-                            host: h2,
-                            len: k,
-                        },
-                    ) if *fd == f2 && *host + *len == h2 => *len += k,
-                    _ => segs.push(seg),
-                }
-                pos += n;
-                if pos >= end {
-                    break;
-                }
-            }
-        }
-        Ok(Some(segs))
+        plan_async_in(&self.layers, off, len)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::{Mapping, Run};
     use crate::io::mem::MemStorage;
     use crate::io::Storage;
 

@@ -12,9 +12,13 @@ use std::sync::Arc;
 
 pub mod chain;
 pub mod create_raw;
+pub mod plan;
 pub mod raw;
+pub mod walk;
 
-pub use chain::{Chain, Completion, ReadPlan, Resolved, Segment, Wait};
+pub use chain::Chain;
+pub use plan::{Completion, ReadPlan, Segment, Wait};
+pub use walk::Resolved;
 
 /// Which host file of a layer holds a data run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
