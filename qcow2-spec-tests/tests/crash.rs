@@ -259,11 +259,13 @@ fn crash_workload(opts: &str, seed: u64) -> Vec<String> {
                 shadow[r.clone()].fill(pat);
             }
             6..=7 => {
-                chain.write_zeroes(off, len, ZeroMode::MayUnmap).unwrap();
+                chain
+                    .write_zeroes(off, len, ZeroMode::MayUnmap, false)
+                    .unwrap();
                 shadow[r.clone()].fill(0);
             }
             _ => {
-                chain.discard(off, len).unwrap();
+                chain.discard(off, len, false).unwrap();
                 // discard is advisory: the range is unknown until the next flush
             }
         }

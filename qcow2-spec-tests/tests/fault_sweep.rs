@@ -602,9 +602,10 @@ fn run_workload(chain: &Chain, ops: &[Op]) -> Vec<Outcome> {
                     } else {
                         ZeroMode::MayUnmap
                     },
+                    false,
                 )
                 .is_ok(),
-            Op::Discard { off, len } => chain.discard(off, len).is_ok(),
+            Op::Discard { off, len } => chain.discard(off, len, false).is_ok(),
             Op::Flush => chain.flush().is_ok(),
         };
         out.push(Outcome { op, ok });

@@ -95,7 +95,7 @@ fn w(chain: &Chain, shadow: &mut [u8], off: u64, len: u64, pat: u8) {
 
 fn z(chain: &Chain, shadow: &mut [u8], off: u64, len: u64, mode: ZeroMode) {
     chain
-        .write_zeroes(off, len, mode)
+        .write_zeroes(off, len, mode, false)
         .unwrap_or_else(|e| panic!("write_zeroes {off:#x}+{len:#x}: {e}"));
     shadow[off as usize..(off + len) as usize].fill(0);
 }
@@ -115,7 +115,7 @@ fn compressed_workload(chain: &Chain, shadow: &mut [u8], cs: u64) {
     chain.flush().unwrap();
     // discard of whole clusters reads as zeros afterwards (v3)
     let (off, len) = (14 * cs, 3 * cs);
-    chain.discard(off, len).unwrap();
+    chain.discard(off, len, false).unwrap();
     shadow[off as usize..(off + len) as usize].fill(0);
     // overwrite what was just written (now an owned cluster)
     w(chain, shadow, 3 << 20, 4096, 9);
@@ -349,7 +349,7 @@ fn a_failed_data_write_under_a_new_l2_table_leaves_a_valid_image() {
         // a freed cluster with stale bytes, the first one the next allocation takes
         chain.write(12 << 20, &vec![0xabu8; cs], false).unwrap();
         chain.flush().unwrap();
-        chain.discard(12 << 20, cs as u64).unwrap();
+        chain.discard(12 << 20, cs as u64, false).unwrap();
         chain.flush().unwrap();
         // the next storage operation is the data write of a cluster under a table that does
         // not exist yet (each L2 table covers 2 MiB here, or 16 MiB with extended L2); the
@@ -416,7 +416,7 @@ fn refcounts_see_unflushed_changes() {
         ..Qcow2Options::default()
     };
     let q = Qcow2::open(st, &opts).unwrap();
-    q.write(1 << 20, &[7u8; 4096], &NoBacking, false).unwrap();
+    q.write(1 << 20, &[7u8; 4096], &NoBacking).unwrap();
     let run = q.map(1 << 20, 4096).unwrap();
     let Mapping::Data { host, .. } = run.mapping else {
         panic!("not data: {:?}", run.mapping)

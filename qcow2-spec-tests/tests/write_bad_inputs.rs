@@ -157,9 +157,9 @@ fn case_61_out_of_range_writes_are_errors() {
     assert_eq!(e.kind(), ErrorKind::OutOfRange);
     assert!(img
         .chain
-        .write_zeroes(size, 1, qnbd::block::ZeroMode::MayUnmap)
+        .write_zeroes(size, 1, qnbd::block::ZeroMode::MayUnmap, false)
         .is_err());
-    assert!(img.chain.discard(0, size + 1).is_err());
+    assert!(img.chain.discard(0, size + 1, false).is_err());
     drop(img);
     let o = Command::new("qemu-img")
         .arg("check")

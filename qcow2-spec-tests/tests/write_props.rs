@@ -182,13 +182,13 @@ fn one_sequence(l: &Layout, engine: Engine, seed: u64, dir: &Path) {
                     log.push(format!("zero {off:#x}+{len:#x} {mode:?}"));
                     image
                         .chain
-                        .write_zeroes(off, len, mode)
+                        .write_zeroes(off, len, mode, false)
                         .expect("write_zeroes");
                     shadow[off as usize..(off + len) as usize].fill(0);
                 }
                 60..=74 => {
                     log.push(format!("discard {off:#x}+{len:#x}"));
-                    image.chain.discard(off, len).expect("discard");
+                    image.chain.discard(off, len, false).expect("discard");
                     if !l.data_file_raw {
                         let (a, b) = discarded_clusters(off, len, size, l.cluster);
                         let b = b.min(size);

@@ -6,7 +6,7 @@
 //! `qemu-img map`'s per-range answer on [`Chain::layers`].
 
 use super::plan::{plan_async_in, plan_in, read_in, Completion, ReadPlan, Segment, Wait};
-use super::walk::{resolve_batch, resolve_in, Resolved};
+use super::walk::{resolve_batch, resolve_in, ChainRun};
 use super::{Access, BlockDevice, CowSource, FileRole, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use std::sync::Arc;
@@ -102,7 +102,7 @@ impl Chain {
     }
 
     /// Resolve the range at `off` (at most `len` bytes, `len > 0`) through the chain.
-    pub fn resolve(&self, off: u64, len: u64) -> Result<Resolved> {
+    pub fn resolve(&self, off: u64, len: u64) -> Result<ChainRun> {
         self.check_range(off, len)?;
         resolve_in(&self.layers, off, len)
     }
@@ -116,7 +116,7 @@ impl Chain {
         off: u64,
         len: u64,
         max: usize,
-        out: &mut Vec<Resolved>,
+        out: &mut Vec<ChainRun>,
     ) -> Result<()> {
         self.check_range(off, len)?;
         resolve_batch(&self.layers, off, len, max, out)
@@ -153,17 +153,10 @@ impl Chain {
         if let Some(lock) = &self.compress {
             let _one = lock.lock().unwrap_or_else(|e| e.into_inner());
             self.write_compressing(off, buf)?;
-            if fua || self.write_through {
-                self.flush()?;
-            }
-            return Ok(());
+            return self.settle(fua || self.write_through);
         }
-        self.layers[0].write(
-            off,
-            buf,
-            &Below(&self.layers[1..]),
-            fua || self.write_through,
-        )
+        self.layers[0].write(off, buf, &Below(&self.layers[1..]))?;
+        self.settle(fua || self.write_through)
     }
 
     /// Whole compressed clusters for `buf` at `off`: a cluster the write covers in part is
@@ -195,28 +188,27 @@ impl Chain {
         Ok(())
     }
 
-    /// Make a range read as zeros.
-    pub fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode) -> Result<()> {
+    /// Make a range read as zeros; durable before it returns with `fua` (or write-through).
+    pub fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode, fua: bool) -> Result<()> {
         self.check_range(off, len)?;
         let _one = self
             .compress
             .as_ref()
             .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         self.layers[0].write_zeroes(off, len, mode, &Below(&self.layers[1..]))?;
-        if self.write_through {
-            self.flush()?;
-        }
-        Ok(())
+        self.settle(fua || self.write_through)
     }
 
-    /// Release a range (advisory).
-    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+    /// Release a range (advisory); with `fua`, what was written before is durable when it
+    /// returns (write-through does not apply: QEMU's BlockBackend adds FUA to writes only).
+    pub fn discard(&self, off: u64, len: u64, fua: bool) -> Result<()> {
         self.check_range(off, len)?;
         let _one = self
             .compress
             .as_ref()
             .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
-        self.layers[0].discard(off, len, &Below(&self.layers[1..]))
+        self.layers[0].discard(off, len, &Below(&self.layers[1..]))?;
+        self.settle(fua)
     }
 
     /// A persistent dirty bitmap, looked up from the top layer down (as qemu-nbd does).
@@ -252,6 +244,16 @@ impl Chain {
     /// Make completed writes durable.
     pub fn flush(&self) -> Result<()> {
         self.layers[0].flush()
+    }
+
+    /// The one FUA path: after a request asked to be durable (`durable`: its FUA flag, or
+    /// write-through), flush.
+    fn settle(&self, durable: bool) -> Result<()> {
+        if durable {
+            self.flush()
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -398,7 +400,7 @@ mod tests {
     }
 
     /// Per byte: (mapping with the host offset of that byte, depth).
-    fn per_byte(runs: &[Resolved]) -> Vec<(Mapping, usize)> {
+    fn per_byte(runs: &[ChainRun]) -> Vec<(Mapping, usize)> {
         let mut v = Vec::new();
         for r in runs {
             for i in 0..r.len {

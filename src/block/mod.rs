@@ -18,7 +18,7 @@ pub mod walk;
 
 pub use chain::Chain;
 pub use plan::{Completion, ReadPlan, Segment, Wait};
-pub use walk::Resolved;
+pub use walk::ChainRun;
 
 /// Which host file of a layer holds a data run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,9 +207,10 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         ))
     }
 
-    /// Write guest bytes; partial clusters are completed from `below`.
-    fn write(&self, off: u64, buf: &[u8], below: &dyn CowSource, fua: bool) -> Result<()> {
-        let _ = (off, buf, below, fua);
+    /// Write guest bytes; partial clusters are completed from `below`. Durability (FUA,
+    /// write-through) is not the layer's business: `Chain` flushes afterwards.
+    fn write(&self, off: u64, buf: &[u8], below: &dyn CowSource) -> Result<()> {
+        let _ = (off, buf, below);
         Err(read_only_error())
     }
 

@@ -6,7 +6,7 @@
 //! ring data plane, [`plan_async_in`] turns the runs into [`Segment`]s (file reads by
 //! descriptor and zero runs) without pinning; the caller checks the reuse epoch instead.
 
-use super::walk::{no_layer, resolve_batch, resolve_many_in, Resolved};
+use super::walk::{no_layer, resolve_batch, resolve_many_in, ChainRun};
 use super::{BlockDevice, Mapping, ReadPin};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact_or_zero;
@@ -54,7 +54,7 @@ pub struct ReadPlan<'a> {
     _pins: Vec<ReadPin<'a>>,
     off: u64,
     len: u64,
-    runs: Vec<Resolved>,
+    runs: Vec<ChainRun>,
     /// Guest offset where each run starts.
     starts: Vec<u64>,
 }
@@ -71,7 +71,7 @@ impl std::fmt::Debug for ReadPlan<'_> {
 
 impl ReadPlan<'_> {
     /// The resolved runs, in guest order, covering the planned range exactly.
-    pub fn runs(&self) -> &[Resolved] {
+    pub fn runs(&self) -> &[ChainRun] {
         &self.runs
     }
 

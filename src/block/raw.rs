@@ -266,7 +266,7 @@ impl BlockDevice for RawDevice {
         }
     }
 
-    fn write(&self, off: u64, buf: &[u8], _below: &dyn CowSource, fua: bool) -> Result<()> {
+    fn write(&self, off: u64, buf: &[u8], _below: &dyn CowSource) -> Result<()> {
         self.check_writable(off, buf.len() as u64)?;
         // data written into the partial last sector beyond the end of the file extends the
         // file to the sector's end, as QEMU's file driver does (the size stays the same)
@@ -274,11 +274,7 @@ impl BlockDevice for RawDevice {
             self.storage
                 .write_at(buf, off)
                 .map_err(|e| Error::io(format!("Could not write at {off:#x}"), e))
-        })?;
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
+        })
     }
 
     fn write_zeroes(
@@ -311,7 +307,7 @@ impl BlockDevice for RawDevice {
         let mut pos = off;
         while pos < off + len {
             let n = chunk.min(off + len - pos);
-            self.write(pos, &zeros[..n as usize], below, false)?;
+            self.write(pos, &zeros[..n as usize], below)?;
             pos += n;
         }
         Ok(())

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 /// The answer of the chain for a guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resolved {
+pub struct ChainRun {
     pub len: u64,
     /// The mapping in the layer that answered; `Backing` when no layer did.
     pub mapping: Mapping,
@@ -24,7 +24,7 @@ pub struct Resolved {
     pub past_end_of: usize,
 }
 
-impl Resolved {
+impl ChainRun {
     /// The depth `qemu:allocation-depth` reports: the answering layer, or the shorter backing
     /// file beyond whose end the range lies.
     pub fn allocation_depth(&self) -> usize {
@@ -56,14 +56,14 @@ pub(super) fn no_layer() -> Error {
 
 /// Resolve through `layers` (the first is the top). Offsets beyond the top's size are the
 /// caller's to refuse; beyond a shorter lower layer they read as zeros.
-pub(super) fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<Resolved> {
+pub(super) fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) -> Result<ChainRun> {
     {
         let mut len = len;
         for (i, layer) in layers.iter().enumerate() {
             let size = layer.size();
             if off >= size {
                 // beyond the end of a (shorter) backing file: zeros, owned by no layer
-                return Ok(Resolved {
+                return Ok(ChainRun {
                     len,
                     mapping: Mapping::Backing {
                         file: FileRole::Image,
@@ -78,7 +78,7 @@ pub(super) fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) ->
             debug_assert!(run.len > 0 && run.len <= len);
             len = run.len.clamp(1, len);
             if !matches!(run.mapping, Mapping::Backing { .. }) {
-                return Ok(Resolved {
+                return Ok(ChainRun {
                     len,
                     mapping: run.mapping,
                     depth: i + 1,
@@ -86,7 +86,7 @@ pub(super) fn resolve_in(layers: &[Arc<dyn BlockDevice>], off: u64, len: u64) ->
                 });
             }
         }
-        Ok(Resolved {
+        Ok(ChainRun {
             len,
             mapping: Mapping::Backing {
                 file: FileRole::Image,
@@ -108,12 +108,12 @@ pub(super) fn resolve_many_in(
     off: u64,
     len: u64,
     limit: usize,
-    out: &mut Vec<Resolved>,
+    out: &mut Vec<ChainRun>,
     scratch: &mut Vec<Run>,
 ) -> Result<u64> {
     // zeros owned by no layer: below the bottom (`past_end_of` 0), or beyond the end of a
     // (shorter) backing file (`past_end_of` its depth)
-    let unowned = |len, past_end_of| Resolved {
+    let unowned = |len, past_end_of| ChainRun {
         len,
         mapping: Mapping::Backing {
             file: FileRole::Image,
@@ -158,7 +158,7 @@ fn walk_runs(
     off: u64,
     inside: u64,
     limit: usize,
-    out: &mut Vec<Resolved>,
+    out: &mut Vec<ChainRun>,
     scratch: &mut Vec<Run>,
     base: usize,
 ) -> Result<u64> {
@@ -171,14 +171,14 @@ fn walk_runs(
             return Ok(done);
         }
         if !matches!(run.mapping, Mapping::Backing { .. }) {
-            out.push(Resolved {
+            out.push(ChainRun {
                 len: n,
                 mapping: run.mapping,
                 depth: depth + 1,
                 past_end_of: 0,
             });
         } else if below.is_empty() {
-            out.push(Resolved {
+            out.push(ChainRun {
                 len: n,
                 mapping: Mapping::Backing {
                     file: FileRole::Image,
@@ -210,7 +210,7 @@ pub(super) fn resolve_batch(
     off: u64,
     len: u64,
     max: usize,
-    out: &mut Vec<Resolved>,
+    out: &mut Vec<ChainRun>,
 ) -> Result<()> {
     let first = out.len();
     let limit = first.saturating_add(max.max(1));

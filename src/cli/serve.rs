@@ -12,7 +12,6 @@ use super::open_options;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Engine;
 use crate::nbd::export::{ChainBackend, DiscardMode, Export, ExportBackend, ExportSet};
-use crate::nbd::filters::{DetectZeroes, Offset};
 use crate::nbd::meta::Available;
 use crate::nbd::server::{self, ConnConfig, Server, ServerConfig, Stop};
 use crate::nbd::tls::{Credentials, TlsServer};
@@ -438,22 +437,15 @@ fn build_export(
             "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
         ));
     }
-    let mut backend: Arc<dyn ExportBackend> = Arc::new(
-        ChainBackend::new(image.chain)
-            .with_discard(spec.discard)
-            .with_bitmaps(&spec.bitmaps)?,
-    );
+    let mut backend = ChainBackend::new(image.chain)
+        .with_discard(spec.discard)
+        .with_bitmaps(&spec.bitmaps)?
+        .with_offset(offset)
+        .map_err(|e| bad(e.message()))?;
     if let Some(unmap) = spec.detect_zeroes {
-        backend = Arc::new(DetectZeroes::new(backend, unmap));
+        backend = backend.with_detect_zeroes(unmap);
     }
-    if offset > 0 {
-        if offset > backend.size() {
-            return Err(bad(format!(
-                "Offset ({offset}) is past the end of the image"
-            )));
-        }
-        backend = Arc::new(Offset::new(backend, offset));
-    }
+    let backend: Arc<dyn ExportBackend> = Arc::new(backend);
     let export = Arc::new(Export {
         name: spec.name.clone(),
         description: spec.description.clone(),

@@ -1,15 +1,16 @@
 //! Exports: what a client can connect to, and the backend that answers for it.
 //!
 //! An [`Export`] pairs a name and description with an [`ExportBackend`], the narrow interface
-//! the NBD server needs from the block layer: data, writes, zeroes, trims, flushes, block
-//! status and dirty bitmaps. `session.rs` turns its answers into reply bytes. This module never
-//! names an image format: [`ChainBackend`] serves any [`Chain`].
+//! the NBD server needs from the block layer: mapped runs, data, writes, zeroes, trims,
+//! flushes and dirty bitmaps. `session.rs` turns its answers into reply bytes. This module
+//! never names an image format: [`ChainBackend`] serves any [`Chain`], with `serve`'s export
+//! options (`-o`, `--detect-zeroes`, `--discard`, `-B`) as options of its own.
 
 use super::meta::Available;
 use super::transmission::HeaderMode;
 use super::wire::*;
 use crate::block::Chain;
-pub use crate::block::Completion;
+pub use crate::block::{ChainRun, Completion, Wait};
 use crate::error::{Error, ErrorKind, Result};
 use std::fmt;
 use std::sync::Arc;
@@ -17,31 +18,11 @@ use std::sync::Arc;
 /// Whether an export accepts writes: the block layer's answer, passed through.
 pub use crate::block::Access;
 
-/// Block status of a run starting at the queried offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Status {
-    /// Length of the run (non-zero, at most the queried length).
-    pub len: u64,
-    /// `base:allocation` flags (`NBD_STATE_HOLE`, `NBD_STATE_ZERO`).
-    pub allocation: u32,
-    /// `qemu:allocation-depth`: 0 allocated nowhere, 1 top layer, 2 first backing file, ...
-    pub depth: u32,
-}
-
 /// A READ planned as file reads and zero runs (see [`ExportBackend::plan_async`]).
 #[derive(Debug, Clone)]
 pub struct AsyncPlan {
     pub epoch: u64,
     pub segments: Vec<crate::block::Segment>,
-}
-
-/// Whether a READ may wait for the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    /// Block until the data is read (worker threads).
-    Block,
-    /// Only answer from memory (the connection's own thread).
-    Never,
 }
 
 /// Options of `NBD_CMD_WRITE_ZEROES`.
@@ -56,37 +37,17 @@ fn denied() -> Error {
     Error::new(ErrorKind::Denied, "export is read-only")
 }
 
-/// What the NBD server needs from the storage behind an export. Required: size, read, status.
-/// Writes, trims, zeroing and dirty bitmaps have defaults that refuse, so a read-only backend
-/// implements only the first three.
+/// What the NBD server needs from the storage behind an export: its size, how a range is
+/// mapped (as [`ChainRun`]s, the same answer for READ's hole/data split and for block
+/// status), its data, and, for a writable backend, writes, zeroes, trims and flushes. What a
+/// read-only backend need not answer has a default that refuses or does nothing. A writable
+/// backend supports TRIM, WRITE_ZEROES and FAST_ZERO (the transmission flags say so).
 pub trait ExportBackend: Send + Sync + fmt::Debug {
     /// Guest size in bytes.
     fn size(&self) -> u64;
 
-    /// Read `buf.len()` bytes at `off` (the range is inside the export).
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()>;
-
-    /// `read` if it needs no waiting for the disk (page-cache hits); `WouldBlock` otherwise.
-    /// The default always answers `WouldBlock`, which is correct, only slower.
-    fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<Completion> {
-        let _ = (off, buf);
-        Ok(Completion::WouldBlock)
-    }
-
-    /// Status of the run at `off` (at most `len` bytes, `len > 0`).
-    fn block_status(&self, off: u64, len: u64) -> Result<Status>;
-
-    /// A read of `len` bytes at `off` planned for asynchronous file reads, with the reuse
-    /// epoch read before planning (see `Chain::plan_async`). `None` (the default): read with
-    /// [`read`](Self::read) instead.
-    fn plan_async(&self, off: u64, len: u64) -> Option<AsyncPlan> {
-        let _ = (off, len);
-        None
-    }
-
-    /// The reuse epoch an [`AsyncPlan`] is checked against once its reads completed.
-    fn reuse_epoch(&self) -> u64 {
-        0
+    fn access(&self) -> Access {
+        Access::ReadOnly
     }
 
     /// The NBD minimum block size to advertise (1 unless the image asks for more).
@@ -100,63 +61,26 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
         true
     }
 
-    /// Statuses of consecutive runs from `off` (at most `len` bytes, `len > 0`): append at least
-    /// one and at most `max` to `out`. The default asks `block_status` once; a backend that can
-    /// answer many runs per metadata lookup overrides it.
-    fn block_status_many(
-        &self,
-        off: u64,
-        len: u64,
-        max: usize,
-        out: &mut Vec<Status>,
-    ) -> Result<()> {
-        let _ = max;
-        out.push(self.block_status(off, len)?);
-        Ok(())
+    /// Resolve `[off, off + len)` (`len > 0`, inside the export) once and call `f` with its
+    /// runs, in order and covering the range exactly, and a reader for data inside the range,
+    /// valid until `f` returns.
+    fn read_planned(&self, off: u64, len: u64, f: &mut PlanUser<'_>) -> Result<Completion>;
+
+    /// Runs from `off` (at most `len` bytes, `len > 0`): append at least one and at most `max`
+    /// to `out`, contiguous from `off`.
+    fn block_status(&self, off: u64, len: u64, max: usize, out: &mut Vec<ChainRun>) -> Result<()>;
+
+    /// A read of `len` bytes at `off` planned for asynchronous file reads, with the reuse
+    /// epoch read before planning (see `Chain::plan_async`). `None` (the default): read with
+    /// [`read_planned`](Self::read_planned) instead.
+    fn plan_async(&self, off: u64, len: u64) -> Option<AsyncPlan> {
+        let _ = (off, len);
+        None
     }
 
-    /// Resolve `[off, off + len)` (`len > 0`) once and call `f` with its split into pieces
-    /// that read as zeros and data, in order, neighbours merged (one data piece covering the
-    /// range when `holes` is false), and a reader for data inside the range, valid until `f`
-    /// returns.
-    /// The default splits with `block_status` and reads with `read` / `read_nowait`.
-    fn read_planned(
-        &self,
-        off: u64,
-        len: u64,
-        holes: bool,
-        f: &mut PlanUser<'_>,
-    ) -> Result<Completion> {
-        let mut runs: Vec<Piece> = Vec::new();
-        let end = off + len;
-        if holes {
-            let mut pos = off;
-            while pos < end {
-                let st = self.block_status(pos, end - pos)?;
-                let n = st.len.clamp(1, end - pos);
-                push_run(&mut runs, st.allocation & NBD_STATE_ZERO != 0, n);
-                pos += n;
-            }
-        } else {
-            runs.push(Piece::Data(len));
-        }
-        f(&runs, &Direct(self))
-    }
-
-    fn access(&self) -> Access {
-        Access::ReadOnly
-    }
-
-    fn can_trim(&self) -> bool {
-        false
-    }
-
-    fn can_zero(&self) -> bool {
-        false
-    }
-
-    fn can_fast_zero(&self) -> bool {
-        false
+    /// The reuse epoch an [`AsyncPlan`] is checked against once its reads completed.
+    fn reuse_epoch(&self) -> u64 {
+        0
     }
 
     fn write(&self, _off: u64, _data: &[u8], _fua: bool) -> Result<()> {
@@ -181,17 +105,7 @@ pub trait ExportBackend: Send + Sync + fmt::Debug {
         self.flush()
     }
 
-    /// Prefetch hint (`NBD_CMD_CACHE`); success means nothing more than "no error".
-    fn cache(&self, _off: u64, _len: u64) -> Result<()> {
-        Ok(())
-    }
-
-    /// Names of the dirty bitmaps this backend can export.
-    fn bitmaps(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// The run of bitmap `name` at `off`: (length, dirty).
+    /// The run of the exported dirty bitmap `name` at `off`: (length, dirty).
     fn dirty_bitmap(&self, name: &str, _off: u64, _len: u64) -> Result<(u64, bool)> {
         Err(Error::new(
             ErrorKind::NotFound,
@@ -207,25 +121,16 @@ pub trait PlannedRead {
     fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion>;
 }
 
-/// Reads straight through a backend (each read maps its range again).
-pub(crate) struct Direct<'a, B: ?Sized>(pub(crate) &'a B);
-
-impl<B: ExportBackend + ?Sized> PlannedRead for Direct<'_, B> {
-    fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion> {
-        match wait {
-            Wait::Block => self.0.read(off, buf).map(|_| Completion::Done),
-            Wait::Never => self.0.read_nowait(off, buf),
-        }
-    }
+/// A chain's read plan, read at export offsets (`by`: the export's `-o` offset into the
+/// image).
+struct Shifted<'a> {
+    plan: crate::block::ReadPlan<'a>,
+    by: u64,
 }
 
-impl PlannedRead for crate::block::ReadPlan<'_> {
+impl PlannedRead for Shifted<'_> {
     fn read(&self, off: u64, buf: &mut [u8], wait: Wait) -> Result<Completion> {
-        let wait = match wait {
-            Wait::Block => crate::block::Wait::Block,
-            Wait::Never => crate::block::Wait::Never,
-        };
-        crate::block::ReadPlan::read(self, off, buf, wait)
+        self.plan.read(off + self.by, buf, wait)
     }
 }
 
@@ -248,9 +153,9 @@ impl Piece {
     }
 }
 
-/// What [`ExportBackend::read_planned`] calls: with the range's hole/data split, in order,
-/// and a reader for the data.
-pub type PlanUser<'f> = dyn FnMut(&[Piece], &dyn PlannedRead) -> Result<Completion> + 'f;
+/// What [`ExportBackend::read_planned`] calls: with the range's runs, in order, and a reader
+/// for the data.
+pub type PlanUser<'f> = dyn FnMut(&[ChainRun], &dyn PlannedRead) -> Result<Completion> + 'f;
 
 /// Append a run to a hole/data split, merging it into the last piece when they agree.
 pub(crate) fn push_run(runs: &mut Vec<Piece>, zero: bool, n: u64) {
@@ -258,22 +163,6 @@ pub(crate) fn push_run(runs: &mut Vec<Piece>, zero: bool, n: u64) {
         (Some(Piece::Hole(l)), true) | (Some(Piece::Data(l)), false) => *l += n,
         (_, true) => runs.push(Piece::Hole(n)),
         (_, false) => runs.push(Piece::Data(n)),
-    }
-}
-
-/// `base:allocation` and `qemu:allocation-depth` of a resolved run.
-fn status_of(r: &crate::block::Resolved) -> Status {
-    let mut allocation = 0;
-    if !r.is_data() {
-        allocation |= NBD_STATE_HOLE;
-    }
-    if r.reads_zero() {
-        allocation |= NBD_STATE_ZERO;
-    }
-    Status {
-        len: r.len,
-        allocation,
-        depth: u32::try_from(r.allocation_depth()).unwrap_or(u32::MAX),
     }
 }
 
@@ -287,12 +176,23 @@ pub enum DiscardMode {
     Unmap,
 }
 
-/// A backend over an image chain; writable when the chain's top layer is.
+/// A backend over an image chain; writable when the chain's top layer is. What `serve` can
+/// change about an export is an option here rather than a wrapper, so every route (planned
+/// reads, batched block status, ring plans, bitmaps) sees it:
+///
+/// * `with_offset` (`serve -o N`): the export starts N bytes into the image;
+/// * `with_detect_zeroes` (`--detect-zeroes=on|unmap`): a WRITE whose payload is all zeros
+///   becomes a WRITE_ZEROES, as QEMU's `detect-zeroes` turns it into a zero write on the top
+///   node (`unmap`: one that may release space, which the export's discard mode then allows).
 #[derive(Debug, Clone)]
 pub struct ChainBackend {
     chain: Chain,
     discard: DiscardMode,
     bitmaps: Vec<(String, Arc<std::sync::RwLock<crate::bitmap::DirtyBitmap>>)>,
+    /// Export offset 0 is this image offset.
+    offset: u64,
+    /// Zero detection on writes: `Some(unmap)`.
+    detect_zeroes: Option<bool>,
 }
 
 impl ChainBackend {
@@ -301,6 +201,8 @@ impl ChainBackend {
             chain,
             discard: DiscardMode::Ignore,
             bitmaps: Vec::new(),
+            offset: 0,
+            detect_zeroes: None,
         }
     }
 
@@ -319,6 +221,25 @@ impl ChainBackend {
         self
     }
 
+    /// Start the export `offset` bytes into the image (qemu-nbd's `-o`); at most the image
+    /// size.
+    pub fn with_offset(mut self, offset: u64) -> Result<Self> {
+        if offset > self.chain.size() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Offset ({offset}) is past the end of the image"),
+            ));
+        }
+        self.offset = offset;
+        Ok(self)
+    }
+
+    /// Turn all-zero WRITEs into WRITE_ZEROES (`unmap`: ones that may release space).
+    pub fn with_detect_zeroes(mut self, unmap: bool) -> Self {
+        self.detect_zeroes = Some(unmap);
+        self
+    }
+
     fn check_writable(&self) -> Result<()> {
         match self.access() {
             Access::ReadWrite => Ok(()),
@@ -327,27 +248,22 @@ impl ChainBackend {
     }
 }
 
+/// Whether every byte of `data` is zero (sixteen bytes at a time).
+fn all_zero(data: &[u8]) -> bool {
+    let mut chunks = data.chunks_exact(16);
+    let words = chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0);
+    words && chunks.remainder().iter().all(|&b| b == 0)
+}
+
 impl ExportBackend for ChainBackend {
     fn size(&self) -> u64 {
-        self.chain.size()
+        self.chain.size() - self.offset
     }
 
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.chain.read(off, buf)
-    }
-
-    fn read_nowait(&self, off: u64, buf: &mut [u8]) -> Result<Completion> {
-        self.chain.read_nowait(off, buf)
-    }
-
-    fn plan_async(&self, off: u64, len: u64) -> Option<AsyncPlan> {
-        let epoch = self.chain.reuse_epoch();
-        let segments = self.chain.plan_async(off, len).ok()??;
-        Some(AsyncPlan { epoch, segments })
-    }
-
-    fn reuse_epoch(&self) -> u64 {
-        self.chain.reuse_epoch()
+    fn access(&self) -> Access {
+        self.chain.access()
     }
 
     fn request_alignment(&self) -> u32 {
@@ -358,69 +274,50 @@ impl ExportBackend for ChainBackend {
         self.chain.writes_buffered()
     }
 
-    fn block_status(&self, off: u64, len: u64) -> Result<Status> {
-        let r = self.chain.resolve(off, len)?;
-        Ok(Status {
-            len: r.len.clamp(1, len),
-            ..status_of(&r)
-        })
+    fn read_planned(&self, off: u64, len: u64, f: &mut PlanUser<'_>) -> Result<Completion> {
+        let plan = self.chain.plan_read(off + self.offset, len)?;
+        let runs = plan.runs().to_vec();
+        f(
+            &runs,
+            &Shifted {
+                plan,
+                by: self.offset,
+            },
+        )
     }
 
-    fn block_status_many(
-        &self,
-        off: u64,
-        len: u64,
-        max: usize,
-        out: &mut Vec<Status>,
-    ) -> Result<()> {
-        let mut runs = Vec::new();
-        self.chain.resolve_many(off, len, max, &mut runs)?;
-        out.extend(runs.iter().map(status_of));
-        Ok(())
+    fn block_status(&self, off: u64, len: u64, max: usize, out: &mut Vec<ChainRun>) -> Result<()> {
+        self.chain.resolve_many(off + self.offset, len, max, out)
     }
 
-    fn read_planned(
-        &self,
-        off: u64,
-        len: u64,
-        holes: bool,
-        f: &mut PlanUser<'_>,
-    ) -> Result<Completion> {
-        let plan = self.chain.plan_read(off, len)?;
-        let mut runs: Vec<Piece> = Vec::new();
-        if holes {
-            for r in plan.runs() {
-                push_run(&mut runs, r.reads_zero(), r.len);
-            }
-        } else {
-            runs.push(Piece::Data(len));
-        }
-        f(&runs, &plan)
+    fn plan_async(&self, off: u64, len: u64) -> Option<AsyncPlan> {
+        let epoch = self.chain.reuse_epoch();
+        let segments = self.chain.plan_async(off + self.offset, len).ok()??;
+        Some(AsyncPlan { epoch, segments })
     }
 
-    fn access(&self) -> Access {
-        self.chain.access()
-    }
-
-    fn can_trim(&self) -> bool {
-        true
-    }
-
-    fn can_zero(&self) -> bool {
-        true
-    }
-
-    fn can_fast_zero(&self) -> bool {
-        true
+    fn reuse_epoch(&self) -> u64 {
+        self.chain.reuse_epoch()
     }
 
     fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_writable()?;
-        self.chain.write(off, data, fua)
+        if let Some(unmap) = self.detect_zeroes {
+            if !data.is_empty() && all_zero(data) {
+                let flags = ZeroFlags {
+                    no_hole: !unmap,
+                    fast: false,
+                    fua,
+                };
+                return self.write_zeroes(off, data.len() as u64, flags);
+            }
+        }
+        self.chain.write(off + self.offset, data, fua)
     }
 
     fn write_zeroes(&self, off: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_writable()?;
+        let off = off + self.offset;
         if flags.fast && !self.chain.zero_is_fast(off, len) {
             // NBD_CMD_FLAG_FAST_ZERO: fail at once rather than write zeros the slow way
             return Err(Error::new(
@@ -433,22 +330,17 @@ impl ExportBackend for ChainBackend {
         } else {
             crate::block::ZeroMode::MayUnmap
         };
-        self.chain.write_zeroes(off, len, mode)?;
-        if flags.fua {
-            self.chain.flush()?;
-        }
-        Ok(())
+        self.chain.write_zeroes(off, len, mode, flags.fua)
     }
 
     fn trim(&self, off: u64, len: u64, fua: bool) -> Result<()> {
         self.check_writable()?;
-        if self.discard == DiscardMode::Unmap {
-            self.chain.discard(off, len)?;
+        match self.discard {
+            DiscardMode::Unmap => self.chain.discard(off + self.offset, len, fua),
+            // nothing written, but FUA still asks for what was written before to be durable
+            DiscardMode::Ignore if fua => self.chain.flush(),
+            DiscardMode::Ignore => Ok(()),
         }
-        if fua {
-            self.chain.flush()?;
-        }
-        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
@@ -459,10 +351,6 @@ impl ExportBackend for ChainBackend {
         self.chain.close()
     }
 
-    fn bitmaps(&self) -> Vec<String> {
-        self.bitmaps.iter().map(|(n, _)| n.clone()).collect()
-    }
-
     fn dirty_bitmap(&self, name: &str, off: u64, len: u64) -> Result<(u64, bool)> {
         let Some((_, b)) = self.bitmaps.iter().find(|(n, _)| n == name) else {
             return Err(Error::new(
@@ -471,6 +359,7 @@ impl ExportBackend for ChainBackend {
             ));
         };
         let g = b.read().unwrap_or_else(|e| e.into_inner());
+        let off = off + self.offset;
         if off >= g.size() {
             return Ok((len.max(1), false));
         }
@@ -499,15 +388,7 @@ impl Export {
         match self.backend.access() {
             Access::ReadOnly => f |= NBD_FLAG_READ_ONLY,
             Access::ReadWrite => {
-                if self.backend.can_trim() {
-                    f |= NBD_FLAG_SEND_TRIM;
-                }
-                if self.backend.can_zero() {
-                    f |= NBD_FLAG_SEND_WRITE_ZEROES;
-                    if self.backend.can_fast_zero() {
-                        f |= NBD_FLAG_SEND_FAST_ZERO;
-                    }
-                }
+                f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO
             }
         }
         if mode >= HeaderMode::Structured {
@@ -572,11 +453,39 @@ pub(crate) mod tests {
         }
     }
 
-    impl ExportBackend for Scripted {
-        fn size(&self) -> u64 {
-            self.runs.iter().map(|r| r.0).sum()
+    impl Scripted {
+        /// The run at `off` (at most `len` bytes) as the chain would answer it.
+        fn run(&self, off: u64, len: u64) -> ChainRun {
+            use crate::block::{FileRole, Mapping};
+            let (start, rl, allocation, depth) = self.at(off);
+            let mapping = if allocation & NBD_STATE_HOLE == 0 {
+                Mapping::Data {
+                    file: FileRole::Image,
+                    host: off,
+                    zero: allocation & NBD_STATE_ZERO != 0,
+                }
+            } else if depth > 0 {
+                Mapping::Zero {
+                    file: FileRole::Image,
+                    host: None,
+                }
+            } else {
+                Mapping::Backing {
+                    file: FileRole::Image,
+                    host: None,
+                }
+            };
+            ChainRun {
+                len: (start + rl - off).min(len),
+                mapping,
+                depth: depth as usize,
+                past_end_of: 0,
+            }
         }
-        fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+    }
+
+    impl PlannedRead for Scripted {
+        fn read(&self, off: u64, buf: &mut [u8], _wait: Wait) -> Result<Completion> {
             for (i, b) in buf.iter_mut().enumerate() {
                 let (_, _, a, _) = self.at(off + i as u64);
                 *b = if a & NBD_STATE_ZERO != 0 {
@@ -585,15 +494,33 @@ pub(crate) mod tests {
                     self.fill
                 };
             }
-            Ok(())
+            Ok(Completion::Done)
         }
-        fn block_status(&self, off: u64, len: u64) -> Result<Status> {
-            let (start, rl, allocation, depth) = self.at(off);
-            Ok(Status {
-                len: (start + rl - off).min(len),
-                allocation,
-                depth,
-            })
+    }
+
+    impl ExportBackend for Scripted {
+        fn size(&self) -> u64 {
+            self.runs.iter().map(|r| r.0).sum()
+        }
+        fn read_planned(&self, off: u64, len: u64, f: &mut PlanUser<'_>) -> Result<Completion> {
+            let mut runs = Vec::new();
+            let mut pos = off;
+            while pos < off + len {
+                let r = self.run(pos, off + len - pos);
+                pos += r.len;
+                runs.push(r);
+            }
+            f(&runs, self)
+        }
+        fn block_status(
+            &self,
+            off: u64,
+            len: u64,
+            _max: usize,
+            out: &mut Vec<ChainRun>,
+        ) -> Result<()> {
+            out.push(self.run(off, len));
+            Ok(())
         }
     }
 
@@ -619,5 +546,17 @@ pub(crate) mod tests {
         let e = export(false);
         assert_eq!(e.transmission_flags(HeaderMode::Extended), 0x148f);
         assert_eq!(e.transmission_flags(HeaderMode::Simple), 0x040f);
+    }
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        for len in [1usize, 15, 16, 17, 4096, 65536 + 3] {
+            assert!(all_zero(&vec![0u8; len]));
+            for pos in [0, len / 2, len - 1] {
+                let mut v = vec![0u8; len];
+                v[pos] = 1;
+                assert!(!all_zero(&v), "len {len}, byte {pos}");
+            }
+        }
     }
 }

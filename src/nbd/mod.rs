@@ -7,7 +7,6 @@
 //! * [`extents`] — block-status descriptor building.
 //! * [`export`] — exports and the [`export::ExportBackend`] trait (what a backend answers).
 //! * [`session`] — a negotiated session and the execution of its commands.
-//! * [`filters`] — backends wrapping another: `-o` offset, zero detection.
 //! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
 //! * [`dispatch`] — which requests run on a driver's thread and which on the worker pool,
 //!   and the bounds per connection, shared by both drivers.
@@ -24,7 +23,6 @@ pub mod client;
 pub mod dispatch;
 pub mod export;
 pub mod extents;
-pub mod filters;
 pub mod handshake;
 pub mod meta;
 #[cfg(feature = "uring")]

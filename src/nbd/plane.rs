@@ -263,13 +263,15 @@ struct FileRead {
     /// The backend's reuse epoch before planning; the data counts only if it is unchanged.
     epoch: u64,
     /// The reply: header bytes, and data buffers (taken by the ring while being filled).
-    pieces: Vec<Piece>,
+    pieces: Vec<ReplyPart>,
     outstanding: usize,
     failed: bool,
     cost: usize,
 }
 
-enum Piece {
+/// One part of a reply the plane assembles: header bytes, or a data buffer (taken by the ring
+/// while it is being filled).
+enum ReplyPart {
     Head(Vec<u8>),
     Data(Option<IoBuf>, usize),
 }
@@ -825,25 +827,26 @@ impl Plane {
         let mode = c.lim.mode;
         let (cookie, roff) = (req.cookie, req.offset);
         // the reply's pieces, and the file reads that fill its data buffers
-        let mut pieces: Vec<Piece> = Vec::new();
+        let mut pieces: Vec<ReplyPart> = Vec::new();
         let mut reads: Vec<(usize, RawFd, u64, usize)> = Vec::new();
-        let mut add_data = |pieces: &mut Vec<Piece>, out: &mut ReplyBatch, s: &Segment| match *s {
+        let mut add_data = |pieces: &mut Vec<ReplyPart>, out: &mut ReplyBatch, s: &Segment| match *s
+        {
             Segment::Data { fd, host, len } => {
                 let len = len as usize;
                 reads.push((pieces.len(), fd, host, len));
-                pieces.push(Piece::Data(Some(out.take_buf(len)), len));
+                pieces.push(ReplyPart::Data(Some(out.take_buf(len)), len));
             }
             Segment::Zero(len) => {
                 let len = len as usize;
                 let mut b = out.take_buf(len);
                 b[..len].fill(0);
-                pieces.push(Piece::Data(Some(b), len));
+                pieces.push(ReplyPart::Data(Some(b), len));
             }
         };
         if mode == HeaderMode::Simple {
             let mut h = Vec::new();
             transmission::encode_simple(&mut h, cookie, 0);
-            pieces.push(Piece::Head(h));
+            pieces.push(ReplyPart::Head(h));
             for s in &plan.segments {
                 add_data(&mut pieces, &mut c.out, s);
             }
@@ -861,7 +864,7 @@ impl Plane {
             for (k, piece) in split.into_iter().enumerate() {
                 let mut h = Vec::new();
                 session::encode_read_chunk(&mut h, mode, cookie, roff, k == last, pos, piece);
-                pieces.push(Piece::Head(h));
+                pieces.push(ReplyPart::Head(h));
                 // a piece is a merge of whole segments: take those it covers
                 let mut covered = 0;
                 while covered < piece.len() {
@@ -897,7 +900,7 @@ impl Plane {
             cost,
         };
         for (piece, fd, host, len) in reads {
-            let Some(Piece::Data(slot, _)) = fr.pieces.get_mut(piece) else {
+            let Some(ReplyPart::Data(slot, _)) = fr.pieces.get_mut(piece) else {
                 continue;
             };
             let Some(buf) = slot.take() else {
@@ -938,7 +941,7 @@ impl Plane {
                 // an error, or a short read (end of a host file): the workers' read decides
                 fr.failed = true;
             }
-            if let Some(Piece::Data(slot, _)) = fr.pieces.get_mut(piece) {
+            if let Some(ReplyPart::Data(slot, _)) = fr.pieces.get_mut(piece) {
                 *slot = Some(buf);
             }
         }
@@ -963,7 +966,7 @@ impl Plane {
         let stale = c.session.export.backend.reuse_epoch() != fr.epoch;
         if fr.failed || stale || c.broken {
             for p in fr.pieces {
-                if let Piece::Data(Some(b), _) = p {
+                if let ReplyPart::Data(Some(b), _) = p {
                     c.out.give_back(b);
                 }
             }
@@ -979,9 +982,9 @@ impl Plane {
         }
         for p in fr.pieces {
             match p {
-                Piece::Head(h) => c.out.push_head(|o| o.extend_from_slice(&h)),
-                Piece::Data(Some(b), n) => c.out.push_data(b, n),
-                Piece::Data(None, _) => {}
+                ReplyPart::Head(h) => c.out.push_head(|o| o.extend_from_slice(&h)),
+                ReplyPart::Data(Some(b), n) => c.out.push_data(b, n),
+                ReplyPart::Data(None, _) => {}
             }
         }
     }

@@ -9,7 +9,7 @@
 //! zeros (unless the client set DF); BLOCK_STATUS is answered from block status only, never by
 //! reading data.
 
-use super::export::{Direct, Export, Piece, PlannedRead, Wait, ZeroFlags};
+use super::export::{push_run, ChainRun, Export, Piece, PlannedRead, Wait, ZeroFlags};
 use super::extents::{Extent, ExtentBuilder, MAX_EXTENTS};
 use super::meta::MetaContext;
 use super::reply::ReplyBatch;
@@ -64,7 +64,8 @@ impl Session {
                 length,
                 fua,
             } => self.export.backend.trim(offset, length, fua),
-            Command::Cache { offset, length } => self.export.backend.cache(offset, length),
+            // a prefetch hint: "no error" is all success means (the range is checked)
+            Command::Cache { .. } => Ok(()),
             Command::WriteZeroes {
                 offset,
                 length,
@@ -153,7 +154,12 @@ impl Session {
             if len == 0 {
                 return Ok(Completion::Done);
             }
-            return Self::read_piece(&Direct(&*self.export.backend), offset, len, batch, wait);
+            return self
+                .export
+                .backend
+                .read_planned(offset, len as u64, &mut |_, reader| {
+                    Self::read_piece(reader, offset, len, batch, wait)
+                });
         }
         if len == 0 {
             batch.push_head(|out| {
@@ -179,7 +185,8 @@ impl Session {
         // resolved once: the same plan splits the holes and reads the data.
         self.export
             .backend
-            .read_planned(offset, len as u64, !df, &mut |runs, reader| {
+            .read_planned(offset, len as u64, &mut |mapped, reader| {
+                let runs = read_split(mapped, len as u64, !df);
                 let mut pos = offset;
                 let last = runs.len().saturating_sub(1);
                 for (i, &piece) in runs.iter().enumerate() {
@@ -286,10 +293,10 @@ impl Session {
                                 self.export.backend.dirty_bitmap(name, pos, end - pos)?;
                             let n1 = n1.clamp(1, end - pos);
                             let (n, flag) = if dirty {
-                                let st = self.export.backend.block_status(pos, n1)?;
-                                let n = st.len.clamp(1, n1);
-                                let data = st.allocation & NBD_STATE_HOLE == 0;
-                                (n, u32::from(data))
+                                let mut one = Vec::with_capacity(1);
+                                self.export.backend.block_status(pos, n1, 1, &mut one)?;
+                                let r = one.first().ok_or_else(no_run)?;
+                                (r.len.clamp(1, n1), u32::from(r.is_data()))
                             } else {
                                 (n1, 0)
                             };
@@ -312,18 +319,22 @@ impl Session {
                 statuses.clear();
                 self.export
                     .backend
-                    .block_status_many(pos, end - pos, want, &mut statuses)?;
+                    .block_status(pos, end - pos, want, &mut statuses)?;
+                if statuses.is_empty() {
+                    return Err(no_run());
+                }
                 want = (want * 4).min(STATUS_BATCH_MAX);
-                for st in &statuses {
+                for r in &statuses {
                     if pos >= end || !(busy(&alloc) || busy(&depth)) {
                         break;
                     }
-                    let n = st.len.clamp(1, end - pos);
+                    let n = r.len.clamp(1, end - pos);
                     if let Some(b) = alloc.as_mut() {
-                        b.push(n, st.allocation.into());
+                        b.push(n, allocation_flags(r).into());
                     }
                     if let Some(b) = depth.as_mut() {
-                        b.push(n, st.depth.into());
+                        let d = u32::try_from(r.allocation_depth()).unwrap_or(u32::MAX);
+                        b.push(n, d.into());
                     }
                     pos += n;
                 }
@@ -355,6 +366,40 @@ impl Session {
         }
         out
     }
+}
+
+/// `base:allocation` flags of a mapped run: `NBD_STATE_HOLE` unless it holds data,
+/// `NBD_STATE_ZERO` when it reads as zeros.
+fn allocation_flags(r: &ChainRun) -> u32 {
+    let mut f = 0;
+    if !r.is_data() {
+        f |= NBD_STATE_HOLE;
+    }
+    if r.reads_zero() {
+        f |= NBD_STATE_ZERO;
+    }
+    f
+}
+
+/// A backend that answered block status with no run (a broken backend, never the chain).
+fn no_run() -> Error {
+    Error::new(
+        crate::error::ErrorKind::Corrupt,
+        "block status answered no run",
+    )
+}
+
+/// How a structured READ of `len` bytes over `runs` is sent: ranges that read as zeros as
+/// holes when `holes` (neighbours merged), else one data piece.
+fn read_split(runs: &[ChainRun], len: u64, holes: bool) -> Vec<Piece> {
+    if !holes {
+        return vec![Piece::Data(len)];
+    }
+    let mut split = Vec::new();
+    for r in runs {
+        push_run(&mut split, r.reads_zero(), r.len);
+    }
+    split
 }
 
 /// The chunk header of one piece of a structured READ reply at guest offset `pos` (`last`: the

@@ -1153,7 +1153,7 @@ mod tests {
             .enumerate()
         {
             let data: Vec<u8> = (0..len).map(|j| (i * 37 + j) as u8 | 1).collect();
-            q.write(off, &data, &NoBacking, false).unwrap();
+            q.write(off, &data, &NoBacking).unwrap();
             model[off as usize..off as usize + len].copy_from_slice(&data);
         }
         let mut got = vec![0u8; 1 << 20];
@@ -1166,14 +1166,14 @@ mod tests {
     #[test]
     fn rewrite_in_place_discard_frees_and_resize_grows() {
         let (q, chain) = fresh(1 << 20, 65536);
-        q.write(0, &[1u8; 65536], &NoBacking, false).unwrap();
+        q.write(0, &[1u8; 65536], &NoBacking).unwrap();
         let host = |q: &super::Qcow2| match crate::qcow2::tables::map(q, 0, 65536).unwrap().mapping
         {
             Mapping::Data { host, .. } => host,
             m => panic!("{m:?}"),
         };
         let h = host(&q);
-        q.write(512, &[2u8; 512], &NoBacking, false).unwrap();
+        q.write(512, &[2u8; 512], &NoBacking).unwrap();
         assert_eq!(host(&q), h, "a rewrite moved the cluster");
         q.flush().unwrap();
         q.discard(0, 65536, &NoBacking).unwrap();

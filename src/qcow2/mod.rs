@@ -637,18 +637,8 @@ impl BlockDevice for Qcow2 {
         self.access
     }
 
-    fn write(
-        &self,
-        off: u64,
-        buf: &[u8],
-        below: &dyn crate::block::CowSource,
-        fua: bool,
-    ) -> Result<()> {
-        alloc::write(self, off, buf, below)?;
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
+    fn write(&self, off: u64, buf: &[u8], below: &dyn crate::block::CowSource) -> Result<()> {
+        alloc::write(self, off, buf, below)
     }
 
     fn write_zeroes(

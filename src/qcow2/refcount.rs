@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn an_unflushed_allocation_counts_at_once() {
         let (q, _) = fresh(16 << 20, 65536);
-        q.write(1 << 20, &[7u8; 4096], &NoBacking, false).unwrap();
+        q.write(1 << 20, &[7u8; 4096], &NoBacking).unwrap();
         let run = crate::qcow2::tables::map(&q, 1 << 20, 4096).unwrap();
         let Mapping::Data { host, .. } = run.mapping else {
             panic!("not data: {:?}", run.mapping)
@@ -555,7 +555,7 @@ mod tests {
         let c = host / 65536;
         assert_eq!(q.refcount(c).unwrap(), 1);
         // a second allocation lands elsewhere
-        q.write(2 << 20, &[8u8; 4096], &NoBacking, false).unwrap();
+        q.write(2 << 20, &[8u8; 4096], &NoBacking).unwrap();
         let run = crate::qcow2::tables::map(&q, 2 << 20, 4096).unwrap();
         let Mapping::Data { host: h2, .. } = run.mapping else {
             panic!("not data")

@@ -448,8 +448,7 @@ mod tests {
             "{r:?}"
         );
         assert!(r.len > 0);
-        q.write(128 << 10, &[0x5a; 65536], &NoBacking, false)
-            .unwrap();
+        q.write(128 << 10, &[0x5a; 65536], &NoBacking).unwrap();
         let r = map(&q, 128 << 10, 65536).unwrap();
         let Mapping::Data { file, host, zero } = r.mapping else {
             panic!("{r:?}")
@@ -486,7 +485,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            q.write(*off, &vec![i as u8 + 1; 65536], &NoBacking, false)
+            q.write(*off, &vec![i as u8 + 1; 65536], &NoBacking)
                 .unwrap();
         }
         q.write_zeroes(20 << 16, 2 << 16, ZeroMode::MayUnmap, &NoBacking)

@@ -448,9 +448,9 @@ fn run_ops(o: &Opened, ops: &[WriteOp]) -> Vec<Outcome> {
                 } else {
                     ZeroMode::MayUnmap
                 };
-                o.chain.write_zeroes(off, len, mode).is_ok()
+                o.chain.write_zeroes(off, len, mode, false).is_ok()
             }
-            WriteOp::Discard { off, len } => o.chain.discard(off, len).is_ok(),
+            WriteOp::Discard { off, len } => o.chain.discard(off, len, false).is_ok(),
             WriteOp::Flush => o.chain.flush().is_ok(),
             WriteOp::Compressed { off, len, pat } => {
                 o.q.write_compressed(off, &pattern(pat, off, len), &NoBacking)
