@@ -8,15 +8,16 @@
 //! sees one image whichever plane serves it.
 //!
 //! Per connection, one receive and at most one send are in flight. Each turn of a plane's loop
-//! decodes every complete request in the receive buffer, answers what needs no waiting right
-//! there (reads the page cache holds, via `preadv2(RWF_NOWAIT)`, and small writes without FUA),
-//! queues their replies, and submits all the sends and receives of the turn with one
-//! `io_uring_enter`, which also waits for the next completions. A READ the page cache cannot
-//! answer is planned into (file, host offset) reads and zero runs and read on the ring
-//! (`KIND_FILE`); one whose plan or read fails, or whose clusters were reused meanwhile, is
-//! read again by a worker. Everything else that may wait for the disk or takes metadata locks
-//! for long (big or FUA writes, flushes, zeroing, trims, block status) goes to the shared
-//! worker pool; the worker posts the finished reply back to the plane, which sends it. Replies leave in completion order; clients match cookies.
+//! decodes every complete request in the receive buffer, answers what needs no waiting right there
+//! (where `dispatch::route` says: reads the page cache holds, via `preadv2(RWF_NOWAIT)`, and small
+//! writes without FUA), queues their replies, and submits all the sends and receives of the turn
+//! with one `io_uring_enter`, which also waits for the next completions. A READ the page cache
+//! cannot answer is planned into (file, host offset) reads and zero runs and read on the ring
+//! (`KIND_FILE`); one whose plan or read fails, or whose clusters were reused meanwhile, is read
+//! again by a worker. Everything else that may wait for the disk or takes metadata locks for long
+//! (big or FUA writes, flushes, zeroing, trims, block status) goes to the shared worker pool; the
+//! worker posts the finished reply back to the plane, which sends it. Replies leave in completion
+//! order; clients match cookies.
 //!
 //! Buffers: a connection's receive buffer and queued replies are owned by the ring while an
 //! operation on them is in flight, and come back with the completion. Read data sits in
@@ -25,11 +26,11 @@
 //! into the buffer the write command owns.
 //!
 //! Bounds per connection: at most [`MAX_INFLIGHT`] requests on the workers and the ring, holding
-//! at most [`MAX_JOB_BYTES`] (one request may exceed it when nothing else is in flight),
-//! plus a bound on replies waiting for a slow reader: the plane stops decoding (and receiving)
-//! while any of them is reached.
+//! at most [`MAX_JOB_BYTES_PLANE`] (both in `dispatch.rs`; the last request admitted may go past
+//! it), plus a bound on replies waiting for a slow reader (`MAX_QUEUED_REPLY`): the plane
+//! stops decoding (and receiving) while any of them is reached.
 
-use super::dispatch::{job_cost, Pool, INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_INFLIGHT};
+use super::dispatch::{job_cost, route, Pool, Route, MAX_INFLIGHT, MAX_JOB_BYTES_PLANE};
 use super::export::{self, AsyncPlan, Completion, Wait};
 use super::reply::ReplyBatch;
 use super::session::{self, Session};
@@ -53,8 +54,6 @@ const RECV_BUF: usize = 256 << 10;
 /// not make the plane copy far ahead of the socket, or the reply buffers outgrow the pool and
 /// every one is a fresh allocation (page faults) again.
 const MAX_QUEUED_REPLY: usize = 1 << 20;
-/// Bytes held by the requests of one connection that are on the workers or the ring.
-const MAX_JOB_BYTES: usize = 8 << 20;
 /// Empty reply batches a plane keeps for reuse.
 const MAX_SPARE_BATCHES: usize = 4 * MAX_INFLIGHT;
 /// Submission queue entries per plane ring.
@@ -477,7 +476,7 @@ impl Plane {
             if c.stop_reading
                 || c.big.is_some()
                 || c.jobs >= MAX_INFLIGHT
-                || c.job_bytes >= MAX_JOB_BYTES
+                || c.job_bytes >= MAX_JOB_BYTES_PLANE
                 || c.out.len() + c.sending_bytes >= MAX_QUEUED_REPLY
             {
                 return;
@@ -571,44 +570,41 @@ impl Plane {
                 return;
             }
         };
-        match cmd {
-            Command::Disc => {
+        match route(&cmd, || c.session.export.backend.writes_buffered()) {
+            Route::Disconnect => {
                 c.stop_reading = true;
                 return;
             }
-            Command::Read { offset, length, df } => {
-                if length <= INLINE_READ_MAX {
-                    let done = c.session.read_into(
-                        req.cookie,
-                        req.offset,
-                        offset,
-                        length,
-                        df,
-                        &mut c.out,
-                        Wait::Never,
-                    );
-                    if done == Completion::Done {
-                        return;
-                    }
-                }
-                if length > 0 {
-                    if let Some(plan) = c.session.export.backend.plan_async(offset, length.into()) {
-                        if self.ring_read(i, req, offset, length, df, plan) {
-                            return;
-                        }
-                    }
+            Route::PageCacheRead { offset, length, df } => {
+                let done = c.session.read_into(
+                    req.cookie,
+                    req.offset,
+                    offset,
+                    length,
+                    df,
+                    &mut c.out,
+                    Wait::Never,
+                );
+                if done == Completion::Done {
+                    return;
                 }
             }
-            Command::Write {
-                ref data,
-                fua: false,
-                ..
-            } if data.len() <= INLINE_WRITE_MAX && c.session.export.backend.writes_buffered() => {
+            Route::InlineWrite => {
                 let reply = c.session.execute(req.cookie, req.offset, cmd);
                 c.out.push_head(|o| o.extend_from_slice(&reply));
                 return;
             }
-            _ => {}
+            Route::Worker => {}
+        }
+        // off the plane's thread: a READ is read on the ring when its plan allows
+        if let Command::Read { offset, length, df } = cmd {
+            if length > 0 {
+                if let Some(plan) = c.session.export.backend.plan_async(offset, length.into()) {
+                    if self.ring_read(i, req, offset, length, df, plan) {
+                        return;
+                    }
+                }
+            }
         }
         self.hand_to_worker(i, req, cmd);
     }
@@ -704,7 +700,7 @@ impl Plane {
             }
         } else {
             let throttled = c.jobs >= MAX_INFLIGHT
-                || c.job_bytes >= MAX_JOB_BYTES
+                || c.job_bytes >= MAX_JOB_BYTES_PLANE
                 || c.out.len() + c.sending_bytes >= MAX_QUEUED_REPLY;
             let Some(mut buf) = c.inbuf.take() else {
                 return;

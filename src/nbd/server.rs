@@ -8,15 +8,15 @@
 //! connections, and every connection when there are no planes, stay on their thread for
 //! transmission (the threaded path):
 //!
-//! The thread decodes requests as they arrive. Reads the page cache can answer (up to 256 KiB)
-//! and small writes without FUA are executed right there: no thread hand-off, and their replies
-//! are queued and leave in one vectored write before the thread next waits for the socket.
-//! Everything else (cache misses, big requests, flushes, zeroing, trims, block status) goes to
-//! the pool; workers execute it against the shared export and write the reply under the
-//! connection's writer lock as soon as it is ready, so replies leave in completion order
-//! (clients match them by cookie). Per connection, the number of requests in flight on the
-//! workers and the bytes they may hold are bounded; the reader stops reading while the bound is
-//! reached.
+//! The thread decodes requests as they arrive and runs each where `dispatch::route` says. Reads
+//! the page cache can answer (up to 256 KiB) and small writes without FUA are executed right
+//! there: no thread hand-off, and their replies are queued and leave in one vectored write before
+//! the thread next waits for the socket. Everything else (cache misses, big requests, flushes,
+//! zeroing, trims, block status) goes to the pool; workers execute it against the shared export
+//! and write the reply under the connection's writer lock as soon as it is ready, so replies leave
+//! in completion order (clients match them by cookie). Per connection, the number of requests in
+//! flight on the workers and the bytes they may hold are bounded (`dispatch.rs`); the reader waits
+//! while a bound is reached.
 //!
 //! With TLS configured, `NBD_OPT_STARTTLS` swaps the connection's stream for a
 //! [`super::tls::TlsStream`] in the middle of the handshake loop; the rest of the driver does
@@ -29,9 +29,7 @@
 //! negotiation disconnects unless `persistent`, and SIGTERM/SIGINT end it cleanly (Unix socket
 //! files are removed).
 
-use super::dispatch::{
-    job_cost, Pool, INLINE_READ_MAX, INLINE_WRITE_MAX, MAX_INFLIGHT, MAX_INFLIGHT_BYTES,
-};
+use super::dispatch::{job_cost, route, Pool, Route, MAX_INFLIGHT, MAX_JOB_BYTES_THREADED};
 use super::export::{Completion, ExportSet, Wait};
 use super::handshake::{self, Handshake, Outcome, Tls};
 use super::reply::ReplyBatch;
@@ -228,7 +226,7 @@ struct Inflight {
 impl Inflight {
     fn acquire(&self, bytes: usize) {
         let Ok(mut g) = self.state.lock() else { return };
-        while g.0 >= MAX_INFLIGHT || (g.0 > 0 && g.1 + bytes > MAX_INFLIGHT_BYTES) {
+        while g.0 >= MAX_INFLIGHT || (g.0 > 0 && g.1 + bytes > MAX_JOB_BYTES_THREADED) {
             g = match self.cv.wait(g) {
                 Ok(g) => g,
                 Err(_) => return,
@@ -623,28 +621,32 @@ fn transmit(
                 continue;
             }
         };
-        if cmd == Command::Disc {
-            break;
-        }
-        // Reads the page cache can answer are answered here, without a thread hand-off; their
-        // replies go out in one vectored write per batch of requests.
-        let inline_read = match cmd {
-            Command::Read { offset, length, df } if length <= INLINE_READ_MAX => {
-                Some((offset, length, df))
+        // Reads the page cache can answer and small buffered writes are answered here, without
+        // a thread hand-off; their replies go out in one vectored write per batch of requests.
+        match route(&cmd, || session.export.backend.writes_buffered()) {
+            Route::Disconnect => break,
+            Route::PageCacheRead { offset, length, df } => {
+                let done = session.read_into(
+                    req.cookie,
+                    req.offset,
+                    offset,
+                    length,
+                    df,
+                    &mut batch,
+                    Wait::Never,
+                );
+                if done == Completion::Done {
+                    if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
+                        && send_batch(&writer, &mut batch).is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
             }
-            _ => None,
-        };
-        if let Some((offset, length, df)) = inline_read {
-            let done = session.read_into(
-                req.cookie,
-                req.offset,
-                offset,
-                length,
-                df,
-                &mut batch,
-                Wait::Never,
-            );
-            if done == Completion::Done {
+            Route::InlineWrite => {
+                let out = session.execute(req.cookie, req.offset, cmd);
+                batch.push_head(|o| o.extend_from_slice(&out));
                 if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
                     && send_batch(&writer, &mut batch).is_err()
                 {
@@ -652,20 +654,7 @@ fn transmit(
                 }
                 continue;
             }
-        }
-        // Small writes too: an in-place write is a page-cache copy, an allocating one changes
-        // metadata under a lock that the workers would only queue on.
-        if matches!(&cmd, Command::Write { data, fua: false, .. } if data.len() <= INLINE_WRITE_MAX)
-            && session.export.backend.writes_buffered()
-        {
-            let out = session.execute(req.cookie, req.offset, cmd);
-            batch.push_head(|o| o.extend_from_slice(&out));
-            if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
-                && send_batch(&writer, &mut batch).is_err()
-            {
-                break;
-            }
-            continue;
+            Route::Worker => {}
         }
         let cost = job_cost(&cmd);
         inflight.acquire(cost);
