@@ -162,7 +162,7 @@ pub fn nbd_plane_session(data: &[u8]) -> Option<usize> {
 pub fn nbd_plane_session_end(data: &[u8]) -> Option<(usize, crate::nbd::server::ConnEnd)> {
     use crate::nbd::dispatch::Pool;
     use crate::nbd::plane::Planes;
-    use crate::nbd::server::{serve_connection, ConnEnd, EndHook, Transport};
+    use crate::nbd::server::{serve_connection, ConnEnd, EndHook};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::sync::OnceLock;
@@ -189,7 +189,7 @@ pub fn nbd_plane_session_end(data: &[u8]) -> Option<(usize, crate::nbd::server::
         let end = serve_connection(
             Box::new(r),
             Box::new(server),
-            Some(Box::new(c) as Box<dyn Transport>),
+            Some(c.into()),
             &cfg,
             &pool,
             Some(&hook),

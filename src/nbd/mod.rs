@@ -10,12 +10,13 @@
 //! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
 //! * [`dispatch`] — which requests run on a driver's thread and which on the worker pool,
 //!   and the bounds per connection, shared by both drivers.
-//! * [`server`] — sockets, connections, the threaded driver.
+//! * [`socket`] — a client's connection: its socket and the (plain or TLS) stream over it.
+//! * [`server`] — listeners, connections, the threaded driver.
 //! * [`plane`] — the ring data plane: plain connections served on event rings after negotiation.
 //! * [`tls`] — TLS credentials, handshake and authorization, and the encrypted transport.
 //! * [`client`] — the small client behind `serve -L` (listing a server's exports).
 //!
-//! Socket I/O happens in [`server`] and [`plane`] (the two transmission drivers), [`tls`] (the
+//! Socket I/O happens in [`socket`], [`server`] and [`plane`] (the two transmission drivers), [`tls`] (the
 //! TLS handshake and stream) and [`client`]; the protocol modules are sans-I/O. This module
 //! never imports `qcow2`: it sees images through `block::Chain` only.
 
@@ -30,6 +31,7 @@ pub mod plane;
 pub mod reply;
 pub mod server;
 pub mod session;
+pub mod socket;
 pub mod tls;
 pub mod transmission;
 pub mod wire;

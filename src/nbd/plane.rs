@@ -34,14 +34,13 @@ use super::dispatch::{job_cost, route, Pool, Route, MAX_INFLIGHT, MAX_JOB_BYTES_
 use super::export::{self, AsyncPlan, Completion, Wait};
 use super::reply::ReplyBatch;
 use super::session::{self, Session};
+use super::socket::Socket;
 use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, RawRequest};
 use crate::block::Segment;
 use crate::io::buf::IoBuf;
 use crate::io::uring::{EventRing, RingDone, RingOp, WakeFd};
 use std::io;
-use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -79,31 +78,10 @@ fn untoken(t: u64) -> (usize, usize, u64) {
     ((t >> 24) as usize, ((t >> 8) & 0xffff) as usize, t & 0xff)
 }
 
-/// A negotiated plain connection.
-pub enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    fn fd(&self) -> RawFd {
-        match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
-        }
-    }
-
-    fn shutdown(&self) {
-        let _ = match self {
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
-    }
-}
-
 /// What a plane needs to take over a connection.
 pub struct Handover {
-    pub stream: Stream,
+    /// The negotiated plain connection.
+    pub socket: Socket,
     pub session: Session,
     /// Bytes received after the end of negotiation (pipelined requests).
     pub pending: Vec<u8>,
@@ -204,7 +182,7 @@ impl Planes {
 }
 
 struct Conn {
-    stream: Stream,
+    socket: Socket,
     session: Arc<Session>,
     lim: Limits,
     verbose: bool,
@@ -332,7 +310,7 @@ impl Plane {
 
     fn add(&mut self, h: Handover) {
         let Handover {
-            stream,
+            socket,
             session,
             pending,
             verbose,
@@ -347,7 +325,7 @@ impl Plane {
         let mut inbuf = Vec::with_capacity(RECV_BUF.max(pending.len()));
         inbuf.extend_from_slice(&pending);
         let c = Conn {
-            stream,
+            socket,
             session: Arc::new(session),
             lim,
             verbose,
@@ -426,14 +404,14 @@ impl Plane {
                     }
                     c.broken = true;
                     c.stop_reading = true;
-                    c.stream.shutdown();
+                    c.socket.shutdown();
                     data.clear();
                     c.sending_bytes = 0;
                 } else {
                     let skip = skip + d.result as usize;
                     if skip < total {
                         // a short send: the rest goes first, before anything queued since
-                        let fd = c.stream.fd();
+                        let fd = c.socket.as_raw_fd();
                         c.send_pending = true;
                         c.sending_bytes = total - skip;
                         let token = token(i, 0, KIND_SEND);
@@ -442,7 +420,7 @@ impl Plane {
                             c.send_pending = false;
                             c.broken = true;
                             c.stop_reading = true;
-                            c.stream.shutdown();
+                            c.socket.shutdown();
                             if let RingOp::Send { mut data, .. } = op {
                                 data.clear();
                             }
@@ -652,7 +630,7 @@ impl Plane {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return;
         };
-        let fd = c.stream.fd();
+        let fd = c.socket.as_raw_fd();
         if !c.send_pending && !c.out.is_empty() && !c.broken {
             let next = self
                 .batches
@@ -668,7 +646,7 @@ impl Plane {
                 c.sending_bytes = 0;
                 c.broken = true;
                 c.stop_reading = true;
-                c.stream.shutdown();
+                c.socket.shutdown();
                 if let RingOp::Send { mut data, .. } = op {
                     data.clear();
                     recycle(&mut self.batches, *data);
@@ -757,14 +735,14 @@ impl Plane {
         }
         if c.recv_pending {
             // a receive may wait forever on a silent client: end it
-            c.stream.shutdown();
+            c.socket.shutdown();
             return;
         }
         let Some(c) = self.conns[i].take() else {
             return;
         };
         self.free.push(i);
-        c.stream.shutdown();
+        c.socket.shutdown();
         if let Some(f) = c.on_end {
             f();
         }

@@ -34,13 +34,14 @@ use super::export::{Completion, ExportSet, Wait};
 use super::handshake::{self, Handshake, Outcome, Tls};
 use super::reply::ReplyBatch;
 use super::session::Session;
-use super::tls::{Socket, TlsServer, TlsStream};
+use super::socket::Stream;
+use super::tls::TlsServer;
 use super::transmission::{self, Command, Decoded, Limits, Payload};
 use crate::error::{Error, Result};
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -63,18 +64,18 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<Box<dyn Transport>> {
+    fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nonblocking(false)?;
                 let _ = s.set_nodelay(true);
-                Ok(Box::new(s))
+                Ok(Stream::from(s))
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept()?;
                 s.set_nonblocking(false)?;
-                Ok(Box::new(s))
+                Ok(Stream::from(s))
             }
         }
     }
@@ -160,62 +161,6 @@ pub fn socket_activation() -> Result<Option<Listener>> {
     }
 }
 
-/// A connected byte stream.
-pub trait Transport: Read + Write + Send + Sync + 'static {
-    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>>;
-    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()>;
-    fn shutdown(&self);
-    /// The plain socket under this stream, for a TLS upgrade (`None`: cannot be upgraded).
-    fn socket(&self) -> Option<io::Result<Socket>> {
-        None
-    }
-}
-
-impl Transport for TcpStream {
-    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(d)?;
-        self.set_write_timeout(d)
-    }
-    fn shutdown(&self) {
-        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
-    }
-    fn socket(&self) -> Option<io::Result<Socket>> {
-        Some(self.try_clone().map(Socket::Tcp))
-    }
-}
-
-impl Transport for UnixStream {
-    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(d)?;
-        self.set_write_timeout(d)
-    }
-    fn shutdown(&self) {
-        let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
-    }
-    fn socket(&self) -> Option<io::Result<Socket>> {
-        Some(self.try_clone().map(Socket::Unix))
-    }
-}
-
-impl Transport for TlsStream {
-    fn try_clone_box(&self) -> io::Result<Box<dyn Transport>> {
-        Ok(Box::new(self.clone()))
-    }
-    fn set_timeout(&self, d: Option<Duration>) -> io::Result<()> {
-        TlsStream::set_timeout(self, d);
-        Ok(())
-    }
-    fn shutdown(&self) {
-        TlsStream::shutdown(self);
-    }
-}
-
 /// Requests in flight on one connection.
 #[derive(Default)]
 struct Inflight {
@@ -294,7 +239,7 @@ fn log(msg: &str) {
 pub fn serve_connection(
     reader: Box<dyn Read + Send>,
     writer: Box<dyn Write + Send>,
-    ctl: Option<Box<dyn Transport>>,
+    ctl: Option<Stream>,
     cfg: &ConnConfig,
     pool: &Pool,
     end: Option<&EndHook>,
@@ -314,14 +259,10 @@ pub fn serve_connection(
     let (session, pending) = match (&cfg.planes, &ctl, end) {
         // a TLS stream has no plain socket to hand over: it stays on this thread
         (Some(planes), Some(c), Some(end)) => match c.socket() {
-            Some(Ok(sock)) => {
-                let stream = match sock {
-                    Socket::Tcp(t) => super::plane::Stream::Tcp(t),
-                    Socket::Unix(u) => super::plane::Stream::Unix(u),
-                };
+            Some(Ok(socket)) => {
                 let end = end.clone();
                 let h = super::plane::Handover {
-                    stream,
+                    socket,
                     session,
                     pending,
                     verbose: cfg.verbose,
@@ -349,10 +290,10 @@ struct Negotiated {
     pending: Vec<u8>,
     reader: Box<dyn Read + Send>,
     writer: SharedWriter,
-    ctl: Option<Arc<dyn Transport>>,
+    ctl: Option<Arc<Stream>>,
 }
 
-fn shutdown(ctl: &Option<Arc<dyn Transport>>) {
+fn shutdown(ctl: &Option<Arc<Stream>>) {
     if let Some(c) = ctl {
         c.shutdown();
     }
@@ -371,11 +312,11 @@ fn send(w: &SharedWriter, bytes: &[u8]) -> io::Result<()> {
 fn negotiate(
     mut reader: Box<dyn Read + Send>,
     writer: Box<dyn Write + Send>,
-    ctl: Option<Box<dyn Transport>>,
+    ctl: Option<Stream>,
     cfg: &ConnConfig,
 ) -> std::result::Result<Negotiated, ConnEnd> {
     let mut writer: SharedWriter = Arc::new(Mutex::new(writer));
-    let mut ctl: Option<Arc<dyn Transport>> = ctl.map(Arc::from);
+    let mut ctl: Option<Arc<Stream>> = ctl.map(Arc::from);
     let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
     let tls_mode = if cfg.tls.is_some() {
         Tls::Required
@@ -463,7 +404,7 @@ fn negotiate(
                         }
                         reader = Box::new(t.clone());
                         writer = Arc::new(Mutex::new(Box::new(t.clone())));
-                        ctl = Some(Arc::new(t));
+                        ctl = Some(Arc::new(Stream::Tls(t)));
                     }
                     Err(why) => {
                         log(&format!("option negotiation failed: {why}"));
@@ -512,7 +453,7 @@ fn negotiate(
 fn transmit(
     mut reader: Box<dyn Read + Send>,
     writer: SharedWriter,
-    ctl: Option<Arc<dyn Transport>>,
+    ctl: Option<Arc<Stream>>,
     cfg: &ConnConfig,
     pool: &Pool,
     session: Session,
@@ -960,7 +901,7 @@ impl Server {
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())
                     .spawn(move || {
-                        let end = match (conn.try_clone_box(), conn.try_clone_box()) {
+                        let end = match (conn.try_clone(), conn.try_clone()) {
                             (Ok(r), Ok(c)) => serve_connection(
                                 Box::new(r) as Box<dyn Read + Send>,
                                 Box::new(conn) as Box<dyn Write + Send>,
@@ -1010,6 +951,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::nbd::client::{decode_simple_reply, encode_request, open_export};
     use crate::nbd::wire::*;
+    use std::os::unix::net::UnixStream;
 
     fn reply(s: &mut UnixStream, data: usize) -> (u32, u64, Vec<u8>) {
         let mut h = [0u8; 16];
@@ -1038,7 +980,7 @@ pub(crate) mod tests {
             let end = serve_connection(
                 Box::new(r),
                 Box::new(server),
-                Some(Box::new(c)),
+                Some(c.into()),
                 &cfg,
                 &pool,
                 Some(&hook),
@@ -1114,7 +1056,7 @@ pub(crate) mod tests {
             serve_connection(
                 Box::new(r),
                 Box::new(server),
-                Some(Box::new(c)),
+                Some(c.into()),
                 &cfg,
                 &Pool::new(1),
                 None,

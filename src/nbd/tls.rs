@@ -22,6 +22,7 @@
 //! that write replies: one lock around the OpenSSL session, held only for single non-blocking
 //! calls, and `poll(2)` outside the lock.
 
+use super::socket::Socket;
 use crate::error::{Error, ErrorKind, Result};
 use openssl::error::ErrorStack;
 use openssl::ssl::{
@@ -33,9 +34,7 @@ use openssl::x509::verify::X509VerifyFlags;
 use openssl::x509::{X509NameRef, X509};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -497,52 +496,6 @@ fn escape_dn_value(v: &str) -> String {
         out.push(c);
     }
     out
-}
-
-/// A plain socket the TLS session runs over.
-#[derive(Debug)]
-pub enum Socket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Socket {
-    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Socket::Tcp(s) => s.set_nonblocking(on),
-            Socket::Unix(s) => s.set_nonblocking(on),
-        }
-    }
-}
-
-impl AsRawFd for Socket {
-    fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Socket::Tcp(s) => s.as_raw_fd(),
-            Socket::Unix(s) => s.as_raw_fd(),
-        }
-    }
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.read(buf),
-            Socket::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => s.write(buf),
-            Socket::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Wait until `fd` is ready for `events`, or until `deadline` (`TimedOut`).
