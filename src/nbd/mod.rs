@@ -10,7 +10,7 @@
 //! * [`reply`] — replies queued as headers + page-aligned data buffers for vectored writes.
 //! * [`dispatch`] — which requests run on a driver's thread and which on the worker pool,
 //!   and the bounds per connection, shared by both drivers.
-//! * [`socket`] — a client's connection: its socket and the (plain or TLS) stream over it.
+//! * [`socket`] — a client's socket (TCP or Unix).
 //! * [`server`] — listeners, connections, the threaded driver.
 //! * [`plane`] — the ring data plane: plain connections served on event rings after negotiation.
 //! * [`tls`] — TLS credentials, handshake and authorization, and the encrypted transport.

@@ -34,14 +34,14 @@ use super::export::{Completion, ExportSet, Wait};
 use super::handshake::{self, Handshake, Outcome, Tls};
 use super::reply::ReplyBatch;
 use super::session::Session;
-use super::socket::Stream;
-use super::tls::TlsServer;
+use super::socket::Socket;
+use super::tls::{TlsServer, TlsStream};
 use super::transmission::{self, Command, Decoded, Limits, Payload};
 use crate::error::{Error, Result};
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -158,6 +158,95 @@ pub fn socket_activation() -> Result<Option<Listener>> {
         // SAFETY: as above, an open inet socket owned by nobody else.
         let l = unsafe { TcpListener::from_raw_fd(fd) };
         Ok(Some(Listener::Tcp(l)))
+    }
+}
+
+/// The stream a connection speaks NBD over: its socket, or TLS over it after
+/// `NBD_OPT_STARTTLS`. The threaded driver reads, writes, sets timeouts and shuts down
+/// through it.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(Socket),
+    Tls(TlsStream),
+}
+
+impl Stream {
+    /// Another handle on the same stream (a reader, a writer and a control handle share one
+    /// connection).
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Plain(s) => Stream::Plain(s.try_clone()?),
+            Stream::Tls(t) => Stream::Tls(t.clone()),
+        })
+    }
+
+    pub fn set_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.set_timeout(d),
+            Stream::Tls(t) => {
+                t.set_timeout(d);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        match self {
+            Stream::Plain(s) => s.shutdown(),
+            Stream::Tls(t) => t.shutdown(),
+        }
+    }
+
+    /// The plain socket, for a TLS upgrade or a data plane (`None` once TLS runs over it).
+    pub fn socket(&self) -> Option<io::Result<Socket>> {
+        match self {
+            Stream::Plain(s) => Some(s.try_clone()),
+            Stream::Tls(_) => None,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write_vectored(bufs),
+            Stream::Tls(t) => t.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+impl From<UnixStream> for Stream {
+    fn from(s: UnixStream) -> Stream {
+        Stream::Plain(Socket::Unix(s))
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Stream {
+        Stream::Plain(Socket::Tcp(s))
     }
 }
 
@@ -951,7 +1040,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::nbd::client::{decode_simple_reply, encode_request, open_export};
     use crate::nbd::wire::*;
-    use std::os::unix::net::UnixStream;
 
     fn reply(s: &mut UnixStream, data: usize) -> (u32, u64, Vec<u8>) {
         let mut h = [0u8; 16];
