@@ -134,37 +134,9 @@ impl PlannedRead for Shifted<'_> {
     }
 }
 
-/// One part of a READ's range: sent as an OFFSET_HOLE chunk or as data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Piece {
-    /// `len` bytes that read as zeros.
-    Hole(u64),
-    /// `len` bytes to read.
-    Data(u64),
-}
-
-impl Piece {
-    /// Guest bytes the piece covers.
-    #[allow(clippy::len_without_is_empty)] // a piece is never empty
-    pub fn len(self) -> u64 {
-        match self {
-            Piece::Hole(n) | Piece::Data(n) => n,
-        }
-    }
-}
-
 /// What [`ExportBackend::read_planned`] calls: with the range's runs, in order, and a reader
 /// for the data.
 pub type PlanUser<'f> = dyn FnMut(&[ChainRun], &dyn PlannedRead) -> Result<Completion> + 'f;
-
-/// Append a run to a hole/data split, merging it into the last piece when they agree.
-pub(crate) fn push_run(runs: &mut Vec<Piece>, zero: bool, n: u64) {
-    match (runs.last_mut(), zero) {
-        (Some(Piece::Hole(l)), true) | (Some(Piece::Data(l)), false) => *l += n,
-        (_, true) => runs.push(Piece::Hole(n)),
-        (_, false) => runs.push(Piece::Data(n)),
-    }
-}
 
 /// What TRIM and write-zeroes may do with host space (qemu-nbd's `--discard`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -31,7 +31,7 @@
 //! stops decoding (and receiving) while any of them is reached.
 
 use super::dispatch::{job_cost, route, Pool, Route, MAX_INFLIGHT, MAX_JOB_BYTES_PLANE};
-use super::export::{self, AsyncPlan, Completion, Wait};
+use super::export::{AsyncPlan, Completion, Wait};
 use super::reply::ReplyBatch;
 use super::session::{self, Session};
 use super::socket::Socket;
@@ -827,10 +827,10 @@ impl Plane {
         } else {
             // structured: the hole/data split and chunk headers of a READ on the other paths
             // (zero runs are holes unless DF; each data piece one chunk over its segments)
-            let mut split: Vec<export::Piece> = Vec::new();
+            let mut split: Vec<session::Piece> = Vec::new();
             for s in &plan.segments {
                 let zero = !df && matches!(s, Segment::Zero(_));
-                export::push_run(&mut split, zero, s.bytes());
+                session::push_run(&mut split, zero, s.bytes());
             }
             let mut segs = plan.segments.iter();
             let mut pos = offset;
@@ -844,7 +844,7 @@ impl Plane {
                 while covered < piece.len() {
                     let Some(s) = segs.next() else { break };
                     covered += s.bytes();
-                    if let export::Piece::Data(_) = piece {
+                    if let session::Piece::Data(_) = piece {
                         add_data(&mut pieces, &mut c.out, s);
                     }
                 }

@@ -9,7 +9,7 @@
 //! zeros (unless the client set DF); BLOCK_STATUS is answered from block status only, never by
 //! reading data.
 
-use super::export::{push_run, ChainRun, Export, Piece, PlannedRead, Wait, ZeroFlags};
+use super::export::{ChainRun, Export, PlannedRead, Wait, ZeroFlags};
 use super::extents::{Extent, ExtentBuilder, MAX_EXTENTS};
 use super::meta::MetaContext;
 use super::reply::ReplyBatch;
@@ -387,6 +387,34 @@ fn no_run() -> Error {
         crate::error::ErrorKind::Corrupt,
         "block status answered no run",
     )
+}
+
+/// One part of a READ's range: sent as an OFFSET_HOLE chunk or as data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// `len` bytes that read as zeros.
+    Hole(u64),
+    /// `len` bytes to read.
+    Data(u64),
+}
+
+impl Piece {
+    /// Guest bytes the piece covers.
+    #[allow(clippy::len_without_is_empty)] // a piece is never empty
+    pub fn len(self) -> u64 {
+        match self {
+            Piece::Hole(n) | Piece::Data(n) => n,
+        }
+    }
+}
+
+/// Append a run to a hole/data split, merging it into the last piece when they agree.
+pub(crate) fn push_run(runs: &mut Vec<Piece>, zero: bool, n: u64) {
+    match (runs.last_mut(), zero) {
+        (Some(Piece::Hole(l)), true) | (Some(Piece::Data(l)), false) => *l += n,
+        (_, true) => runs.push(Piece::Hole(n)),
+        (_, false) => runs.push(Piece::Data(n)),
+    }
 }
 
 /// How a structured READ of `len` bytes over `runs` is sent: ranges that read as zeros as
