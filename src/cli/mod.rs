@@ -8,6 +8,7 @@ pub mod convert;
 pub mod create;
 pub mod image_opts;
 pub mod info;
+pub mod manual;
 pub mod map;
 pub mod qjson;
 pub mod resize;
@@ -57,6 +58,10 @@ pub enum Command {
     Create(create::CreateArgs),
     /// Export images over NBD (qemu-nbd).
     Serve(Box<serve::ServeArgs>),
+    /// Print or install the manual pages (generated from these definitions).
+    Man(manual::ManArgs),
+    /// Print or install shell completions (bash, zsh, fish).
+    Completions(manual::CompletionsArgs),
 }
 
 /// Options every image-opening command shares.
@@ -459,6 +464,8 @@ pub fn main() -> i32 {
         Command::Check(a) => check::run(&a),
         Command::Create(a) => create::run(&a),
         Command::Serve(a) => serve::run(&a),
+        Command::Man(a) => manual::run_man(&a),
+        Command::Completions(a) => manual::run_completions(&a),
     };
     finish(res)
 }

@@ -782,6 +782,31 @@ fn daemonize() -> Result<ForkPipe> {
     Ok(ForkPipe(fds[1]))
 }
 
+/// systemd's readiness protocol (`sd_notify(3)`): send `state` (`READY=1`, `STOPPING=1`, ...)
+/// as one datagram to `$NOTIFY_SOCKET` when it is set (a path, or `@name` in the abstract
+/// namespace). A failure is reported and otherwise ignored: the export works without it.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent =
+        UnixDatagram::unbound().and_then(|sock| match target.as_bytes().strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)
+                .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr)),
+            None => sock.send_to(state.as_bytes(), &target),
+        });
+    if let Err(e) = sent {
+        eprintln!(
+            "{}: cannot notify the service manager at {}: {e}",
+            crate::error::program(),
+            target.to_string_lossy()
+        );
+    }
+}
+
 fn write_pid_file(path: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
@@ -1020,7 +1045,12 @@ fn serve(
             }
         }
     }
-    let stop = srv.run()?;
+    // listening, images open, pid file written: the service is ready (MAINPID: after --fork
+    // the server is this child, not the process the service manager started)
+    sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+    let stop = srv.run();
+    sd_notify("STOPPING=1");
+    let stop = stop?;
     // clean shutdown: every completed write and its metadata reach the disk before we exit
     let mut rc = 0;
     for e in &to_flush {

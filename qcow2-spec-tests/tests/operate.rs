@@ -1,0 +1,285 @@
+//! Operating qnbd as an installed service: what `scripts/install` puts in place (man pages
+//! that `man` renders, shell completions that bash completes with, systemd units that
+//! `systemd-analyze verify` accepts), and `serve`'s readiness notification as systemd reads it.
+//! The lists of commands and options come from `qnbd --help`, not from this file.
+
+use qcow2_spec_tests::{nbd_greets, qnbd_bin, require_tools, scratch_dir, workspace_root};
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const PREFIX: &str = "/opt/qnbd";
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("the command starts");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `scripts/install --systemd PREFIX` into `destdir`, with the binary under test.
+fn install(destdir: &Path) -> PathBuf {
+    let (rc, out, err) = run(Command::new(workspace_root().join("scripts/install"))
+        .args(["--systemd", "--links", PREFIX])
+        .env("QNBD_BIN", qnbd_bin())
+        .env("DESTDIR", destdir));
+    assert_eq!(rc, 0, "scripts/install: {out}{err}");
+    destdir.join(PREFIX.trim_start_matches('/'))
+}
+
+/// The subcommands `qnbd --help` lists (without clap's `help`).
+fn subcommands() -> Vec<String> {
+    let (rc, out, _) = run(Command::new(qnbd_bin()).arg("--help"));
+    assert_eq!(rc, 0);
+    let list: Vec<String> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(String::from)
+        .collect();
+    assert!(list.len() >= 10, "{out}");
+    list
+}
+
+/// The long options `qnbd SUB --help` lists.
+fn long_options(sub: &str) -> BTreeSet<String> {
+    let (rc, out, _) = run(Command::new(qnbd_bin()).args([sub, "--help"]));
+    assert_eq!(rc, 0, "{sub} --help");
+    let mut set = BTreeSet::new();
+    for line in out.lines() {
+        let t = line.trim_start();
+        if !t.starts_with('-') {
+            continue;
+        }
+        for word in t.split([' ', ',', '=', '<', '[']) {
+            if let Some(name) = word.strip_prefix("--") {
+                let name: String = name
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .collect();
+                if !name.is_empty() {
+                    set.insert(format!("--{name}"));
+                }
+            }
+        }
+    }
+    assert!(set.contains("--help"), "{sub}: {out}");
+    set
+}
+
+/// What bash's completion function offers for `words` (the last one being completed).
+fn bash_complete(script: &Path, words: &[&str]) -> BTreeSet<String> {
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let line = words.join(" ");
+    let prog = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT={}; \
+         _qnbd qnbd '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        words.len() - 1,
+        line.len(),
+        words[words.len() - 1],
+        words[words.len().saturating_sub(2)],
+    );
+    let (rc, out, err) = run(Command::new("bash").args(["--norc", "-c", &prog]));
+    assert_eq!(rc, 0, "{err}");
+    out.lines().map(String::from).collect()
+}
+
+#[test]
+fn installed_pages_and_completions_cover_every_command_and_option() {
+    if !require_tools("man pages and completions", &["man", "bash"]) {
+        return;
+    }
+    let tmp = scratch_dir();
+    let root = install(tmp.path());
+    let man1 = root.join("share/man/man1");
+    let bash = root.join("share/bash-completion/completions/qnbd");
+    for f in [
+        root.join("share/zsh/site-functions/_qnbd"),
+        root.join("share/fish/vendor_completions.d/qnbd.fish"),
+    ] {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for sub in subcommands() {
+            assert!(text.contains(&sub), "{}: {sub}", f.display());
+        }
+    }
+    for link in ["qemu-img", "qemu-nbd"] {
+        let (rc, out, _) = run(Command::new(root.join("bin").join(link)).arg("--version"));
+        assert_eq!(rc, 0);
+        assert!(out.starts_with(link), "{link} --version: {out}");
+    }
+    // the top page lists every subcommand's page
+    let page = |name: &str| -> String {
+        let (rc, out, err) = run(Command::new("man")
+            .arg("-l")
+            .arg(man1.join(format!("{name}.1")))
+            .env("MANWIDTH", "1000")
+            .env("MAN_KEEP_FORMATTING", "0")
+            .env("GROFF_NO_SGR", "1")
+            .env("PAGER", "cat"));
+        assert_eq!(rc, 0, "man {name}: {err}");
+        // overstrike sequences (bold, underline) off, and no hyphenation at line ends
+        let mut plain = String::new();
+        let mut chars = out.chars().peekable();
+        while let Some(c) = chars.next() {
+            if chars.peek() == Some(&'\u{8}') {
+                chars.next();
+                continue;
+            }
+            plain.push(c);
+        }
+        plain.replace(['\u{2010}', '\u{2212}'], "-")
+    };
+    let top = page("qnbd");
+    let subs = subcommands();
+    let offered = bash_complete(&bash, &["qnbd", ""]);
+    for sub in &subs {
+        assert!(
+            top.contains(&format!("qnbd-{sub}(1)")),
+            "qnbd(1) lacks {sub}"
+        );
+        assert!(
+            offered.contains(sub),
+            "bash does not offer {sub}: {offered:?}"
+        );
+        let text = page(&format!("qnbd-{sub}"));
+        let completed = bash_complete(&bash, &["qnbd", sub, "--"]);
+        for opt in long_options(sub) {
+            assert!(text.contains(&opt), "qnbd-{sub}(1) lacks {opt}");
+            assert!(
+                completed.contains(&opt),
+                "bash does not complete qnbd {sub} {opt}: {completed:?}"
+            );
+        }
+    }
+    // an unknown page is refused with the way out
+    let (rc, _, err) = run(Command::new(qnbd_bin()).args(["man", "nosuch"]));
+    assert_eq!(rc, 1);
+    assert!(err.contains("No subcommand 'nosuch'"), "{err}");
+}
+
+#[test]
+fn installed_units_verify() {
+    if !require_tools("systemd units", &["systemd-analyze", "man"]) {
+        return;
+    }
+    let tmp = scratch_dir();
+    let root = install(tmp.path());
+    let units = root.join("lib/systemd/system");
+    let dir = tmp.path().join("verify");
+    std::fs::create_dir_all(&dir).unwrap();
+    // an instance of each template; ExecStart= points at the installed binary
+    let service = std::fs::read_to_string(units.join("qnbd@.service")).unwrap();
+    assert!(service.contains(&format!("ExecStart={PREFIX}/bin/qnbd serve")));
+    let bin = root.join("bin/qnbd");
+    let service = service.replace(&format!("{PREFIX}/bin/qnbd"), &bin.display().to_string());
+    std::fs::write(dir.join("qnbd@demo.service"), service).unwrap();
+    std::fs::copy(units.join("qnbd@.socket"), dir.join("qnbd@demo.socket")).unwrap();
+    for want in [
+        "Type=notify",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ReadWritePaths=",
+        "--pid-file",
+    ] {
+        let text = std::fs::read_to_string(dir.join("qnbd@demo.service")).unwrap();
+        assert!(text.contains(want), "qnbd@.service lacks {want}");
+    }
+    // verify also runs `man` on every Documentation= page: the installed pages must be found
+    let (rc, out, err) = run(Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("qnbd@demo.service"))
+        .arg(dir.join("qnbd@demo.socket"))
+        .env("MANPATH", root.join("share/man"))
+        .env("SYSTEMD_LOG_LEVEL", "notice"));
+    assert_eq!(rc, 0, "systemd-analyze verify: {out}{err}");
+    assert!(
+        err.trim().is_empty(),
+        "systemd-analyze verify warned: {err}"
+    );
+    // and it does catch a bad unit
+    std::fs::write(
+        dir.join("qnbd@bad.service"),
+        "[Service]\nType=notify\nExecStart=/nonexistent/qnbd serve\nBogusKey=1\n",
+    )
+    .unwrap();
+    let (rc, _, err) = run(Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("qnbd@bad.service")));
+    assert_ne!(rc, 0);
+    assert!(err.contains("BogusKey"), "{err}");
+}
+
+/// `serve` under a service manager: READY=1 once it listens with its image open (a client is
+/// greeted at once), with MAINPID and the pid file naming the server, and STOPPING=1 on
+/// SIGTERM before a clean exit. Both socket address forms of NOTIFY_SOCKET.
+#[test]
+fn serve_notifies_readiness_and_stopping() {
+    let tmp = scratch_dir();
+    let dir = tmp.path();
+    std::fs::write(dir.join("img.raw"), vec![0u8; 1 << 20]).unwrap();
+    for abstract_name in [false, true] {
+        let (notify, target) = if abstract_name {
+            use std::os::linux::net::SocketAddrExt;
+            let name = format!("qnbd-test-{}", std::process::id());
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+            (UnixDatagram::bind_addr(&addr).unwrap(), format!("@{name}"))
+        } else {
+            let p = dir.join("notify");
+            (UnixDatagram::bind(&p).unwrap(), p.display().to_string())
+        };
+        notify
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let sock = dir.join(format!("nbd{}.sock", abstract_name as u8));
+        let pid_file = dir.join(format!("qnbd{}.pid", abstract_name as u8));
+        let child = Command::new(qnbd_bin())
+            .args(["serve", "-t", "-f", "raw", "-k"])
+            .arg(&sock)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(dir.join("img.raw"))
+            .env("NOTIFY_SOCKET", &target)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = notify.recv(&mut buf).expect("READY=1 within 60 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let lines: Vec<&str> = msg.lines().collect();
+        assert!(lines.contains(&"READY=1"), "{msg}");
+        assert!(
+            lines.contains(&format!("MAINPID={}", child.id()).as_str()),
+            "{msg}"
+        );
+        // ready means serving: the first connection is greeted without waiting
+        assert!(
+            nbd_greets(&sock, Duration::from_secs(5)),
+            "not serving at READY=1"
+        );
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert_eq!(pid.trim(), child.id().to_string());
+        let (rc, _, _) = run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        assert_eq!(rc, 0);
+        let n = notify.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        assert_eq!(&buf[..n], b"STOPPING=1");
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_file(dir.join("notify"));
+    }
+}
