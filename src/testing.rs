@@ -118,6 +118,7 @@ pub(crate) fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
             hide_vendor: false,
         },
         multi_conn: true,
+        stats: None,
     });
     Some(ConnConfig {
         exports: Arc::new(ExportSet::new(vec![export])),

@@ -283,3 +283,201 @@ fn serve_notifies_readiness_and_stopping() {
         let _ = std::fs::remove_file(dir.join("notify"));
     }
 }
+
+fn have_python_nbd() -> bool {
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        qcow2_spec_tests::skip(
+            "statistics",
+            "/usr/bin/python3 has no 'nbd' module (python3-libnbd; scripts/test installs it)",
+        );
+    }
+    ok
+}
+
+/// A known workload through libnbd, request by request.
+const WORKLOAD: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+for i in range(10):
+    h.pwrite(b"\x01" * 4096, i * 4096)
+for i in range(5):
+    h.pread(65536, 0)
+h.pread(1 << 20, 1 << 20)
+h.flush()
+h.zero(8192, 2 << 20)
+h.trim(4096, 3 << 20)
+h.block_status(65536, 0, lambda *a: 0)
+h.set_strict_mode(0)
+try:
+    h.pread(4096, 4 << 20)
+    sys.exit("a read past the end succeeded")
+except nbd.Error:
+    pass
+h.shutdown()
+"#;
+
+/// One GET of the metrics endpoint at the Unix socket `sock`: the body's samples.
+fn scrape(sock: &Path) -> Vec<(String, f64)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn sample(samples: &[(String, f64)], key: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(k, _)| k == key)
+        .unwrap_or_else(|| panic!("no sample {key} in {samples:?}"))
+        .1
+}
+
+/// `serve --stats FILE --metrics SOCKET`: a known workload over libnbd gives exact counts
+/// and bytes per command type, in the SIGUSR1 report, at exit, and on the metrics endpoint;
+/// on the ring data plane (default) and on the threaded path (`--aio threads`).
+#[test]
+fn statistics_count_a_known_workload_exactly() {
+    if !have_python_nbd() {
+        return;
+    }
+    let tmp = scratch_dir();
+    let dir = tmp.path();
+    std::fs::write(dir.join("img.raw"), vec![0u8; 4 << 20]).unwrap();
+    for threads in [false, true] {
+        let sock = dir.join("nbd.sock");
+        let msock = dir.join("metrics.sock");
+        let stats = dir.join("stats.txt");
+        let _ = std::fs::remove_file(&stats);
+        let mut cmd = Command::new(qnbd_bin());
+        cmd.args(["serve", "-t", "-f", "raw", "--discard", "unmap", "-k"])
+            .arg(&sock)
+            .arg("--stats")
+            .arg(&stats)
+            .arg("--metrics")
+            .arg(&msock);
+        if threads {
+            cmd.args(["--aio", "threads"]);
+        }
+        let child = cmd
+            .arg(dir.join("img.raw"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while !nbd_greets(&sock, Duration::from_secs(1)) {
+            assert!(t.elapsed() < Duration::from_secs(30), "serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let (rc, out, err) = run(Command::new("/usr/bin/python3").args(["-c", WORKLOAD, &uri]));
+        assert_eq!(rc, 0, "{out}{err}");
+        // the server frees the connection when it sees the hang-up
+        let t = std::time::Instant::now();
+        let samples = loop {
+            let s = scrape(&msock);
+            if sample(&s, "qnbd_connections{export=\"\"}") == 0.0 {
+                break s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let want: [(&str, f64, f64); 7] = [
+            ("read", 6.0, 5.0 * 65536.0 + 1048576.0),
+            ("write", 10.0, 40960.0),
+            ("zero", 1.0, 8192.0),
+            ("trim", 1.0, 4096.0),
+            ("flush", 1.0, 0.0),
+            ("block_status", 1.0, 65536.0),
+            ("cache", 0.0, 0.0),
+        ];
+        for (op, n, bytes) in want {
+            let l = format!("{{export=\"\",op=\"{op}\"}}");
+            assert_eq!(
+                sample(&samples, &format!("qnbd_requests_total{l}")),
+                n,
+                "{op}"
+            );
+            assert_eq!(
+                sample(&samples, &format!("qnbd_bytes_total{l}")),
+                bytes,
+                "{op}"
+            );
+            assert_eq!(
+                sample(&samples, &format!("qnbd_errors_total{l}")),
+                0.0,
+                "{op}"
+            );
+        }
+        let p50 = sample(
+            &samples,
+            "qnbd_latency_seconds{export=\"\",op=\"read\",quantile=\"0.5\"}",
+        );
+        assert!(p50 > 0.0 && p50 < 10.0, "read p50 {p50}");
+        assert_eq!(sample(&samples, "qnbd_rejected_total{export=\"\"}"), 1.0);
+        assert_eq!(sample(&samples, "qnbd_connections_total{export=\"\"}"), 1.0);
+        assert_eq!(sample(&samples, "qnbd_in_flight{export=\"\"}"), 0.0);
+        // SIGUSR1 writes the report; the server goes on
+        let pid = child.id().to_string();
+        assert_eq!(run(Command::new("kill").args(["-USR1", &pid])).0, 0);
+        let t = std::time::Instant::now();
+        while !stats.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no report after SIGUSR1"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let report = std::fs::read_to_string(&stats).unwrap();
+        for line in [
+            "export '': ",
+            "20 requests, 1495040 bytes, 1 rejected, 0 in flight, 1 connections (0 open)",
+            "  read: 6 requests, 1376256 bytes, 0 errors",
+            "  write: 10 requests, 40960 bytes, 0 errors",
+            "  zero: 1 requests, 8192 bytes, 0 errors",
+            "  trim: 1 requests, 4096 bytes, 0 errors",
+            "  flush: 1 requests, 0 bytes, 0 errors",
+            "  block_status: 1 requests, 65536 bytes, 0 errors",
+        ] {
+            assert!(report.contains(line), "{line:?} not in:\n{report}");
+        }
+        assert!(!report.contains("cache:"), "{report}");
+        assert!(
+            nbd_greets(&sock, Duration::from_secs(5)),
+            "gone after SIGUSR1"
+        );
+        // at exit the report is written again, and the metrics socket removed
+        std::fs::remove_file(&stats).unwrap();
+        assert_eq!(run(Command::new("kill").args(["-TERM", &pid])).0, 0);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = std::fs::read_to_string(&stats).unwrap();
+        assert!(
+            report.contains("  write: 10 requests, 40960 bytes"),
+            "{report}"
+        );
+        assert!(!msock.exists(), "metrics socket left behind");
+    }
+}

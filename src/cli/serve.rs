@@ -79,6 +79,15 @@ pub struct ServeArgs {
     /// Write the server's pid to this file (mode 0600, locked while the server runs).
     #[arg(long = "pid-file")]
     pub pid_file: Option<String>,
+    /// Keep request statistics (per export and command type: requests, bytes, errors, latency
+    /// p50/p99/p99.9, in flight, connections) and write them to FILE ('-': stderr) on SIGUSR1
+    /// and on exit.
+    #[arg(long = "stats", value_name = "FILE|-")]
+    pub stats: Option<String>,
+    /// Serve the statistics in Prometheus' text format over HTTP at ADDR (a Unix socket path,
+    /// or HOST:PORT).
+    #[arg(long = "metrics", value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Drop clients that have not finished negotiation within N seconds (0 = no limit).
     #[arg(long = "handshake-limit", default_value_t = 10, value_parser = parse_handshake_limit)]
     pub handshake_limit: u64,
@@ -377,6 +386,7 @@ fn build_export(
     policy: &OpenPolicy,
     offset: u64,
     multi_conn: bool,
+    stats: bool,
 ) -> Result<(Arc<Export>, ExportFiles)> {
     if spec.name.len() > crate::nbd::wire::NBD_MAX_STRING {
         return Err(bad(format!("export name '{}' too long", spec.name)));
@@ -457,6 +467,7 @@ fn build_export(
             hide_vendor: crate::error::program() == "qemu-nbd",
         },
         multi_conn,
+        stats: stats.then(crate::nbd::stats::Stats::new),
     });
     Ok((export, files))
 }
@@ -782,6 +793,43 @@ fn daemonize() -> Result<ForkPipe> {
     Ok(ForkPipe(fds[1]))
 }
 
+/// `--stats`: every export's report, to `target` (`-`: stderr; a file is replaced whole).
+fn write_stats(target: &str, exports: &[Arc<Export>]) {
+    let report: String = exports
+        .iter()
+        .filter_map(|e| e.stats.as_ref().map(|s| s.report(&e.name)))
+        .collect();
+    let res = if target == "-" {
+        std::io::stderr().write_all(report.as_bytes())
+    } else {
+        let tmp = format!("{target}.tmp");
+        std::fs::write(&tmp, report.as_bytes()).and_then(|_| std::fs::rename(&tmp, target))
+    };
+    if let Err(e) = res {
+        eprintln!(
+            "{}: cannot write statistics to '{target}': {e}",
+            crate::error::program()
+        );
+    }
+}
+
+/// `--metrics ADDR`: a Unix socket path (absolute; removed at exit) or HOST:PORT.
+fn metrics_listener(addr: &str) -> Result<(server::Listener, Option<String>)> {
+    if addr.starts_with('/') {
+        return Ok((server::listen_unix(addr)?, Some(addr.to_string())));
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(bad(format!(
+            "--metrics '{addr}': expected an absolute socket path or HOST:PORT"
+        )));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad(format!("--metrics '{addr}': bad port '{port}'")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((server::listen_tcp(host, port)?, None))
+}
+
 /// systemd's readiness protocol (`sd_notify(3)`): send `state` (`READY=1`, `STOPPING=1`, ...)
 /// as one datagram to `$NOTIFY_SOCKET` when it is set (a path, or `@name` in the abstract
 /// namespace). A failure is reported and otherwise ignored: the export works without it.
@@ -922,6 +970,7 @@ fn serve(
     fork_pipe: &mut Option<ForkPipe>,
 ) -> Result<i32> {
     let multi_conn = a.shared != 1;
+    let keep_stats = a.stats.is_some() || a.metrics.is_some();
     let mut exports = Vec::new();
     let mut files: Vec<ExportFiles> = Vec::new();
     if let Some(img) = &a.image {
@@ -945,7 +994,14 @@ fn serve(
             internal_snapshot: a.load_snapshot.clone(),
             image_opts: a.image_opts,
         };
-        let (e, f) = build_export(&spec, engine, policy, a.offset.unwrap_or(0), multi_conn)?;
+        let (e, f) = build_export(
+            &spec,
+            engine,
+            policy,
+            a.offset.unwrap_or(0),
+            multi_conn,
+            keep_stats,
+        )?;
         f.check_against(&files)?;
         exports.push(e);
         files.push(f);
@@ -954,7 +1010,7 @@ fn serve(
         if exports.iter().any(|e: &Arc<Export>| e.name == s.name) {
             return Err(bad(format!("export name '{}' given twice", s.name)));
         }
-        let (e, f) = build_export(s, engine, policy, 0, multi_conn)?;
+        let (e, f) = build_export(s, engine, policy, 0, multi_conn, keep_stats)?;
         f.check_against(&files)?;
         exports.push(e);
         files.push(f);
@@ -1008,8 +1064,22 @@ fn serve(
             )?],
         },
     };
+    let metrics_path = match &a.metrics {
+        Some(addr) => {
+            let (listener, path) = metrics_listener(addr)?;
+            crate::nbd::metrics::start(listener, conn.exports.clone())?;
+            path
+        }
+        None => None,
+    };
+    let stats_target = a.stats.clone();
+    let on_usr1: Option<Box<dyn Fn() + Send>> = stats_target.clone().map(|t| {
+        let exports = to_flush.clone();
+        Box::new(move || write_stats(&t, &exports)) as Box<dyn Fn() + Send>
+    });
     let srv = Server::new(
         ServerConfig {
+            on_usr1,
             conn,
             shared: a.shared,
             max_connections: a.max_connections,
@@ -1050,6 +1120,12 @@ fn serve(
     sd_notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     let stop = srv.run();
     sd_notify("STOPPING=1");
+    if let Some(t) = &stats_target {
+        write_stats(t, &to_flush);
+    }
+    if let Some(p) = &metrics_path {
+        let _ = std::fs::remove_file(p);
+    }
     let stop = stop?;
     // clean shutdown: every completed write and its metadata reach the disk before we exit
     let mut rc = 0;

@@ -350,6 +350,8 @@ pub struct Export {
     /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (qemu-nbd does when more than one client may
     /// connect).
     pub multi_conn: bool,
+    /// Request statistics (`serve --stats` / `--metrics`); `None`: nothing is recorded.
+    pub stats: Option<super::stats::Stats>,
 }
 
 impl Export {
@@ -510,6 +512,7 @@ pub(crate) mod tests {
                 hide_vendor: false,
             },
             multi_conn: false,
+            stats: None,
         }
     }
 

@@ -35,6 +35,7 @@ use super::export::{AsyncPlan, Completion, Wait};
 use super::reply::ReplyBatch;
 use super::session::{self, Session};
 use super::socket::Socket;
+use super::stats::Started;
 use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, RawRequest};
 use crate::block::Segment;
 use crate::io::buf::IoBuf;
@@ -244,6 +245,8 @@ struct FileRead {
     outstanding: usize,
     failed: bool,
     cost: usize,
+    /// For the export's statistics.
+    started: Option<Started>,
 }
 
 /// One part of a reply the plane assembles: header bytes, or a data buffer (taken by the ring
@@ -542,12 +545,14 @@ impl Plane {
                 if c.verbose {
                     log(&format!("request {:#x} refused: {}", req.cookie, rej.msg));
                 }
+                c.session.rejected();
                 c.out.push_head(|o| {
                     transmission::encode_error(o, mode, req.cookie, req.offset, rej.errno, &rej.msg)
                 });
                 return;
             }
         };
+        let started = c.session.begin(&cmd);
         match route(&cmd, || c.session.export.backend.writes_buffered()) {
             Route::Disconnect => {
                 c.stop_reading = true;
@@ -562,13 +567,14 @@ impl Plane {
                     df,
                     &mut c.out,
                     Wait::Never,
+                    started,
                 );
                 if done == Completion::Done {
                     return;
                 }
             }
             Route::InlineWrite => {
-                let reply = c.session.execute(req.cookie, req.offset, cmd);
+                let reply = c.session.execute(req.cookie, req.offset, cmd, started);
                 c.out.push_head(|o| o.extend_from_slice(&reply));
                 return;
             }
@@ -578,16 +584,22 @@ impl Plane {
         if let Command::Read { offset, length, df } = cmd {
             if length > 0 {
                 if let Some(plan) = c.session.export.backend.plan_async(offset, length.into()) {
-                    if self.ring_read(i, req, offset, length, df, plan) {
+                    if self.ring_read(i, req, offset, length, df, plan, started) {
                         return;
                     }
                 }
             }
         }
-        self.hand_to_worker(i, req, cmd);
+        self.hand_to_worker(i, req, cmd, started);
     }
 
-    fn hand_to_worker(&mut self, i: usize, req: RawRequest, cmd: Command) {
+    fn hand_to_worker(
+        &mut self,
+        i: usize,
+        req: RawRequest,
+        cmd: Command,
+        started: Option<Started>,
+    ) {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return;
         };
@@ -610,9 +622,10 @@ impl Plane {
                     df,
                     &mut batch,
                     Wait::Block,
+                    started,
                 );
             } else {
-                let out = s.execute(req.cookie, req.offset, cmd);
+                let out = s.execute(req.cookie, req.offset, cmd, started);
                 batch.push_head(|o| o.extend_from_slice(&out));
             }
             let _ = tx.send(Msg::Done {
@@ -777,6 +790,7 @@ fn compact(buf: &mut Vec<u8>, start: &mut usize) {
 impl Plane {
     /// Start the file reads of a planned READ on the ring; false when it cannot be (the caller
     /// then gives the READ to the workers).
+    #[allow(clippy::too_many_arguments)]
     fn ring_read(
         &mut self,
         i: usize,
@@ -785,6 +799,7 @@ impl Plane {
         length: u32,
         df: bool,
         plan: AsyncPlan,
+        started: Option<Started>,
     ) -> bool {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return false;
@@ -872,6 +887,7 @@ impl Plane {
             outstanding: 0,
             failed: false,
             cost,
+            started,
         };
         for (piece, fd, host, len) in reads {
             let Some(ReplyPart::Data(slot, _)) = fr.pieces.get_mut(piece) else {
@@ -950,10 +966,13 @@ impl Plane {
                     length: fr.length,
                     df: fr.df,
                 };
-                self.hand_to_worker(fr.conn, fr.req, cmd);
+                self.hand_to_worker(fr.conn, fr.req, cmd, fr.started);
+            } else {
+                c.session.read_done(fr.started, false);
             }
             return;
         }
+        c.session.read_done(fr.started, true);
         for p in fr.pieces {
             match p {
                 ReplyPart::Head(h) => c.out.push_head(|o| o.extend_from_slice(&h)),

@@ -64,7 +64,9 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<Stream> {
+    /// Accept one connection (waiting for it unless the listener is non-blocking); the
+    /// connection itself is blocking.
+    pub(crate) fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
@@ -344,18 +346,28 @@ pub fn serve_connection(
         writer,
         ctl,
     } = n;
+    let export = session.export.clone();
+    if let Some(s) = &export.stats {
+        s.connection_opened();
+    }
     #[cfg(feature = "uring")]
     let (session, pending) = match (&cfg.planes, &ctl, end) {
         // a TLS stream has no plain socket to hand over: it stays on this thread
         (Some(planes), Some(c), Some(end)) => match c.socket() {
             Some(Ok(socket)) => {
                 let end = end.clone();
+                let ended = export.clone();
                 let h = super::plane::Handover {
                     socket,
                     session,
                     pending,
                     verbose: cfg.verbose,
-                    on_end: Box::new(move || end(ConnEnd::Negotiated)),
+                    on_end: Box::new(move || {
+                        if let Some(s) = &ended.stats {
+                            s.connection_closed();
+                        }
+                        end(ConnEnd::Negotiated)
+                    }),
                 };
                 match planes.hand_over(h) {
                     Ok(()) => return ConnEnd::HandedOver,
@@ -369,7 +381,11 @@ pub fn serve_connection(
     #[cfg(not(feature = "uring"))]
     let _ = end;
 
-    transmit(reader, writer, ctl, cfg, pool, session, pending)
+    let end = transmit(reader, writer, ctl, cfg, pool, session, pending);
+    if let Some(s) = &export.stats {
+        s.connection_closed();
+    }
+    end
 }
 
 /// What a finished negotiation leaves: the session, bytes the client pipelined after it, and
@@ -635,6 +651,7 @@ fn transmit(
                 if cfg.verbose {
                     log(&format!("request {:#x} refused: {}", req.cookie, rej.msg));
                 }
+                session.rejected();
                 let mut out = Vec::new();
                 // a READ error must be structured once structured replies are on
                 transmission::encode_error(
@@ -651,6 +668,7 @@ fn transmit(
                 continue;
             }
         };
+        let started = session.begin(&cmd);
         // Reads the page cache can answer and small buffered writes are answered here, without
         // a thread hand-off; their replies go out in one vectored write per batch of requests.
         match route(&cmd, || session.export.backend.writes_buffered()) {
@@ -664,6 +682,7 @@ fn transmit(
                     df,
                     &mut batch,
                     Wait::Never,
+                    started,
                 );
                 if done == Completion::Done {
                     if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
@@ -675,7 +694,7 @@ fn transmit(
                 }
             }
             Route::InlineWrite => {
-                let out = session.execute(req.cookie, req.offset, cmd);
+                let out = session.execute(req.cookie, req.offset, cmd, started);
                 batch.push_head(|o| o.extend_from_slice(&out));
                 if (batch.len() >= BATCH_BYTES || batch.pieces() >= BATCH_PIECES)
                     && send_batch(&writer, &mut batch).is_err()
@@ -701,11 +720,20 @@ fn transmit(
             let sent = if let Command::Read { offset, length, df } = cmd {
                 WORKER_BATCH.with(|b| {
                     let mut b = b.borrow_mut();
-                    s.read_into(cookie, req_offset, offset, length, df, &mut b, Wait::Block);
+                    s.read_into(
+                        cookie,
+                        req_offset,
+                        offset,
+                        length,
+                        df,
+                        &mut b,
+                        Wait::Block,
+                        started,
+                    );
                     send_batch(&w, &mut b)
                 })
             } else {
-                let out = s.execute(cookie, req_offset, cmd);
+                let out = s.execute(cookie, req_offset, cmd, started);
                 if out.is_empty() {
                     Ok(())
                 } else {
@@ -809,14 +837,16 @@ pub struct ServerConfig {
     /// Ring data planes to start (0: connections are served on threads, the portable path).
     /// When the kernel refuses the rings, connections are served on threads too.
     pub planes: usize,
+    /// Called on the accept thread when the process gets SIGUSR1 (`serve --stats`).
+    pub on_usr1: Option<Box<dyn Fn() + Send>>,
 }
 
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
-extern "C" fn on_signal(_sig: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
     let fd = WAKE_FD.load(Ordering::Relaxed);
     if fd >= 0 {
-        let b = b'S';
+        let b = if sig == libc::SIGUSR1 { b'U' } else { b'S' };
         // SAFETY: write(2) is async-signal-safe; the buffer is a valid 1-byte local.
         unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
     }
@@ -835,9 +865,13 @@ fn pipe() -> Result<(RawFd, RawFd)> {
     Ok((fds[0], fds[1]))
 }
 
-fn install_signal_handlers(wake_w: RawFd) {
+fn install_signal_handlers(wake_w: RawFd, usr1: bool) {
     WAKE_FD.store(wake_w, Ordering::Relaxed);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+    let mut sigs = vec![libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+    if usr1 {
+        sigs.push(libc::SIGUSR1);
+    }
+    for sig in sigs {
         // SAFETY: a zeroed sigaction with a valid handler and empty mask is well-formed; the
         // handler only calls write(2).
         unsafe {
@@ -899,7 +933,7 @@ impl Server {
     /// (unless persistent).
     pub fn run(self) -> Result<Stop> {
         let (wake_r, wake_w) = pipe()?;
-        install_signal_handlers(wake_w);
+        install_signal_handlers(wake_w, self.cfg.on_usr1.is_some());
         let active = Arc::new(Mutex::new(0usize));
         let stop = loop {
             let n_active = active.lock().map(|g| *g).unwrap_or(0);
@@ -934,6 +968,11 @@ impl Server {
                 let got = &b[..n.max(0) as usize];
                 if got.contains(&b'S') {
                     break Stop::Signal;
+                }
+                if got.contains(&b'U') {
+                    if let Some(f) = &self.cfg.on_usr1 {
+                        f();
+                    }
                 }
                 if got.contains(&b'L') && !self.cfg.persistent {
                     let n_active = active.lock().map(|g| *g).unwrap_or(0);

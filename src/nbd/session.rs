@@ -13,6 +13,7 @@ use super::export::{ChainRun, Export, PlannedRead, Wait, ZeroFlags};
 use super::extents::{Extent, ExtentBuilder, MAX_EXTENTS};
 use super::meta::MetaContext;
 use super::reply::ReplyBatch;
+use super::stats::Started;
 use super::transmission::{self, Command, HeaderMode};
 use super::wire::*;
 use crate::block::Completion;
@@ -31,8 +32,36 @@ pub struct Session {
 }
 
 impl Session {
-    /// Execute a validated command and return the encoded reply (empty for `NBD_CMD_DISC`).
-    pub fn execute(&self, cookie: u64, req_offset: u64, cmd: Command) -> Vec<u8> {
+    /// A validated request starts: what [`Session::execute`] and [`Session::read_into`] record
+    /// when its reply is ready (`None` when the export keeps no statistics).
+    #[inline]
+    pub fn begin(&self, cmd: &Command) -> Option<Started> {
+        self.export.stats.as_ref()?.begin(cmd)
+    }
+
+    /// A request was refused before execution.
+    pub fn rejected(&self) {
+        if let Some(s) = &self.export.stats {
+            s.rejected();
+        }
+    }
+
+    #[inline]
+    fn end(&self, started: Option<Started>, ok: bool) {
+        if let (Some(s), Some(t)) = (&self.export.stats, started) {
+            s.end(t, ok);
+        }
+    }
+
+    /// Execute a validated command and return the encoded reply (empty for `NBD_CMD_DISC`);
+    /// `started` (from [`Session::begin`]) is recorded once the reply is ready.
+    pub fn execute(
+        &self,
+        cookie: u64,
+        req_offset: u64,
+        cmd: Command,
+        started: Option<Started>,
+    ) -> Vec<u8> {
         let mode = self.mode;
         let mut out = Vec::new();
         let res = match cmd {
@@ -47,6 +76,7 @@ impl Session {
                     df,
                     &mut batch,
                     Wait::Block,
+                    started,
                 );
                 debug_assert_eq!(r, Completion::Done);
                 return batch.to_vec();
@@ -56,7 +86,11 @@ impl Session {
                 length,
                 req_one,
                 ids,
-            } => return self.block_status(cookie, req_offset, offset, length, req_one, ids),
+            } => {
+                let (out, ok) = self.block_status(cookie, req_offset, offset, length, req_one, ids);
+                self.end(started, ok);
+                return out;
+            }
             Command::Write { offset, data, fua } => self.export.backend.write(offset, &data, fua),
             Command::Flush => self.export.backend.flush(),
             Command::Trim {
@@ -77,6 +111,7 @@ impl Session {
                 .backend
                 .write_zeroes(offset, length, ZeroFlags { no_hole, fast, fua }),
         };
+        self.end(started, res.is_ok());
         match res {
             Ok(()) => transmission::encode_ok(&mut out, mode, cookie, req_offset),
             Err(e) => encode_failure(&mut out, mode, cookie, req_offset, &e),
@@ -86,7 +121,8 @@ impl Session {
 
     /// Append the reply to a READ to `batch`. With `Wait::Never` the data must come without
     /// waiting for the disk: `Completion::WouldBlock` (and `batch` unchanged) when it cannot.
-    /// Errors become error replies.
+    /// Errors become error replies. `started` is recorded when the reply is ready (not on
+    /// `WouldBlock`: the request goes on elsewhere).
     #[allow(clippy::too_many_arguments)]
     pub fn read_into(
         &self,
@@ -97,11 +133,15 @@ impl Session {
         df: bool,
         batch: &mut ReplyBatch,
         wait: Wait,
+        started: Option<Started>,
     ) -> Completion {
         let mode = self.mode;
         let mark = batch.mark();
         match self.read_parts(mode, cookie, req_offset, offset, length, df, batch, wait) {
-            Ok(Completion::Done) => Completion::Done,
+            Ok(Completion::Done) => {
+                self.end(started, true);
+                Completion::Done
+            }
             Ok(Completion::WouldBlock) => {
                 batch.rollback(mark);
                 Completion::WouldBlock
@@ -109,9 +149,16 @@ impl Session {
             Err(e) => {
                 batch.rollback(mark);
                 batch.push_head(|out| encode_failure(out, mode, cookie, req_offset, &e));
+                self.end(started, false);
                 Completion::Done
             }
         }
+    }
+
+    /// A READ answered elsewhere (the plane's ring) is done (`ok`: its data is sent, not
+    /// dropped with its connection): record `started`.
+    pub fn read_done(&self, started: Option<Started>, ok: bool) {
+        self.end(started, ok);
     }
 
     /// Read `len` bytes at `pos` into a pooled buffer and queue it.
@@ -215,7 +262,7 @@ impl Session {
         length: u64,
         req_one: bool,
         ids: Option<Vec<u32>>,
-    ) -> Vec<u8> {
+    ) -> (Vec<u8>, bool) {
         let mode = self.mode;
         let mut out = Vec::new();
         let selected: Vec<&(u32, MetaContext)> = match &ids {
@@ -236,7 +283,7 @@ impl Session {
                                 NBD_EINVAL,
                                 "unknown or duplicate metadata context id",
                             );
-                            return out;
+                            return (out, false);
                         }
                     }
                 }
@@ -252,7 +299,7 @@ impl Session {
                 NBD_EINVAL,
                 "no metadata context selected",
             );
-            return out;
+            return (out, false);
         }
         // Compact replies carry 32-bit lengths; a compact request never exceeds them.
         let cap = MAX_EXTENTS;
@@ -362,9 +409,12 @@ impl Session {
                     );
                 }
             }
-            Err(e) => encode_failure(&mut out, mode, cookie, req_offset, &e),
+            Err(e) => {
+                encode_failure(&mut out, mode, cookie, req_offset, &e);
+                return (out, false);
+            }
         }
-        out
+        (out, true)
     }
 }
 
@@ -496,6 +546,7 @@ mod tests {
                 length: 131072 + 4096,
                 df: false,
             },
+            None,
         );
         // data chunk (4096), hole chunk, data chunk (4096 of the last run)
         let first_len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
@@ -515,6 +566,7 @@ mod tests {
                 length: 8192,
                 df: true,
             },
+            None,
         );
         assert_eq!(out.len(), 20 + 8 + 8192);
         assert_eq!(&out[4..6], &NBD_REPLY_FLAG_DONE.to_be_bytes());
@@ -537,7 +589,7 @@ mod tests {
             length: 70000,
         };
         let cmd = transmission::validate(&req, None, false, &lim).unwrap();
-        let out = s.execute(1, 1000, cmd);
+        let out = s.execute(1, 1000, cmd, None);
         // chunk 1: base:allocation: 3096 data, 66904 hole|zero
         assert_eq!(&out[16..20], &(4 + 16u32).to_be_bytes());
         assert_eq!(&out[20..24], &0u32.to_be_bytes());
@@ -563,6 +615,7 @@ mod tests {
                 data: vec![1],
                 fua: false,
             },
+            None,
         );
         assert_eq!(&out[4..8], &NBD_EPERM.to_be_bytes());
     }
