@@ -1,7 +1,7 @@
 //! qnbd: a qcow2 / raw image engine with a built-in NBD server.
 //!
 //! Floors (who may import whom), from the bottom:
-//! 1. [`error`], [`units`], [`cache`] (bounded caches), [`bitmap`] (dirty bitmaps in memory)
+//! 1. [`error`], [`log`], [`units`], [`cache`] (bounded caches), [`bitmap`] (dirty bitmaps in memory)
 //! 2. [`io`] (storage + I/O engines; all io_uring and nearly all `unsafe` code)
 //! 3. [`block`] (generic layer: `BlockDevice`, `Chain`), [`qcow2::spec`] (pure codecs)
 //! 4. [`qcow2`] (the driver), `nbd` (the protocol; never imports `qcow2`)
@@ -17,6 +17,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod io;
+pub mod log;
 pub mod nbd;
 pub mod open;
 pub mod qcow2;

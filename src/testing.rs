@@ -83,6 +83,7 @@ pub fn nbd_session_end(data: &[u8]) -> (usize, crate::nbd::server::ConnEnd) {
         &cfg,
         &pool,
         None,
+        crate::log::Conn::default(),
     );
     drop(pool);
     let n = *out.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -123,7 +124,6 @@ pub(crate) fn fuzz_export_config() -> Option<crate::nbd::server::ConnConfig> {
     Some(ConnConfig {
         exports: Arc::new(ExportSet::new(vec![export])),
         handshake_limit: None,
-        verbose: false,
         tls: None,
         #[cfg(feature = "uring")]
         planes: None,
@@ -194,6 +194,7 @@ pub fn nbd_plane_session_end(data: &[u8]) -> Option<(usize, crate::nbd::server::
             &cfg,
             &pool,
             Some(&hook),
+            crate::log::Conn::default(),
         );
         if end != ConnEnd::HandedOver {
             hook(end);

@@ -481,3 +481,151 @@ fn statistics_count_a_known_workload_exactly() {
         assert!(!msock.exists(), "metrics socket left behind");
     }
 }
+
+/// Start `serve` on `sock` with `args`, stderr captured; returns once it greets.
+fn serve_logged(dir: &Path, sock: &Path, args: &[&str]) -> std::process::Child {
+    let child = Command::new(qnbd_bin())
+        .args(["serve", "-t", "-f", "raw", "-k"])
+        .arg(sock)
+        .args(args)
+        .arg(dir.join("img.raw"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !nbd_greets(sock, Duration::from_secs(1)) {
+        assert!(t.elapsed() < Duration::from_secs(30), "serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+/// Stop `child` with SIGTERM once its log has settled; its stderr lines.
+fn stop_logged(child: std::process::Child) -> Vec<String> {
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        run(Command::new("kill").args(["-TERM", &child.id().to_string()])).0,
+        0
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// The log of a known session: as JSON lines (`--log-format json -vv`), every event of the
+/// session with its connection id and peer, in order; as text (`-v`), the stable
+/// `PROGRAM: LEVEL: conn ID PEER: MESSAGE` lines; at the default level nothing for a clean
+/// session; `--log-slow` with a threshold nothing reaches logs nothing.
+#[test]
+fn the_log_tells_a_session_event_by_event() {
+    if !have_python_nbd() {
+        return;
+    }
+    let tmp = scratch_dir();
+    let dir = tmp.path();
+    std::fs::write(dir.join("img.raw"), vec![0u8; 4 << 20]).unwrap();
+    let sock = dir.join("nbd.sock");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let workload = |expect_ok: bool| {
+        let (rc, out, err) = run(Command::new("/usr/bin/python3").args(["-c", WORKLOAD, &uri]));
+        assert_eq!(rc == 0, expect_ok, "{out}{err}");
+    };
+
+    // JSON lines
+    let child = serve_logged(dir, &sock, &["--log-format", "json", "-vv"]);
+    workload(true);
+    let lines = stop_logged(child);
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    for e in &events {
+        assert_eq!(e["program"], "qnbd", "{e}");
+        let t = e["time"].as_str().unwrap();
+        assert!(
+            t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "{t}"
+        );
+        assert!(e["msg"].is_string() && e["level"].is_string(), "{e}");
+    }
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    // the greeting probe of serve_logged is connection 1; the workload is connection 2
+    let want = [
+        "export-opened",
+        "accepted",
+        "negotiation-closed",
+        "accepted",
+        "negotiated",
+        "request-refused",
+        "closed",
+        "export-closed",
+    ];
+    assert_eq!(names, want, "{lines:#?}");
+    let session: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e.get("conn") == Some(&serde_json::json!(2)))
+        .collect();
+    assert_eq!(session.len(), 4, "{lines:#?}");
+    for e in &session {
+        assert_eq!(e["peer"], "unix");
+    }
+    assert_eq!(events[5]["level"], "info");
+    assert!(
+        events[5]["msg"].as_str().unwrap().contains("refused: "),
+        "{}",
+        events[5]
+    );
+    assert!(
+        events[0]["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("export '' opened: 4194304 bytes, writable"),
+        "{}",
+        events[0]
+    );
+
+    // text, -v
+    let child = serve_logged(dir, &sock, &["-v"]);
+    workload(true);
+    let lines = stop_logged(child);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("qnbd: info: conn 2 unix: export '': ")
+                && l.ends_with("metadata context(s)")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("qnbd: info: conn 2 unix: request ")),
+        "{lines:#?}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l == "qnbd: info: conn 2 unix: connection closed"));
+    assert!(lines.iter().all(|l| !l.contains(": debug: ")), "{lines:#?}");
+
+    // the default level: a clean session says nothing; a slow-request threshold far above
+    // anything this workload takes logs nothing either
+    let child = serve_logged(dir, &sock, &["--log-slow", "600000"]);
+    workload(true);
+    let lines = stop_logged(child);
+    assert!(lines.is_empty(), "{lines:#?}");
+    // a threshold of 1 ms: whatever is logged is a slow-request warning naming its figures
+    let child = serve_logged(dir, &sock, &["--log-slow", "1"]);
+    workload(true);
+    for l in stop_logged(child) {
+        assert!(
+            l.starts_with("qnbd: warn: conn 2 unix: slow ") && l.ends_with("(threshold 1 ms)"),
+            "{l}"
+        );
+    }
+}

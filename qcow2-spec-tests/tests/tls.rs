@@ -1052,7 +1052,8 @@ fn tls_failures_name_the_credential_and_the_check() {
     ];
     for (line, w) in lines.iter().zip(&want) {
         assert!(
-            line.starts_with("qnbd: option negotiation failed: TLS handshake failed: ")
+            line.starts_with("qnbd: warn: conn ")
+                && line.contains(": option negotiation failed: TLS handshake failed: ")
                 && line.contains(w.as_str()),
             "{line:?} should say {w:?}"
         );

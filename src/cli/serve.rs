@@ -139,9 +139,20 @@ pub struct ServeArgs {
     pub max_connections: usize,
     #[arg(long = "allow-backing", value_name = "PATH", help = super::ALLOW_BACKING_HELP)]
     pub allow_backing: Vec<String>,
-    /// Log every refused client and request.
-    #[arg(short = 'v', long = "verbose")]
-    pub verbose: bool,
+    /// Log more: -v logs every connection, negotiation and refused request (info), -vv also
+    /// accepted connections (debug). Errors and warnings are always logged.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log level: error, warn (the default), info (-v) or debug (-vv).
+    #[arg(long = "log-level", value_name = "LEVEL", value_parser = parse_log_level)]
+    pub log_level: Option<crate::log::Level>,
+    /// Log line format: text (PROGRAM: LEVEL: [conn ID PEER: ]MESSAGE) or json (one object per
+    /// line: time, level, program, event, conn, peer, msg).
+    #[arg(long = "log-format", value_name = "FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
+    /// Log every request that takes at least MS milliseconds, once, with its client (warn).
+    #[arg(long = "log-slow", value_name = "MS")]
+    pub log_slow: Option<u64>,
     /// Serve one client on stdin/stdout, then exit.
     #[arg(long = "stdio")]
     pub stdio: bool,
@@ -879,7 +890,22 @@ fn write_pid_file(path: &str) -> Result<()> {
     Ok(())
 }
 
+fn parse_log_level(s: &str) -> std::result::Result<crate::log::Level, String> {
+    crate::log::Level::parse(s).ok_or_else(|| "expected error, warn, info or debug".to_string())
+}
+
 pub fn run(a: &ServeArgs) -> Result<i32> {
+    let level = a.log_level.unwrap_or(match a.verbose {
+        0 => crate::log::Level::Warn,
+        1 => crate::log::Level::Info,
+        _ => crate::log::Level::Debug,
+    });
+    let format = match a.log_format.as_deref() {
+        Some("json") => crate::log::Format::Json,
+        _ => crate::log::Format::Text,
+    };
+    crate::log::configure(level, format);
+    crate::log::set_slow_threshold(a.log_slow.unwrap_or(0));
     if a.connect.is_some() || a.disconnect {
         return Err(Error::unsupported(
             "kernel NBD devices (-c / -d) are not supported: serve on a socket (-k or -p) and \
@@ -1016,10 +1042,26 @@ fn serve(
         files.push(f);
     }
     let to_flush: Vec<Arc<Export>> = exports.clone();
+    for e in &exports {
+        crate::log::event(
+            crate::log::Level::Info,
+            "export-opened",
+            None,
+            &format!(
+                "export '{}' opened: {} bytes, {}",
+                e.name,
+                e.size(),
+                if e.backend.access() == crate::block::Access::ReadWrite {
+                    "writable"
+                } else {
+                    "read-only"
+                }
+            ),
+        );
+    }
     let conn = ConnConfig {
         exports: Arc::new(ExportSet::new(exports)),
         handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
-        verbose: a.verbose,
         tls,
         #[cfg(feature = "uring")]
         planes: None,
@@ -1104,7 +1146,7 @@ fn serve(
         // SAFETY: closing the write end we own; dup2 onto the standard fds of this process.
         unsafe {
             libc::close(p.0);
-            if !a.verbose {
+            if a.verbose == 0 && a.log_level.is_none() {
                 let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
                 if null >= 0 {
                     libc::dup2(null, 0);
@@ -1130,13 +1172,22 @@ fn serve(
     // clean shutdown: every completed write and its metadata reach the disk before we exit
     let mut rc = 0;
     for e in &to_flush {
-        if let Err(err) = e.backend.close() {
-            eprintln!(
-                "{}: export '{}': close on shutdown failed: {err}",
-                crate::error::program(),
-                e.name
-            );
-            rc = 1;
+        match e.backend.close() {
+            Ok(()) => crate::log::event(
+                crate::log::Level::Info,
+                "export-closed",
+                None,
+                &format!("export '{}' closed", e.name),
+            ),
+            Err(err) => {
+                crate::log::event(
+                    crate::log::Level::Error,
+                    "export-closed",
+                    None,
+                    &format!("export '{}': close on shutdown failed: {err}", e.name),
+                );
+                rc = 1;
+            }
         }
     }
     match stop {

@@ -352,6 +352,7 @@ impl Handshake {
             mode: self.mode,
             contexts,
             flags: export.transmission_flags(self.mode),
+            conn: Arc::default(),
         }
     }
 

@@ -40,6 +40,7 @@ use super::transmission::{self, Command, Decoded, HeaderMode, Limits, Payload, R
 use crate::block::Segment;
 use crate::io::buf::IoBuf;
 use crate::io::uring::{EventRing, RingDone, RingOp, WakeFd};
+use crate::log::{self, Level};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,7 +87,6 @@ pub struct Handover {
     pub session: Session,
     /// Bytes received after the end of negotiation (pipelined requests).
     pub pending: Vec<u8>,
-    pub verbose: bool,
     /// Called once the connection is closed.
     pub on_end: Box<dyn FnOnce() + Send>,
 }
@@ -186,7 +186,6 @@ struct Conn {
     socket: Socket,
     session: Arc<Session>,
     lim: Limits,
-    verbose: bool,
     on_end: Option<Box<dyn FnOnce() + Send>>,
     /// Received bytes; `inbuf[start..]` not decoded yet. `None` while a receive into it is in
     /// flight.
@@ -256,8 +255,9 @@ enum ReplyPart {
     Data(Option<IoBuf>, usize),
 }
 
+/// The plane's own failures (not a connection's).
 fn log(msg: &str) {
-    eprintln!("{}: {msg}", crate::error::program());
+    log::event(Level::Error, "plane", None, msg);
 }
 
 impl Plane {
@@ -316,7 +316,6 @@ impl Plane {
             socket,
             session,
             pending,
-            verbose,
             on_end,
         } = h;
         let lim = Limits {
@@ -331,7 +330,6 @@ impl Plane {
             socket,
             session: Arc::new(session),
             lim,
-            verbose,
             on_end: Some(on_end),
             inbuf: Some(inbuf),
             start: 0,
@@ -382,11 +380,16 @@ impl Plane {
             RingOp::Recv { buf, .. } => {
                 c.recv_pending = false;
                 if d.result <= 0 {
-                    if d.result < 0 && c.verbose {
-                        log(&format!(
-                            "receive failed: {}",
-                            io::Error::from_raw_os_error(-d.result)
-                        ));
+                    if d.result < 0 {
+                        log::event(
+                            Level::Info,
+                            "receive-failed",
+                            Some(&c.session.conn),
+                            &format!(
+                                "receive failed: {}",
+                                io::Error::from_raw_os_error(-d.result)
+                            ),
+                        );
                     }
                     c.stop_reading = true;
                 }
@@ -399,11 +402,13 @@ impl Plane {
                 c.send_pending = false;
                 let total = data.len();
                 if d.result <= 0 {
-                    if c.verbose && d.result < 0 {
-                        log(&format!(
-                            "send failed: {}",
-                            io::Error::from_raw_os_error(-d.result)
-                        ));
+                    if d.result < 0 {
+                        log::event(
+                            Level::Info,
+                            "send-failed",
+                            Some(&c.session.conn),
+                            &format!("send failed: {}", io::Error::from_raw_os_error(-d.result)),
+                        );
                     }
                     c.broken = true;
                     c.stop_reading = true;
@@ -486,9 +491,12 @@ impl Plane {
                     return;
                 }
                 Decoded::Fatal(why) => {
-                    log(&format!(
-                        "Request handling failed: {why}; closing the connection"
-                    ));
+                    log::event(
+                        Level::Warn,
+                        "protocol-error",
+                        Some(&c.session.conn),
+                        &format!("Request handling failed: {why}; closing the connection"),
+                    );
                     c.stop_reading = true;
                     return;
                 }
@@ -542,9 +550,12 @@ impl Plane {
         let cmd = match transmission::validate(&req, data, drained, &c.lim) {
             Ok(cmd) => cmd,
             Err(rej) => {
-                if c.verbose {
-                    log(&format!("request {:#x} refused: {}", req.cookie, rej.msg));
-                }
+                log::event(
+                    Level::Info,
+                    "request-refused",
+                    Some(&c.session.conn),
+                    &format!("request {:#x} refused: {}", req.cookie, rej.msg),
+                );
                 c.session.rejected();
                 c.out.push_head(|o| {
                     transmission::encode_error(o, mode, req.cookie, req.offset, rej.errno, &rej.msg)

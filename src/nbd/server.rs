@@ -38,6 +38,7 @@ use super::socket::Socket;
 use super::tls::{TlsServer, TlsStream};
 use super::transmission::{self, Command, Decoded, Limits, Payload};
 use crate::error::{Error, Result};
+use crate::log::{self, Level};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -199,6 +200,14 @@ impl Stream {
         }
     }
 
+    /// The client's address for the log.
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Plain(s) => s.peer(),
+            Stream::Tls(_) => "tls".to_string(),
+        }
+    }
+
     /// The plain socket, for a TLS upgrade or a data plane (`None` once TLS runs over it).
     pub fn socket(&self) -> Option<io::Result<Socket>> {
         match self {
@@ -310,17 +319,12 @@ pub type EndHook = Arc<dyn Fn(ConnEnd) + Send + Sync>;
 pub struct ConnConfig {
     pub exports: Arc<ExportSet>,
     pub handshake_limit: Option<Duration>,
-    pub verbose: bool,
     /// When set, TLS is required before any other option.
     pub tls: Option<Arc<TlsServer>>,
     /// Ring data planes that plain connections move to after negotiation (`None`: every
     /// connection is served on its own thread).
     #[cfg(feature = "uring")]
     pub planes: Option<Arc<super::plane::Planes>>,
-}
-
-fn log(msg: &str) {
-    eprintln!("{}: {msg}", crate::error::program());
 }
 
 /// Serve one client over `reader` / `writer`. `ctl` sets timeouts and shuts the stream down.
@@ -334,18 +338,35 @@ pub fn serve_connection(
     cfg: &ConnConfig,
     pool: &Pool,
     end: Option<&EndHook>,
+    conn: log::Conn,
 ) -> ConnEnd {
-    let n = match negotiate(reader, writer, ctl, cfg) {
+    let n = match negotiate(reader, writer, ctl, cfg, &conn) {
         Ok(n) => n,
         Err(e) => return e,
     };
     let Negotiated {
-        session,
+        mut session,
         pending,
         reader,
         writer,
         ctl,
     } = n;
+    session.conn = Arc::new(conn);
+    log::event(
+        Level::Info,
+        "negotiated",
+        Some(&session.conn),
+        &format!(
+            "export '{}': {} replies, {} metadata context(s)",
+            session.export.name,
+            match session.mode {
+                super::transmission::HeaderMode::Simple => "simple",
+                super::transmission::HeaderMode::Structured => "structured",
+                super::transmission::HeaderMode::Extended => "extended",
+            },
+            session.contexts.len()
+        ),
+    );
     let export = session.export.clone();
     if let Some(s) = &export.stats {
         s.connection_opened();
@@ -357,15 +378,16 @@ pub fn serve_connection(
             Some(Ok(socket)) => {
                 let end = end.clone();
                 let ended = export.clone();
+                let tag = session.conn.clone();
                 let h = super::plane::Handover {
                     socket,
                     session,
                     pending,
-                    verbose: cfg.verbose,
                     on_end: Box::new(move || {
                         if let Some(s) = &ended.stats {
                             s.connection_closed();
                         }
+                        log::event(Level::Info, "closed", Some(&tag), "connection closed");
                         end(ConnEnd::Negotiated)
                     }),
                 };
@@ -381,10 +403,12 @@ pub fn serve_connection(
     #[cfg(not(feature = "uring"))]
     let _ = end;
 
-    let end = transmit(reader, writer, ctl, cfg, pool, session, pending);
+    let tag = session.conn.clone();
+    let end = transmit(reader, writer, ctl, pool, session, pending);
     if let Some(s) = &export.stats {
         s.connection_closed();
     }
+    log::event(Level::Info, "closed", Some(&tag), "connection closed");
     end
 }
 
@@ -419,7 +443,16 @@ fn negotiate(
     writer: Box<dyn Write + Send>,
     ctl: Option<Stream>,
     cfg: &ConnConfig,
+    conn: &log::Conn,
 ) -> std::result::Result<Negotiated, ConnEnd> {
+    let failed = |why: &str| {
+        log::event(
+            Level::Warn,
+            "negotiation-failed",
+            Some(conn),
+            &format!("option negotiation failed: {why}"),
+        )
+    };
     let mut writer: SharedWriter = Arc::new(Mutex::new(writer));
     let mut ctl: Option<Arc<Stream>> = ctl.map(Arc::from);
     let deadline = cfg.handshake_limit.map(|d| Instant::now() + d);
@@ -442,17 +475,37 @@ fn negotiate(
         if let (Some(d), Some(c)) = (deadline, &ctl) {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                log("option negotiation failed: handshake timed out");
+                failed("handshake timed out");
                 shutdown(&ctl);
                 return Err(ConnEnd::NotNegotiated);
             }
             let _ = c.set_timeout(Some(left));
         }
         let n = match reader.read(&mut buf) {
+            // a hang-up mid-negotiation (EOF, or a reset from a client that closed with our
+            // greeting unread: health checks do) is the client's choice, not a failure
             Ok(0) => {
-                if cfg.verbose {
-                    log("client closed the connection during negotiation");
-                }
+                log::event(
+                    Level::Info,
+                    "negotiation-closed",
+                    Some(conn),
+                    "client closed the connection during negotiation",
+                );
+                shutdown(&ctl);
+                return Err(ConnEnd::NotNegotiated);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                log::event(
+                    Level::Info,
+                    "negotiation-closed",
+                    Some(conn),
+                    &format!("client closed the connection during negotiation ({e})"),
+                );
                 shutdown(&ctl);
                 return Err(ConnEnd::NotNegotiated);
             }
@@ -467,7 +520,7 @@ fn negotiate(
                 } else {
                     e.to_string()
                 };
-                log(&format!("option negotiation failed: {why}"));
+                failed(&why);
                 shutdown(&ctl);
                 return Err(ConnEnd::NotNegotiated);
             }
@@ -484,11 +537,16 @@ fn negotiate(
             Outcome::StartTls => {
                 // what the client sent after STARTTLS in plaintext is dropped unread
                 // (nbdkit CVE-2021-3716): only bytes that arrive over TLS are options
-                if cfg.verbose && used < n {
-                    log(&format!(
-                        "discarding {} plaintext bytes sent after NBD_OPT_STARTTLS",
-                        n - used
-                    ));
+                if used < n {
+                    log::event(
+                        Level::Info,
+                        "starttls-discard",
+                        Some(conn),
+                        &format!(
+                            "discarding {} plaintext bytes sent after NBD_OPT_STARTTLS",
+                            n - used
+                        ),
+                    );
                 }
                 let upgraded = match (sent, &cfg.tls, &ctl) {
                     (true, Some(tls), Some(c)) => match c.socket() {
@@ -500,19 +558,22 @@ fn negotiate(
                 };
                 match upgraded {
                     Ok(t) => {
-                        if cfg.verbose {
-                            log(&format!(
+                        log::event(
+                            Level::Info,
+                            "tls",
+                            Some(conn),
+                            &format!(
                                 "TLS established ({}; client identity: {})",
                                 t.summary(),
                                 t.identity().unwrap_or("none")
-                            ));
-                        }
+                            ),
+                        );
                         reader = Box::new(t.clone());
                         writer = Arc::new(Mutex::new(Box::new(t.clone())));
                         ctl = Some(Arc::new(Stream::Tls(t)));
                     }
                     Err(why) => {
-                        log(&format!("option negotiation failed: {why}"));
+                        failed(&why);
                         shutdown(&ctl);
                         return Err(ConnEnd::NotNegotiated);
                     }
@@ -527,14 +588,17 @@ fn negotiate(
                 break s;
             }
             Outcome::Close(why) => {
-                log(&format!("option negotiation failed: {why}"));
+                failed(&why);
                 shutdown(&ctl);
                 return Err(ConnEnd::NotNegotiated);
             }
             Outcome::Abort => {
-                if cfg.verbose {
-                    log("client ended the negotiation (NBD_OPT_ABORT)");
-                }
+                log::event(
+                    Level::Info,
+                    "negotiation-aborted",
+                    Some(conn),
+                    "client ended the negotiation (NBD_OPT_ABORT)",
+                );
                 shutdown(&ctl);
                 return Err(ConnEnd::NotNegotiated);
             }
@@ -559,7 +623,6 @@ fn transmit(
     mut reader: Box<dyn Read + Send>,
     writer: SharedWriter,
     ctl: Option<Arc<Stream>>,
-    cfg: &ConnConfig,
     pool: &Pool,
     session: Session,
     pending: Vec<u8>,
@@ -597,9 +660,12 @@ fn transmit(
                     continue;
                 }
                 Decoded::Fatal(why) => {
-                    log(&format!(
-                        "Request handling failed: {why}; closing the connection"
-                    ));
+                    log::event(
+                        Level::Warn,
+                        "protocol-error",
+                        Some(&session.conn),
+                        &format!("Request handling failed: {why}; closing the connection"),
+                    );
                     break;
                 }
                 Decoded::Request {
@@ -648,9 +714,12 @@ fn transmit(
         let cmd = match transmission::validate(&req, data, drained, &lim) {
             Ok(c) => c,
             Err(rej) => {
-                if cfg.verbose {
-                    log(&format!("request {:#x} refused: {}", req.cookie, rej.msg));
-                }
+                log::event(
+                    Level::Info,
+                    "request-refused",
+                    Some(&session.conn),
+                    &format!("request {:#x} refused: {}", req.cookie, rej.msg),
+                );
                 session.rejected();
                 let mut out = Vec::new();
                 // a READ error must be structured once structured replies are on
@@ -914,11 +983,14 @@ impl Server {
             match super::plane::Planes::start(cfg.planes, pool.clone()) {
                 Ok(p) => cfg.conn.planes = Some(Arc::new(p)),
                 Err(e) => {
-                    if cfg.conn.verbose {
-                        log(&format!(
+                    log::event(
+                        Level::Info,
+                        "no-plane",
+                        None,
+                        &format!(
                             "ring data plane unavailable ({e}); serving connections on threads"
-                        ));
-                    }
+                        ),
+                    );
                 }
             }
         }
@@ -935,6 +1007,7 @@ impl Server {
         let (wake_r, wake_w) = pipe()?;
         install_signal_handlers(wake_w, self.cfg.on_usr1.is_some());
         let active = Arc::new(Mutex::new(0usize));
+        let mut next_id = 1u64;
         let stop = loop {
             let n_active = active.lock().map(|g| *g).unwrap_or(0);
             let accepting = self.cfg.shared == 0 || n_active < self.cfg.shared;
@@ -992,7 +1065,7 @@ impl Server {
                     Ok(c) => c,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => {
-                        log(&format!("accept failed: {e}"));
+                        log::event(Level::Error, "accept", None, &format!("accept failed: {e}"));
                         continue;
                     }
                 };
@@ -1004,15 +1077,28 @@ impl Server {
                     _ => true,
                 };
                 if over_cap {
-                    if self.cfg.conn.verbose {
-                        log(&format!(
+                    log::event(
+                        Level::Info,
+                        "over-limit",
+                        Some(&log::Conn {
+                            id: next_id,
+                            peer: conn.peer(),
+                        }),
+                        &format!(
                             "too many connections (limit {}): closing a new client",
                             self.cfg.max_connections
-                        ));
-                    }
+                        ),
+                    );
+                    next_id += 1;
                     conn.shutdown();
                     continue;
                 }
+                let tag = log::Conn {
+                    id: next_id,
+                    peer: conn.peer(),
+                };
+                next_id += 1;
+                log::event(Level::Debug, "accepted", Some(&tag), "connection accepted");
                 let (cfg, pool, act) = (self.cfg.conn.clone(), self.pool.clone(), active.clone());
                 let hook: EndHook = Arc::new(move |end: ConnEnd| {
                     if let Ok(mut g) = act.lock() {
@@ -1037,6 +1123,7 @@ impl Server {
                                 &cfg,
                                 &pool,
                                 Some(&hook),
+                                tag,
                             ),
                             _ => ConnEnd::NotNegotiated,
                         };
@@ -1045,7 +1132,12 @@ impl Server {
                         }
                     });
                 if spawned.is_err() {
-                    log("could not start a connection thread");
+                    log::event(
+                        Level::Error,
+                        "thread",
+                        None,
+                        "could not start a connection thread",
+                    );
                     if let Ok(mut g) = active.lock() {
                         *g = g.saturating_sub(1);
                     }
@@ -1071,6 +1163,10 @@ pub fn serve_stdio(cfg: &ConnConfig, workers: usize) -> ConnEnd {
         cfg,
         &pool,
         None,
+        log::Conn {
+            id: 0,
+            peer: "stdio".into(),
+        },
     )
 }
 
@@ -1111,6 +1207,7 @@ pub(crate) mod tests {
                 &cfg,
                 &pool,
                 Some(&hook),
+                log::Conn::default(),
             );
             if end != ConnEnd::HandedOver {
                 hook(end);
@@ -1187,6 +1284,7 @@ pub(crate) mod tests {
                 &cfg,
                 &Pool::new(1),
                 None,
+                log::Conn::default(),
             )
         });
         let mut greeting = Vec::new();

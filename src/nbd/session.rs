@@ -18,6 +18,7 @@ use super::transmission::{self, Command, HeaderMode};
 use super::wire::*;
 use crate::block::Completion;
 use crate::error::{Error, Result};
+use crate::log;
 use std::sync::Arc;
 
 /// What transmission needs from a finished negotiation.
@@ -29,6 +30,8 @@ pub struct Session {
     pub contexts: Vec<(u32, MetaContext)>,
     /// Transmission flags sent to the client.
     pub flags: u16,
+    /// The connection, for the log.
+    pub conn: Arc<log::Conn>,
 }
 
 impl Session {
@@ -36,7 +39,14 @@ impl Session {
     /// when its reply is ready (`None` when the export keeps no statistics).
     #[inline]
     pub fn begin(&self, cmd: &Command) -> Option<Started> {
-        self.export.stats.as_ref()?.begin(cmd)
+        if self.export.stats.is_none() && log::slow_threshold().is_none() {
+            return None;
+        }
+        let t = Started::of(cmd)?;
+        if let Some(s) = &self.export.stats {
+            s.started(&t);
+        }
+        Some(t)
     }
 
     /// A request was refused before execution.
@@ -48,9 +58,37 @@ impl Session {
 
     #[inline]
     fn end(&self, started: Option<Started>, ok: bool) {
-        if let (Some(s), Some(t)) = (&self.export.stats, started) {
+        let Some(t) = started else { return };
+        if let Some(s) = &self.export.stats {
             s.end(t, ok);
         }
+        if let Some(limit) = log::slow_threshold() {
+            let took = t.elapsed();
+            if took >= limit {
+                log::event(
+                    log::Level::Warn,
+                    "slow-request",
+                    Some(&self.conn),
+                    &format!(
+                        "slow {} of {} bytes: {:.1} ms (threshold {} ms)",
+                        t.op().name(),
+                        t.bytes(),
+                        took.as_secs_f64() * 1e3,
+                        limit.as_millis()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// An error reply to a request: logged (warn) with what failed.
+    fn failed(&self, what: &str, e: &Error) {
+        log::event(
+            log::Level::Warn,
+            "request-failed",
+            Some(&self.conn),
+            &format!("{what} failed: {e}"),
+        );
     }
 
     /// Execute a validated command and return the encoded reply (empty for `NBD_CMD_DISC`);
@@ -64,6 +102,7 @@ impl Session {
     ) -> Vec<u8> {
         let mode = self.mode;
         let mut out = Vec::new();
+        let what = super::stats::Op::of(&cmd);
         let res = match cmd {
             Command::Disc => return out,
             Command::Read { offset, length, df } => {
@@ -114,7 +153,14 @@ impl Session {
         self.end(started, res.is_ok());
         match res {
             Ok(()) => transmission::encode_ok(&mut out, mode, cookie, req_offset),
-            Err(e) => encode_failure(&mut out, mode, cookie, req_offset, &e),
+            Err(e) => {
+                let (op, n) = what.map_or(("request", 0), |(op, n)| (op.name(), n));
+                self.failed(
+                    &format!("request {cookie:#x} ({op} at {req_offset}, {n} bytes)"),
+                    &e,
+                );
+                encode_failure(&mut out, mode, cookie, req_offset, &e)
+            }
         }
         out
     }
@@ -148,6 +194,10 @@ impl Session {
             }
             Err(e) => {
                 batch.rollback(mark);
+                self.failed(
+                    &format!("request {cookie:#x} (read at {offset}, {length} bytes)"),
+                    &e,
+                );
                 batch.push_head(|out| encode_failure(out, mode, cookie, req_offset, &e));
                 self.end(started, false);
                 Completion::Done
@@ -532,6 +582,7 @@ mod tests {
             export: e,
             mode,
             contexts,
+            conn: Arc::default(),
         }
     }
 

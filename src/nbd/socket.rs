@@ -44,6 +44,16 @@ impl Socket {
         }
     }
 
+    /// The client's address for the log: `HOST:PORT`, or `unix`.
+    pub fn peer(&self) -> String {
+        match self {
+            Socket::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "tcp".to_string(), |a| a.to_string()),
+            Socket::Unix(_) => "unix".to_string(),
+        }
+    }
+
     /// Shut both directions down: blocked reads and writes on every handle return.
     pub fn shutdown(&self) {
         let _ = match self {

@@ -153,6 +153,30 @@ pub struct Started {
     at: Instant,
 }
 
+impl Started {
+    /// A validated request starts now (`None` for DISC, which is not counted).
+    pub fn of(cmd: &Command) -> Option<Started> {
+        let (op, bytes) = Op::of(cmd)?;
+        Some(Started {
+            op,
+            bytes,
+            at: Instant::now(),
+        })
+    }
+
+    pub fn op(&self) -> Op {
+        self.op
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.at.elapsed()
+    }
+}
+
 /// One export's statistics.
 pub struct Stats {
     since: Instant,
@@ -207,13 +231,14 @@ impl Stats {
 
     /// A validated request starts (`None` for DISC, which is not counted).
     pub fn begin(&self, cmd: &Command) -> Option<Started> {
-        let (op, bytes) = Op::of(cmd)?;
+        let t = Started::of(cmd)?;
+        self.started(&t);
+        Some(t)
+    }
+
+    /// `t` (from [`Started::of`]) is in flight.
+    pub fn started(&self, _t: &Started) {
         self.in_flight.fetch_add(1, Relaxed);
-        Some(Started {
-            op,
-            bytes,
-            at: Instant::now(),
-        })
     }
 
     /// Its reply is ready: `ok` unless it is an error reply.
