@@ -629,3 +629,77 @@ fn the_log_tells_a_session_event_by_event() {
         );
     }
 }
+
+/// The `(N.NN/100%)` figures of `-p` output (split at carriage returns), and whether it ended
+/// with qemu-img's final `\r\n`.
+fn progress_figures(out: &str) -> (Vec<f64>, bool) {
+    let figures = out
+        .split(['\r', '\n'])
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let t = l.trim_start();
+            assert!(l.starts_with("    ("), "{l:?}");
+            let end = t.find("/100%)").unwrap_or_else(|| panic!("{l:?}"));
+            let n = &t[1..end];
+            assert_eq!(n.split_once('.').map(|(_, f)| f.len()), Some(2), "{l:?}");
+            n.parse::<f64>().unwrap()
+        })
+        .collect();
+    (figures, out.ends_with("(100.00/100%)\r\n"))
+}
+
+/// `convert -p` piped prints qemu-img's progress lines (tools parse them), from 0 to 100 in
+/// steps of at least 1 %; on a terminal a bar with bytes, rate and time follows the figure.
+#[test]
+fn convert_progress_is_qemu_img_s_when_piped_and_a_bar_on_a_terminal() {
+    if !require_tools("convert -p", &["qemu-img", "qemu-io", "script"]) {
+        return;
+    }
+    let tmp = scratch_dir();
+    let d = tmp.path();
+    let sh = |cmd: &str| -> (i32, String, String) {
+        run(Command::new("sh").arg("-c").arg(cmd).current_dir(d))
+    };
+    assert_eq!(sh("qemu-img create -q -f raw src.raw 64M").0, 0);
+    assert_eq!(
+        sh("qemu-io -f raw -c 'write -P 7 0 40M' src.raw >/dev/null").0,
+        0
+    );
+    let q = qnbd_bin().display().to_string();
+    for (who, cmd) in [
+        (
+            "qemu-img",
+            "qemu-img convert -p -O qcow2 src.raw a.qcow2".to_string(),
+        ),
+        ("qnbd", format!("{q} convert -p -O qcow2 src.raw b.qcow2")),
+    ] {
+        let (rc, out, err) = sh(&cmd);
+        assert_eq!(rc, 0, "{who}: {err}");
+        let (figs, crlf) = progress_figures(&out);
+        assert!(crlf, "{who}: {out:?}");
+        assert_eq!(figs.first(), Some(&0.0), "{who}");
+        assert!(figs.len() >= 3, "{who}: {figs:?}");
+        assert_eq!(&figs[figs.len() - 2..], &[100.0, 100.0], "{who}: {figs:?}");
+        for w in figs[..figs.len() - 1].windows(2) {
+            assert!(w[1] - w[0] >= 1.0 || w[1] == 100.0, "{who}: {figs:?}");
+        }
+    }
+    assert_eq!(sh("qemu-img compare a.qcow2 b.qcow2").0, 0);
+    // a terminal: script(1) gives the command a pty
+    let (rc, out, err) = sh(&format!(
+        "script -qec '{q} convert -p -O qcow2 src.raw c.qcow2' /dev/null"
+    ));
+    assert_eq!(rc, 0, "{err}");
+    let last = out
+        .split(['\r', '\n'])
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim_end()
+        .to_string();
+    assert!(
+        last.starts_with("    (100.00/100%) [##############################] 64 MiB / 64 MiB, ")
+            && last.contains("/s, done in "),
+        "{last:?}"
+    );
+    assert_eq!(sh("qemu-img compare a.qcow2 c.qcow2").0, 0);
+}

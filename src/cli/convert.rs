@@ -2,11 +2,11 @@
 //! `-o` creation options, `-B` backing file, progress with `-p`).
 
 use super::open_options;
+use super::progress::Progress;
 use crate::block::{Chain, Mapping, NoBacking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::open::{open_image, CacheMode, Format, OpenOptions};
 use clap::Args;
-use std::io::Write;
 
 #[derive(Debug, Args)]
 #[command(args_override_self = true)]
@@ -61,39 +61,6 @@ pub struct ConvertArgs {
 
 /// Zero blocks of this size inside data are skipped (qemu-img's default `-S 4k`).
 const SPARSE_BLOCK: usize = 4096;
-
-struct Progress {
-    on: bool,
-    size: u64,
-    last: f64,
-}
-
-impl Progress {
-    fn show(&mut self, pos: u64) {
-        if !self.on {
-            return;
-        }
-        let pct = if self.size == 0 {
-            100.0
-        } else {
-            (pos as f64 * 100.0 / self.size as f64 * 100.0).floor() / 100.0
-        };
-        if pct != self.last {
-            self.last = pct;
-            let mut e = std::io::stdout().lock();
-            let _ = write!(e, "    ({pct:.2}/100%)\r");
-            let _ = e.flush();
-        }
-    }
-
-    fn done(&self) {
-        if self.on {
-            // qemu-img ends with the 100% line once more, then a newline
-            print!("    (100.00/100%)\r\n");
-            let _ = std::io::stdout().flush();
-        }
-    }
-}
 
 /// Where the copy goes.
 trait Sink {
@@ -279,11 +246,7 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
     let src = super::image_name(&a.src, a.image_opts, &mut opts)?;
     let img = super::open_named(&src, &opts)?;
     let size = img.chain.size();
-    let mut progress = Progress {
-        on: a.progress && !a.quiet,
-        size,
-        last: -1.0,
-    };
+    let mut progress = Progress::new(a.progress && !a.quiet, size);
     match out_fmt {
         Format::Raw => {
             if a.backing.is_some() {

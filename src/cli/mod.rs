@@ -10,6 +10,7 @@ pub mod image_opts;
 pub mod info;
 pub mod manual;
 pub mod map;
+pub mod progress;
 pub mod qjson;
 pub mod resize;
 pub mod serve;
