@@ -35,11 +35,12 @@ fn install(destdir: &Path) -> PathBuf {
 fn subcommands() -> Vec<String> {
     let (rc, out, _) = run(Command::new(qnbd_bin()).arg("--help"));
     assert_eq!(rc, 0);
+    // the commands stand under headings between the usage line and the options
     let list: Vec<String> = out
         .lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| l.starts_with("  "))
+        .skip_while(|l| !l.starts_with("Usage:"))
+        .take_while(|l| !l.starts_with("Options:"))
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| *c != "help")
         .map(String::from)

@@ -446,7 +446,7 @@ pub fn main() -> i32 {
             .bin_name("qemu-img")
             .infer_long_args(true)
             .disable_version_flag(true),
-        _ => <Cli as clap::CommandFactory>::command(),
+        _ => grouped_help(<Cli as clap::CommandFactory>::command()),
     };
     let cli = match command
         .try_get_matches_from(&args)
@@ -471,6 +471,53 @@ pub fn main() -> i32 {
     finish(res)
 }
 
+/// Which heading of `qnbd --help` a subcommand is listed under.
+fn help_group(name: &str) -> &'static str {
+    match name {
+        "info" | "map" | "check" | "bitmap" | "bench" => "Inspect and check images (qemu-img)",
+        "create" | "convert" | "resize" => "Create and change images (qemu-img)",
+        "serve" => "Serve images over NBD (qemu-nbd)",
+        "man" | "completions" => "Install",
+        _ => "Other",
+    }
+}
+
+/// `qnbd --help` with the subcommands under headings, each with its own one-line help.
+fn grouped_help(mut cmd: clap::Command) -> clap::Command {
+    cmd.build();
+    let mut groups: Vec<(&'static str, Vec<(String, String)>)> = Vec::new();
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
+        let g = help_group(sub.get_name());
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        let entry = (sub.get_name().to_string(), about);
+        match groups.iter_mut().find(|(h, _)| *h == g) {
+            Some((_, v)) => v.push(entry),
+            None => groups.push((g, vec![entry])),
+        }
+    }
+    let width = groups
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|(n, _)| n.len()))
+        .max()
+        .unwrap_or(0);
+    let mut t = String::from("{about-with-newline}\n{usage-heading} {usage}\n");
+    for (heading, subs) in &groups {
+        t.push_str(&format!("\n{heading}:\n"));
+        for (name, about) in subs {
+            t.push_str(&format!("  {name:width$}  {about}\n"));
+        }
+    }
+    t.push_str(&format!(
+        "  {:width$}  Print this message or the help of the given subcommand(s)\n",
+        "help"
+    ));
+    t.push_str("\nRun 'qnbd COMMAND --help' for a command's options.\n\nOptions:\n{options}");
+    cmd.help_template(t)
+}
+
 /// The exit code of a command's result; an error is printed first.
 fn finish(res: Result<i32, Error>) -> i32 {
     match res {
@@ -484,8 +531,28 @@ fn finish(res: Result<i32, Error>) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
+    use super::{grouped_help, Cli};
     use clap::CommandFactory;
+
+    /// `qnbd --help` lists every subcommand under one of its headings.
+    #[test]
+    fn help_lists_every_subcommand_under_a_heading() {
+        let mut cmd = grouped_help(<Cli as clap::CommandFactory>::command());
+        let help = cmd.render_long_help().to_string();
+        for sub in cmd.get_subcommands() {
+            let line = format!("  {}  ", sub.get_name());
+            assert!(
+                help.lines().any(|l| l.starts_with(&line)),
+                "{} missing:\n{help}",
+                sub.get_name()
+            );
+        }
+        assert!(!help.contains("\nOther:"), "{help}");
+        assert!(
+            help.contains("Serve images over NBD (qemu-nbd):\n  serve"),
+            "{help}"
+        );
+    }
 
     /// `--help` explains every option and positional of every command.
     #[test]
