@@ -39,8 +39,10 @@ use spec::entries::EntryLayout;
 use spec::extensions::Extensions;
 use spec::header::{Header, HeaderError, RAW_HEADER_LEN};
 use spec::snapshot::{self, Snapshot};
+use spec::table::{L1Table, L2Table};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+use tables::PastEof;
 
 /// QEMU's default maximum L2 cache (32 MiB on Linux), enough to map the whole image when smaller.
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -77,7 +79,7 @@ pub struct Qcow2 {
     /// Persistent dirty bitmaps (see `bitmaps.rs`).
     bitmaps_live: std::sync::Mutex<bitmaps::BitmapSet>,
     size: AtomicU64,
-    l2_cache: MetaCache<Vec<u64>>,
+    l2_cache: MetaCache<L2Table>,
     refblock_cache: MetaCache<Vec<u8>>,
     access: crate::block::Access,
     backing_name: Option<String>,
@@ -185,13 +187,13 @@ impl Qcow2 {
                 header.l1_table_offset, header.l1_size, file_len
             )));
         }
-        let mut raw_l1 = vec![0u8; l1_bytes as usize];
-        read_exact(&*file, &mut raw_l1, header.l1_table_offset)
-            .map_err(read_err("the L1 table", header.l1_table_offset))?;
-        let l1: Vec<u64> = raw_l1
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let l1 = L1Table::load(
+            &*file,
+            header.l1_table_offset,
+            u64::from(header.l1_size),
+            PastEof::Error,
+        )
+        .map_err(read_err("the L1 table", header.l1_table_offset))?;
 
         let snapshots = read_snapshots(&*file, &header, file_len)?;
         if opts.access == crate::block::Access::ReadWrite && !opts.no_io {
@@ -223,14 +225,13 @@ impl Qcow2 {
                 })?;
             validate_snapshot_l1(sn, header.cluster_size(), file_len)
                 .map_err(|e| e.context("Failed to load snapshot"))?;
-            let bytes = u64::from(sn.l1_size) * 8;
-            let mut raw = vec![0u8; bytes as usize];
-            read_exact(&*file, &mut raw, sn.l1_table_offset)
-                .map_err(read_err("a snapshot L1 table", sn.l1_table_offset))?;
-            l1 = raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect();
+            l1 = L1Table::load(
+                &*file,
+                sn.l1_table_offset,
+                u64::from(sn.l1_size),
+                PastEof::Error,
+            )
+            .map_err(read_err("a snapshot L1 table", sn.l1_table_offset))?;
             header.size = sn.disk_size.unwrap_or(header.size);
             if header.l1_entries_needed() > l1.len() as u64 {
                 return Err(Error::corrupt(format!(
@@ -538,14 +539,6 @@ fn load_bitmap_dir(
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |e| Error::io(what, e)
-}
-
-pub(crate) fn u64s_to_be(v: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 8);
-    for x in v {
-        out.extend_from_slice(&x.to_be_bytes());
-    }
-    out
 }
 
 /// Helpers of the write side (`alloc.rs`, `refcount.rs`, `bitmaps.rs`).
