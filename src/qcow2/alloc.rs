@@ -20,12 +20,13 @@
 
 use super::cluster_set::ClusterSet;
 use super::compress;
+use super::header_write::HeaderWrite;
 use super::meta::Meta;
 use super::spec::entries::{
     SubclusterType, L2E_OFFSET_MASK, L2_BITMAP_ALL_ALLOC, OFLAG_COPIED, OFLAG_ZERO,
     REFT_OFFSET_MASK,
 };
-use super::spec::header::{autoclear, incompat};
+use super::spec::header::{autoclear, incompat, HeaderField};
 use super::spec::table::L2Table;
 use super::tables::l2_for;
 use super::{io_err, Qcow2};
@@ -63,7 +64,7 @@ impl Qcow2 {
         if self.header.version >= 3 {
             let keep = m.autoclear & autoclear::MASK;
             if keep != m.autoclear {
-                self.write_header_field(88, &keep.to_be_bytes())?;
+                self.write_header_field(HeaderField::AutoclearFeatures(keep))?;
                 m.autoclear = keep;
             }
         }
@@ -142,27 +143,17 @@ impl Qcow2 {
         let mut ext = self.ext.clone();
         ext.bitmaps = bitmaps;
         ext.bitmaps_untrusted = None;
-        let mut area = h.to_bytes();
-        area.extend_from_slice(&ext.encode());
-        if let Some(name) = self.backing_name() {
-            h.backing_file_offset = area.len() as u64;
-            h.backing_file_size = name.len() as u32;
-            let fixed = h.to_bytes();
-            area[..fixed.len()].copy_from_slice(&fixed);
-            area.extend_from_slice(name.as_bytes());
-        }
+        let area = h.encode_area(&ext, self.backing_name());
         if area.len() as u64 > cs {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "the header extensions do not fit in the first cluster",
             ));
         }
-        self.file
-            .write_at(&area, 0)
-            .map_err(io_err("Could not update the qcow2 header"))?;
-        self.file
-            .sync()
-            .map_err(io_err("Could not flush the qcow2 header"))?;
+        self.write_header(HeaderWrite::Area {
+            at: 0,
+            bytes: &area,
+        })?;
         m.autoclear = autoclear_bits;
         m.bitmaps_ext = bitmaps;
         Ok(())
@@ -1004,7 +995,7 @@ pub(crate) fn resize(q: &Qcow2, new_size: u64, below: &dyn CowSource) -> Result<
             q.grow_l1(&mut m, needed as usize)?;
         }
         q.flush_tables(&mut m, Barrier::NotHeld)?;
-        q.write_header_field(24, &new_size.to_be_bytes())?;
+        q.write_header_field(HeaderField::Size(new_size))?;
         m.size = new_size;
         q.size.store(new_size, Ordering::Release);
     }
@@ -1057,10 +1048,10 @@ impl Qcow2 {
         self.file
             .sync()
             .map_err(io_err("Could not flush the new L1 table"))?;
-        let mut hdr = Vec::with_capacity(12);
-        hdr.extend_from_slice(&(entries as u32).to_be_bytes());
-        hdr.extend_from_slice(&new_off.to_be_bytes());
-        self.write_header_field(36, &hdr)?;
+        self.write_header_field(HeaderField::L1Table {
+            size: entries as u32,
+            offset: new_off,
+        })?;
         let old_off = m.l1_offset;
         let old_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
         m.l1 = l1;

@@ -18,11 +18,12 @@
 //! pointed at the new refcount table; the old structure becomes leaked and is freed by the
 //! same run. This module never reads guest data.
 
+use super::header_write::{write_header, HeaderWrite};
 use super::spec::entries::{
     L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, L2_BITMAP_ALL_ALLOC,
     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
 };
-use super::spec::header::{autoclear, incompat};
+use super::spec::header::{autoclear, incompat, HeaderField};
 use super::spec::table::{BitmapTable, L1Table, L2Table, RefTable};
 use super::spec::{bitmap_dir, limits, refblock, snapshot};
 use super::tables::PastEof;
@@ -37,10 +38,6 @@ const L2_BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 /// Largest in-memory refcount array we build (QEMU only refuses above 2^31 clusters; a
 /// 1 GiB array covers 32 TiB of 64 KiB clusters at 16-bit refcounts).
 pub const MAX_IMRT_BYTES: u64 = 1 << 30;
-/// Header byte offset of `refcount_table_offset` (qcow2 spec, "Header").
-const HDR_REFTABLE_OFFSET: u64 = 48;
-/// Header byte offset of `incompatible_features`.
-const HDR_INCOMPATIBLE: u64 = 72;
 
 /// What `check` may repair (qemu-img `-r`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1166,12 +1163,16 @@ impl<'a> Checker<'a> {
             .store(self.file, rt_offset)
             .and_then(|_| self.file.sync())
             .map_err(|e| format!("ERROR writing reftable: {}", strerror(io_errno(&e))))?;
-        let mut hdr = rt_offset.to_be_bytes().to_vec();
-        hdr.extend_from_slice(&(rt_clusters as u32).to_be_bytes());
-        self.file
-            .write_at(&hdr, HDR_REFTABLE_OFFSET)
-            .and_then(|_| self.file.sync())
-            .map_err(|e| format!("ERROR setting reftable: {}", strerror(io_errno(&e))))?;
+        let field = HeaderField::RefcountTable {
+            offset: rt_offset,
+            clusters: rt_clusters as u32,
+        };
+        write_header(self.file, HeaderWrite::Field(field)).map_err(|e| {
+            format!(
+                "ERROR setting reftable: {}",
+                strerror(io_errno(&e.into_io()))
+            )
+        })?;
         self.reftable = reftable;
         self.reftable_offset = rt_offset;
         self.reftable_clusters = rt_clusters;
@@ -1382,10 +1383,9 @@ impl<'a> Checker<'a> {
         if h.version >= 3 {
             let new = self.incompatible & !(incompat::DIRTY | incompat::CORRUPT);
             if new != self.incompatible {
-                self.file
-                    .write_at(&new.to_be_bytes(), HDR_INCOMPATIBLE)
-                    .and_then(|_| self.file.sync())
-                    .map_err(|e| Fail(io_errno(&e)))?;
+                let field = HeaderField::IncompatibleFeatures(new);
+                write_header(self.file, HeaderWrite::Field(field))
+                    .map_err(|e| Fail(io_errno(&e.into_io())))?;
                 self.incompatible = new;
             }
         }
@@ -1425,10 +1425,11 @@ impl<'a> Checker<'a> {
             pos = next;
         }
         out.resize(area.len(), 0);
-        self.file
-            .write_at(&out, start)
-            .and_then(|_| self.file.sync())
-            .map_err(|e| Fail(io_errno(&e)))
+        let w = HeaderWrite::Area {
+            at: start,
+            bytes: &out,
+        };
+        write_header(self.file, w).map_err(|e| Fail(io_errno(&e.into_io())))
     }
 }
 

@@ -30,8 +30,8 @@
 //! Not supported: encryption, and `qemu-img create`'s own steps (options, backing probing), which
 //! live in `cli/create.rs`.
 
-use super::spec::extensions::{EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE};
-use super::spec::header::{autoclear, compat, incompat, Header, QCOW_MAGIC};
+use super::spec::extensions::{Extensions, FeatureName};
+use super::spec::header::{autoclear, compat, incompat, Header};
 use super::spec::limits::{MAX_L1_SIZE, MAX_REFTABLE_SIZE};
 use super::spec::refblock;
 use super::spec::table::{L1Table, L2Table, RefTable};
@@ -816,13 +816,6 @@ const FEATURES: [(u8, u8, &str); 8] = [
     (2, 1, "raw external data"),
 ];
 
-fn push_ext(buf: &mut Vec<u8>, magic: u32, data: &[u8]) {
-    buf.extend_from_slice(&magic.to_be_bytes());
-    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    buf.extend_from_slice(data);
-    buf.resize(buf.len().div_ceil(8) * 8, 0);
-}
-
 /// The first cluster as `qcow2_update_header` writes it.
 fn header_cluster(opts: &CreateOptions, size: u64, a: &Alloc) -> Result<Vec<u8>> {
     let cs = a.cs as usize;
@@ -865,42 +858,33 @@ fn header_cluster(opts: &CreateOptions, size: u64, a: &Alloc) -> Result<Vec<u8>>
         compression_type: opts.compression_type,
         unknown_fields: Vec::new(),
     };
-    let mut buf = header.to_bytes();
-    debug_assert_eq!(buf[..4], QCOW_MAGIC.to_be_bytes());
-    if let Some(f) = &opts.backing_format {
-        push_ext(&mut buf, EXT_BACKING_FORMAT, f.as_bytes());
-    }
-    if let Some(d) = &opts.data_file {
-        push_ext(&mut buf, EXT_DATA_FILE, d.as_bytes());
-    }
-    if opts.version >= 3 && a.cs > 4096 {
-        let mut table = Vec::with_capacity(FEATURES.len() * 48);
-        for (kind, bit, name) in FEATURES {
-            let mut e = [0u8; 48];
-            e[0] = kind;
-            e[1] = bit;
-            e[2..2 + name.len()].copy_from_slice(name.as_bytes());
-            table.extend_from_slice(&e);
-        }
-        push_ext(&mut buf, EXT_FEATURE_TABLE, &table);
-    }
-    push_ext(&mut buf, EXT_END, &[]);
-    if let Some(b) = &opts.backing_file {
-        if buf.len() + b.len() > cs {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Could not assign backing file '{b}': No space left on device"),
-            ));
-        }
-        let off = buf.len() as u64;
-        buf.extend_from_slice(b.as_bytes());
-        buf[8..16].copy_from_slice(&off.to_be_bytes());
-        buf[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
-    }
+    let feature_table = if opts.version >= 3 && a.cs > 4096 {
+        FEATURES
+            .iter()
+            .map(|&(kind, bit, name)| FeatureName {
+                kind,
+                bit,
+                name: name.into(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let ext = Extensions {
+        backing_format: opts.backing_format.clone(),
+        data_file: opts.data_file.clone(),
+        feature_table,
+        ..Extensions::default()
+    };
+    let mut buf = header.encode_area(&ext, opts.backing_file.as_deref());
     if buf.len() > cs {
+        // (with a backing file, the name is what no longer fits)
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            "Could not update qcow2 header: No space left on device",
+            match &opts.backing_file {
+                Some(b) => format!("Could not assign backing file '{b}': No space left on device"),
+                None => "Could not update qcow2 header: No space left on device".into(),
+            },
         ));
     }
     buf.resize(cs, 0);
@@ -1082,6 +1066,7 @@ pub fn create_qcow2(path: &str, opts: &CreateOptions) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::spec::extensions::{EXT_BACKING_FORMAT, EXT_FEATURE_TABLE};
     use super::*;
 
     fn opts(size: u64) -> CreateOptions {

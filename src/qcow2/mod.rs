@@ -24,6 +24,7 @@ pub mod check;
 mod cluster_set;
 pub mod compress;
 pub mod create;
+mod header_write;
 pub mod luks;
 mod meta;
 pub mod refcount;
@@ -551,14 +552,21 @@ impl Qcow2 {
         self.data_storage()
     }
 
-    /// Write a header field in place and make it durable.
-    pub(crate) fn write_header_field(&self, off: u64, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_at(bytes, off)
-            .map_err(io_err("Could not update the qcow2 header"))?;
-        self.file
-            .sync()
-            .map_err(io_err("Could not flush the qcow2 header"))
+    /// Write to the header cluster and make it durable (see `header_write.rs`).
+    pub(crate) fn write_header(&self, w: header_write::HeaderWrite<'_>) -> Result<()> {
+        header_write::write_header(&*self.file, w).map_err(|e| match e {
+            header_write::HeaderWriteError::Write(e) => {
+                Error::io("Could not update the qcow2 header", e)
+            }
+            header_write::HeaderWriteError::Sync(e) => {
+                Error::io("Could not flush the qcow2 header", e)
+            }
+        })
+    }
+
+    /// Write one header field in place and make it durable.
+    pub(crate) fn write_header_field(&self, f: spec::header::HeaderField) -> Result<()> {
+        self.write_header(header_write::HeaderWrite::Field(f))
     }
 
     /// Set the corrupt bit on disk (best effort) and refuse further writes.
@@ -566,7 +574,7 @@ impl Qcow2 {
         if !m.corrupt {
             m.corrupt = true;
             let bits = self.header.incompatible_features | spec::header::incompat::CORRUPT;
-            let _ = self.write_header_field(72, &bits.to_be_bytes());
+            let _ = self.write_header_field(spec::header::HeaderField::IncompatibleFeatures(bits));
         }
         Error::corrupt(format!(
             "{why}; the image has been marked as corrupt and further writes are refused"

@@ -3,6 +3,7 @@
 
 use super::meta::Meta;
 use super::spec::entries::REFT_OFFSET_MASK;
+use super::spec::header::HeaderField;
 use super::spec::refblock;
 use super::spec::table::RefTable;
 use super::tables::PastEof;
@@ -308,10 +309,10 @@ impl Qcow2 {
             .map_err(io_err("Could not write the new refcount table"))?;
         file.sync()
             .map_err(io_err("Could not flush the new refcount table"))?;
-        let mut hdr = Vec::with_capacity(12);
-        hdr.extend_from_slice(&(table_start * cs).to_be_bytes());
-        hdr.extend_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.write_header_field(48, &hdr)?;
+        self.write_header_field(HeaderField::RefcountTable {
+            offset: table_start * cs,
+            clusters: table_clusters as u32,
+        })?;
         // switch in memory
         for (off, blk) in new_blocks.into_iter().chain(dirty_existing) {
             self.refblock_cache.insert(off, Arc::new(blk));
