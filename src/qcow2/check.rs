@@ -20,8 +20,8 @@
 
 use super::header_write::{write_header, HeaderWrite};
 use super::spec::entries::{
-    L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, L2_BITMAP_ALL_ALLOC,
-    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
+    ClusterType, EntryLayout, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+    L2E_RESERVED_MASK, L2_BITMAP_ALL_ALLOC, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
 };
 use super::spec::header::{autoclear, incompat, HeaderField};
 use super::spec::table::{BitmapTable, L1Table, L2Table, RefTable};
@@ -113,16 +113,6 @@ fn io_errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
-/// QEMU's `QCow2ClusterType` (cluster level, before subclusters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ClusterType {
-    Unallocated,
-    ZeroPlain,
-    ZeroAlloc,
-    Normal,
-    Compressed,
-}
-
 /// One table QEMU's metadata overlap check knows about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ol {
@@ -177,6 +167,8 @@ struct Checker<'a> {
     refcount_max: u64,
     ext_l2: bool,
     data_file: bool,
+    /// How entries are classified (the spec classifier).
+    layout: EntryLayout,
     file_len: u64,
 
     /// Result of the refcount part (QEMU's `refcount_res`).
@@ -295,6 +287,11 @@ impl<'a> Checker<'a> {
             refcount_max: refblock::max_value(order),
             ext_l2: h.extended_l2(),
             data_file: h.has_data_file(),
+            layout: EntryLayout {
+                cluster_bits: cbits,
+                extended_l2: h.extended_l2(),
+                data_file: h.has_data_file(),
+            },
             file_len,
             res: CheckResult::default(),
             total: CheckResult::default(),
@@ -550,26 +547,6 @@ impl<'a> Checker<'a> {
 
     // ---------------------------------------------------------------- L1 / L2 walk
 
-    fn cluster_type(&self, e: u64) -> ClusterType {
-        if e & OFLAG_COMPRESSED != 0 {
-            ClusterType::Compressed
-        } else if e & OFLAG_ZERO != 0 && !self.ext_l2 {
-            if e & L2E_OFFSET_MASK != 0 {
-                ClusterType::ZeroAlloc
-            } else {
-                ClusterType::ZeroPlain
-            }
-        } else if e & L2E_OFFSET_MASK == 0 {
-            if self.data_file && e & OFLAG_COPIED != 0 {
-                ClusterType::Normal
-            } else {
-                ClusterType::Unallocated
-            }
-        } else {
-            ClusterType::Normal
-        }
-    }
-
     /// Read one L2 table.
     fn read_l2(&self, off: u64) -> std::io::Result<L2Table> {
         L2Table::load(self.file, off, self.cs, self.ext_l2)
@@ -630,7 +607,7 @@ impl<'a> Checker<'a> {
         let mut next_contiguous = 0u64;
         for i in 0..table.len() {
             let (mut e, bitmap) = table.get(i);
-            let ty = self.cluster_type(e);
+            let ty = self.layout.cluster_type(e);
             if ty != ClusterType::Compressed && e & L2E_RESERVED_MASK != 0 {
                 self.msg(format!(
                     "ERROR found l2 entry with reserved bits set: {e:x}"
@@ -639,11 +616,7 @@ impl<'a> Checker<'a> {
             }
             match ty {
                 ClusterType::Compressed => {
-                    let layout = super::spec::entries::EntryLayout {
-                        cluster_bits: self.cbits,
-                        extended_l2: self.ext_l2,
-                        data_file: self.data_file,
-                    };
+                    let layout = self.layout;
                     if e & OFLAG_COPIED != 0 {
                         self.msg(format!(
                             "ERROR: coffset=0x{:x}: copied flag must never be set for compressed \
@@ -690,7 +663,7 @@ impl<'a> Checker<'a> {
                         let contains_data = if self.ext_l2 {
                             bitmap & L2_BITMAP_ALL_ALLOC != 0
                         } else {
-                            e & OFLAG_ZERO == 0
+                            ty == ClusterType::Normal
                         };
                         if !contains_data {
                             let fix = self.repair.errors();
@@ -1313,7 +1286,7 @@ impl<'a> Checker<'a> {
             let mut l2_dirty = 0u64;
             for j in 0..table.len() {
                 let e = table.entry(j);
-                let ty = self.cluster_type(e);
+                let ty = self.layout.cluster_type(e);
                 if ty != ClusterType::Normal && ty != ClusterType::ZeroAlloc {
                     continue;
                 }
