@@ -20,14 +20,16 @@
 
 use super::cluster_set::ClusterSet;
 use super::compress;
+use super::header_write::HeaderWrite;
 use super::meta::Meta;
 use super::spec::entries::{
     SubclusterType, L2E_OFFSET_MASK, L2_BITMAP_ALL_ALLOC, OFLAG_COPIED, OFLAG_ZERO,
     REFT_OFFSET_MASK,
 };
-use super::spec::header::{autoclear, incompat};
+use super::spec::header::{autoclear, incompat, HeaderField};
+use super::spec::table::L2Table;
 use super::tables::l2_for;
-use super::{io_err, u64s_to_be, Qcow2};
+use super::{io_err, Qcow2};
 use crate::block::{Access, CowSource, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact_or_zero;
@@ -62,7 +64,7 @@ impl Qcow2 {
         if self.header.version >= 3 {
             let keep = m.autoclear & autoclear::MASK;
             if keep != m.autoclear {
-                self.write_header_field(88, &keep.to_be_bytes())?;
+                self.write_header_field(HeaderField::AutoclearFeatures(keep))?;
                 m.autoclear = keep;
             }
         }
@@ -86,7 +88,7 @@ impl Qcow2 {
         add_range(0, cs);
         add_range(m.l1_offset, m.l1.len() as u64 * 8);
         add_range(m.reftable_offset, u64::from(m.reftable_clusters) * cs);
-        for &e in m.reftable.as_deref().unwrap_or(&[]) {
+        for &e in m.reftable.iter().flatten() {
             let off = e & REFT_OFFSET_MASK;
             if off != 0 {
                 add_range(off, cs);
@@ -141,27 +143,17 @@ impl Qcow2 {
         let mut ext = self.ext.clone();
         ext.bitmaps = bitmaps;
         ext.bitmaps_untrusted = None;
-        let mut area = h.to_bytes();
-        area.extend_from_slice(&ext.encode());
-        if let Some(name) = self.backing_name() {
-            h.backing_file_offset = area.len() as u64;
-            h.backing_file_size = name.len() as u32;
-            let fixed = h.to_bytes();
-            area[..fixed.len()].copy_from_slice(&fixed);
-            area.extend_from_slice(name.as_bytes());
-        }
+        let area = h.encode_area(&ext, self.backing_name());
         if area.len() as u64 > cs {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "the header extensions do not fit in the first cluster",
             ));
         }
-        self.file
-            .write_at(&area, 0)
-            .map_err(io_err("Could not update the qcow2 header"))?;
-        self.file
-            .sync()
-            .map_err(io_err("Could not flush the qcow2 header"))?;
+        self.write_header(HeaderWrite::Area {
+            at: 0,
+            bytes: &area,
+        })?;
         m.autoclear = autoclear_bits;
         m.bitmaps_ext = bitmaps;
         Ok(())
@@ -195,7 +187,7 @@ impl Qcow2 {
     /// A new or copied table is stored as a dirty table before L1 is repointed at it, so every
     /// state this leaves behind (also when the caller fails afterwards) can be flushed: L1 never
     /// names a cluster that holds no table.
-    fn l2_for_write(&self, m: &mut Meta, guest: u64) -> Result<(usize, u64, Vec<u64>)> {
+    fn l2_for_write(&self, m: &mut Meta, guest: u64) -> Result<(usize, u64, L2Table)> {
         let cs = self.cs();
         let l1_idx = (guest / self.header.l2_coverage()) as usize;
         if l1_idx >= m.l1.len() {
@@ -205,14 +197,13 @@ impl Qcow2 {
             ));
         }
         let l1e = m.l1[l1_idx];
-        let words = (cs / 8) as usize;
         let (table, old_off) = match l2_for(self, m, guest)? {
             Some((l2_off, table)) if l1e & OFLAG_COPIED != 0 => {
                 return Ok((l1_idx, l2_off, (*table).clone()))
             }
             // shared with a snapshot: copy it
             Some((l2_off, table)) => ((*table).clone(), Some(l2_off)),
-            None => (vec![0u64; words], None),
+            None => (L2Table::zeroed(cs, self.header.extended_l2()), None),
         };
         let new_off = self.alloc_meta_clusters(m, 1)?;
         m.dirty_l2.insert(new_off, Arc::new(table.clone()));
@@ -224,7 +215,7 @@ impl Qcow2 {
         Ok((l1_idx, new_off, table))
     }
 
-    fn store_l2(&self, m: &mut Meta, l2_off: u64, table: Vec<u64>) {
+    fn store_l2(&self, m: &mut Meta, l2_off: u64, table: L2Table) {
         m.dirty_l2.insert(l2_off, Arc::new(table));
     }
 
@@ -353,15 +344,13 @@ impl Qcow2 {
         let cs = self.cs() as usize;
         let (_, l2_off, mut table) = self.l2_for_write(m, guest_cluster)?;
         let ext = self.header.extended_l2();
-        let w = if ext { 2 } else { 1 };
-        let idx = ((guest_cluster / cs as u64) % self.header.l2_entries()) as usize * w;
-        let entry = table[idx];
-        let bitmap = if ext { table[idx + 1] } else { 0 };
+        let idx = ((guest_cluster / cs as u64) % self.header.l2_entries()) as usize;
+        let (entry, bitmap) = table.get(idx);
         let host_off = entry & L2E_OFFSET_MASK;
         let compressed = entry & super::spec::entries::OFLAG_COMPRESSED != 0;
         // (a compressed descriptor's offset is a byte offset: no alignment to check)
         if !compressed && host_off != 0 && host_off & (cs as u64 - 1) != 0 {
-            let why = format!("Cluster allocation offset {host_off:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {:#x})", idx / w);
+            let why = format!("Cluster allocation offset {host_off:#x} unaligned (L2 offset: {l2_off:#x}, L2 index: {idx:#x})");
             return Err(self.mark_corrupt(m, why));
         }
         let has_host = !compressed
@@ -383,7 +372,7 @@ impl Qcow2 {
             if reads_zero && !has_host && !compressed && !self.header.has_data_file() {
                 let host = self.new_data_cluster(m, guest_cluster)?;
                 if self.write_into_fresh(m, host, in_off, data)? {
-                    table[idx] = host | OFLAG_COPIED;
+                    table.set_entry(idx, host | OFLAG_COPIED);
                     self.store_l2(m, l2_off, table);
                     return Ok(());
                 }
@@ -391,7 +380,7 @@ impl Qcow2 {
                 let mut buf = vec![0u8; cs];
                 buf[in_off..in_off + data.len()].copy_from_slice(data);
                 self.write_data(m, host, &buf)?;
-                table[idx] = host | OFLAG_COPIED;
+                table.set_entry(idx, host | OFLAG_COPIED);
                 self.store_l2(m, l2_off, table);
                 return Ok(());
             }
@@ -416,7 +405,7 @@ impl Qcow2 {
                 self.new_data_cluster(m, guest_cluster)?
             };
             self.write_data(m, host, &buf)?;
-            table[idx] = host | OFLAG_COPIED;
+            table.set_entry(idx, host | OFLAG_COPIED);
             self.store_l2(m, l2_off, table);
             // the old cluster is released only once the table no longer names it
             if !reuse && (has_host || compressed) {
@@ -473,8 +462,7 @@ impl Qcow2 {
             }
             new_bitmap = (new_bitmap | alloc_bit) & !zero_bit;
         }
-        table[idx] = host | OFLAG_COPIED;
-        table[idx + 1] = new_bitmap;
+        table.set(idx, host | OFLAG_COPIED, new_bitmap);
         self.store_l2(m, l2_off, table);
         if let Some(old) = release {
             self.release_entry(m, old);
@@ -503,14 +491,12 @@ impl Qcow2 {
             _ => self.l2_for_write(m, guest)?,
         };
         let ext = self.header.extended_l2();
-        let w = if ext { 2 } else { 1 };
         let v3 = self.header.version >= 3;
         let mut released = Vec::new();
         for k in 0..n {
             let g = guest + k * cs;
-            let idx = ((g / cs) % self.header.l2_entries()) as usize * w;
-            let entry = table[idx];
-            let bitmap = if ext { table[idx + 1] } else { 0 };
+            let idx = ((g / cs) % self.header.l2_entries()) as usize;
+            let (entry, bitmap) = table.get(idx);
             let host_off = entry & L2E_OFFSET_MASK;
             let compressed = entry & super::spec::entries::OFLAG_COMPRESSED != 0;
             let has_host = !compressed
@@ -569,10 +555,7 @@ impl Qcow2 {
             if (has_host || compressed) && !keep {
                 released.push(entry);
             }
-            table[idx] = ne;
-            if ext {
-                table[idx + 1] = nb;
-            }
+            table.set(idx, ne, nb);
         }
         self.store_l2(m, l2_off, table);
         // only once the table no longer names them (an error above left them referenced)
@@ -611,13 +594,12 @@ impl Qcow2 {
         // (flush_refcounts syncs data and refcount blocks together)
         self.flush_refcounts(m)?;
         if !m.dirty_l2.is_empty() {
-            let tables: Vec<(u64, Arc<Vec<u64>>)> =
+            let tables: Vec<(u64, Arc<L2Table>)> =
                 m.dirty_l2.iter().map(|(k, v)| (*k, v.clone())).collect();
             for (off, t) in &tables {
-                self.file
-                    .write_at(&u64s_to_be(t), *off)
+                t.store(&*self.file, *off)
                     .map_err(io_err(format!("Could not write L2 table at {off:#x}")))?;
-                m.file_len = m.file_len.max(off + t.len() as u64 * 8);
+                m.file_len = m.file_len.max(off + t.byte_len());
             }
             // L2 tables before the L1 entries that point at them
             self.file
@@ -631,7 +613,7 @@ impl Qcow2 {
         if !m.l1_dirty.is_empty() {
             for &i in &m.l1_dirty {
                 self.file
-                    .write_at(&m.l1[i].to_be_bytes(), m.l1_offset + 8 * i as u64)
+                    .write_at(&m.l1.encode_entry(i), m.l1_offset + 8 * i as u64)
                     .map_err(io_err("Could not write the L1 table"))?;
             }
             self.file
@@ -747,14 +729,14 @@ fn write_in_place(q: &Qcow2, off: u64, buf: &[u8]) -> Result<InPlace> {
             let in_off = pos - gc;
             let n = ((cs - in_off) as usize).min(buf.len() - done);
             let l1_idx = (gc / q.header.l2_coverage()) as usize;
-            if m.l1.get(l1_idx).is_none_or(|&e| e & OFLAG_COPIED == 0) {
+            if m.l1.get(l1_idx).is_none_or(|e| e & OFLAG_COPIED == 0) {
                 return Ok(InPlace::NotApplicable);
             }
             let Some((_, table)) = l2_for(q, &m, gc)? else {
                 return Ok(InPlace::NotApplicable);
             };
             let idx = ((gc / cs) % q.header.l2_entries()) as usize;
-            let entry = table.get(idx).copied().unwrap_or(0);
+            let entry = table.entry(idx);
             if q.layout.classify(entry, 0, 0) != SubclusterType::Normal || entry & OFLAG_COPIED == 0
             {
                 return Ok(InPlace::NotApplicable);
@@ -900,8 +882,8 @@ pub(crate) fn zero_is_fast(q: &Qcow2, off: u64, len: u64) -> Result<bool> {
     // compressed cluster (its data would have to be rewritten)
     for gc in [off & !(cs - 1), (end - 1) & !(cs - 1)] {
         if let Some((_, table)) = l2_for(q, &m, gc)? {
-            let idx = ((gc / cs) % q.header.l2_entries()) as usize * 2;
-            if table.get(idx).copied().unwrap_or(0) & super::spec::entries::OFLAG_COMPRESSED != 0 {
+            let idx = ((gc / cs) % q.header.l2_entries()) as usize;
+            if table.entry(idx) & super::spec::entries::OFLAG_COMPRESSED != 0 {
                 return Ok(false);
             }
         }
@@ -915,20 +897,20 @@ impl Qcow2 {
     fn zero_subclusters(&self, m: &mut Meta, gc: u64, from: u64, to: u64) -> Result<bool> {
         let cs = self.cs();
         let sc = cs / 32;
-        let idx = ((gc / cs) % self.header.l2_entries()) as usize * 2;
+        let idx = ((gc / cs) % self.header.l2_entries()) as usize;
         if let Some((_, t)) = l2_for(self, m, gc)? {
-            if t.get(idx).copied().unwrap_or(0) & super::spec::entries::OFLAG_COMPRESSED != 0 {
+            if t.entry(idx) & super::spec::entries::OFLAG_COMPRESSED != 0 {
                 return Ok(false);
             }
         }
         let (_, l2_off, mut table) = self.l2_for_write(m, gc)?;
         let first = (from - gc) / sc;
         let last = ((to - gc).div_ceil(sc)).min(32) - 1;
-        let mut bm = table[idx + 1];
+        let mut bm = table.bitmap(idx);
         for s in first..=last {
             bm = (bm & !(1u64 << s)) | (1u64 << (32 + s));
         }
-        table[idx + 1] = bm;
+        table.set_bitmap(idx, bm);
         self.store_l2(m, l2_off, table);
         Ok(true)
     }
@@ -1013,7 +995,7 @@ pub(crate) fn resize(q: &Qcow2, new_size: u64, below: &dyn CowSource) -> Result<
             q.grow_l1(&mut m, needed as usize)?;
         }
         q.flush_tables(&mut m, Barrier::NotHeld)?;
-        q.write_header_field(24, &new_size.to_be_bytes())?;
+        q.write_header_field(HeaderField::Size(new_size))?;
         m.size = new_size;
         q.size.store(new_size, Ordering::Release);
     }
@@ -1029,20 +1011,15 @@ impl Qcow2 {
             return Ok(());
         };
         let (_, l2_off, mut table) = self.l2_for_write(m, guest)?;
-        let ext = self.header.extended_l2();
-        let w = if ext { 2 } else { 1 };
         let mut released = Vec::new();
         for k in 0..n {
-            let idx = (((guest + k * cs) / cs) % self.header.l2_entries()) as usize * w;
-            let e = table[idx];
+            let idx = (((guest + k * cs) / cs) % self.header.l2_entries()) as usize;
+            let e = table.entry(idx);
             let compressed = e & super::spec::entries::OFLAG_COMPRESSED != 0;
             if compressed || e & L2E_OFFSET_MASK != 0 {
                 released.push(e);
             }
-            table[idx] = 0;
-            if ext {
-                table[idx + 1] = 0;
-            }
+            table.set(idx, 0, 0);
         }
         self.store_l2(m, l2_off, table);
         for e in released {
@@ -1061,9 +1038,9 @@ impl Qcow2 {
         let clusters = (entries as u64 * 8).div_ceil(cs);
         let new_off = self.alloc_clusters(m, clusters)?;
         let mut l1 = m.l1.clone();
-        l1.resize(entries, 0);
+        l1.resize(entries);
         self.flush_refcounts(m)?;
-        let mut raw = u64s_to_be(&l1);
+        let mut raw = l1.encode();
         raw.resize((clusters * cs) as usize, 0);
         self.file
             .write_at(&raw, new_off)
@@ -1071,10 +1048,10 @@ impl Qcow2 {
         self.file
             .sync()
             .map_err(io_err("Could not flush the new L1 table"))?;
-        let mut hdr = Vec::with_capacity(12);
-        hdr.extend_from_slice(&(entries as u32).to_be_bytes());
-        hdr.extend_from_slice(&new_off.to_be_bytes());
-        self.write_header_field(36, &hdr)?;
+        self.write_header_field(HeaderField::L1Table {
+            size: entries as u32,
+            offset: new_off,
+        })?;
         let old_off = m.l1_offset;
         let old_clusters = (m.l1.len() as u64 * 8).div_ceil(cs);
         m.l1 = l1;
@@ -1115,20 +1092,15 @@ impl Qcow2 {
         self.prepare(&mut m)?;
         self.mark_bitmaps(guest, data.len() as u64);
         let (_, l2_off, mut table) = self.l2_for_write(&mut m, guest)?;
-        let ext = self.header.extended_l2();
-        let w = if ext { 2 } else { 1 };
-        let idx = ((guest / cs) % self.header.l2_entries()) as usize * w;
-        let old = table[idx];
+        let idx = ((guest / cs) % self.header.l2_entries()) as usize;
+        let old = table.entry(idx);
         let nclusters = (c.len() as u64).div_ceil(cs);
         let host = self.alloc_clusters(&mut m, nclusters)?;
         self.write_data(&mut m, host, &c)?;
         let sectors = (c.len() as u64).div_ceil(512);
         let csize_shift = 62 - (self.header.cluster_bits - 8);
         let entry = super::spec::entries::OFLAG_COMPRESSED | ((sectors - 1) << csize_shift) | host;
-        table[idx] = entry;
-        if ext {
-            table[idx + 1] = 0;
-        }
+        table.set(idx, entry, 0);
         self.store_l2(&mut m, l2_off, table);
         if old & super::spec::entries::OFLAG_COMPRESSED != 0 || old & L2E_OFFSET_MASK != 0 {
             self.release_entry(&mut m, old);

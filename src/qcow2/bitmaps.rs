@@ -19,6 +19,8 @@ use super::spec::bitmap_dir::{
     TABLE_ENTRY_RESERVED_MASK,
 };
 use super::spec::extensions::BitmapsExt;
+use super::spec::table::BitmapTable;
+use super::tables::PastEof;
 use super::Qcow2;
 use crate::bitmap::{DirtyBitmap, State};
 use crate::error::{Error, ErrorKind, Result};
@@ -147,17 +149,17 @@ impl Qcow2 {
                 e.name, e.table_offset
             )));
         }
-        let mut raw = vec![0u8; tbytes as usize];
-        read_exact(&**self.file(), &mut raw, e.table_offset).map_err(|err| {
-            Error::io(format!("Could not read bitmap table of '{}'", e.name), err)
-        })?;
+        let table = BitmapTable::load(
+            &**self.file(),
+            e.table_offset,
+            u64::from(e.table_size),
+            PastEof::Error,
+        )
+        .map_err(|err| Error::io(format!("Could not read bitmap table of '{}'", e.name), err))?;
         let mut bm = DirtyBitmap::new(size, gran);
         let bits_per_cluster = cs * 8;
         let mut buf = vec![0u8; cs as usize];
-        for (i, c) in raw.chunks_exact(8).enumerate() {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            let entry = u64::from_be_bytes(a);
+        for (i, &entry) in table.iter().enumerate() {
             let off = entry & TABLE_ENTRY_OFFSET_MASK;
             if entry & TABLE_ENTRY_RESERVED_MASK != 0
                 || (off != 0 && (entry & TABLE_ENTRY_FLAG_ALL_ONES != 0 || !off.is_multiple_of(cs)))
@@ -351,10 +353,10 @@ impl Qcow2 {
             };
             let bm = data.read().unwrap_or_else(|e| e.into_inner()).clone();
             let tsize = table_size_for(m.size, bm.granularity(), cs);
-            let mut table = vec![0u64; tsize as usize];
+            let mut table = BitmapTable::zeroed(tsize as usize);
             let mut buf = vec![0u8; cs as usize];
             let bits_per_cluster = cs * 8;
-            for (i, t) in table.iter_mut().enumerate() {
+            for (i, t) in table.as_mut_slice().iter_mut().enumerate() {
                 let first_bit = i as u64 * bits_per_cluster;
                 if bm.range_clear(first_bit, bits_per_cluster) {
                     continue;
@@ -369,10 +371,7 @@ impl Qcow2 {
             }
             let tclusters = (tsize * 8).div_ceil(cs).max(1);
             let toff = self.alloc_meta_clusters(&mut m, tclusters)?;
-            let mut traw = Vec::with_capacity((tclusters * cs) as usize);
-            for t in &table {
-                traw.extend_from_slice(&t.to_be_bytes());
-            }
+            let mut traw = table.encode();
             traw.resize((tclusters * cs) as usize, 0);
             self.file()
                 .write_at(&traw, toff)
@@ -446,16 +445,16 @@ impl Qcow2 {
         let tbytes = u64::from(e.table_size) * 8;
         let first = e.table_offset / cs;
         out.extend(first..first + tbytes.div_ceil(cs));
-        let mut raw = vec![0u8; tbytes as usize];
-        if e.table_offset + tbytes <= file_len
-            && read_exact(&**self.file(), &mut raw, e.table_offset).is_ok()
-        {
-            for c in raw.chunks_exact(8) {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                let off = u64::from_be_bytes(a) & TABLE_ENTRY_OFFSET_MASK;
-                if off != 0 {
-                    out.push(off / cs);
+        if e.table_offset + tbytes <= file_len {
+            let entries = u64::from(e.table_size);
+            if let Ok(table) =
+                BitmapTable::load(&**self.file(), e.table_offset, entries, PastEof::Error)
+            {
+                for &entry in &table {
+                    let off = entry & TABLE_ENTRY_OFFSET_MASK;
+                    if off != 0 {
+                        out.push(off / cs);
+                    }
                 }
             }
         }

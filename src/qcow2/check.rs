@@ -18,12 +18,15 @@
 //! pointed at the new refcount table; the old structure becomes leaked and is freed by the
 //! same run. This module never reads guest data.
 
+use super::header_write::{write_header, HeaderWrite};
 use super::spec::entries::{
-    L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_RESERVED_MASK, L2_BITMAP_ALL_ALLOC,
-    OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
+    ClusterType, EntryLayout, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+    L2E_RESERVED_MASK, L2_BITMAP_ALL_ALLOC, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
 };
-use super::spec::header::{autoclear, incompat};
+use super::spec::header::{autoclear, incompat, HeaderField};
+use super::spec::table::{BitmapTable, L1Table, L2Table, RefTable};
 use super::spec::{bitmap_dir, limits, refblock, snapshot};
+use super::tables::PastEof;
 use super::Qcow2;
 use crate::io::{read_exact_or_zero, Storage};
 use std::collections::{BTreeSet, HashMap};
@@ -35,10 +38,6 @@ const L2_BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 /// Largest in-memory refcount array we build (QEMU only refuses above 2^31 clusters; a
 /// 1 GiB array covers 32 TiB of 64 KiB clusters at 16-bit refcounts).
 pub const MAX_IMRT_BYTES: u64 = 1 << 30;
-/// Header byte offset of `refcount_table_offset` (qcow2 spec, "Header").
-const HDR_REFTABLE_OFFSET: u64 = 48;
-/// Header byte offset of `incompatible_features`.
-const HDR_INCOMPATIBLE: u64 = 72;
 
 /// What `check` may repair (qemu-img `-r`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -114,16 +113,6 @@ fn io_errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
-/// QEMU's `QCow2ClusterType` (cluster level, before subclusters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ClusterType {
-    Unallocated,
-    ZeroPlain,
-    ZeroAlloc,
-    Normal,
-    Compressed,
-}
-
 /// One table QEMU's metadata overlap check knows about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ol {
@@ -178,6 +167,8 @@ struct Checker<'a> {
     refcount_max: u64,
     ext_l2: bool,
     data_file: bool,
+    /// How entries are classified (the spec classifier).
+    layout: EntryLayout,
     file_len: u64,
 
     /// Result of the refcount part (QEMU's `refcount_res`).
@@ -191,10 +182,10 @@ struct Checker<'a> {
     // structures as found on disk
     incompatible: u64,
     l1_offset: u64,
-    l1: Vec<u64>,
+    l1: L1Table,
     reftable_offset: u64,
     reftable_clusters: u64,
-    reftable: Vec<u64>,
+    reftable: RefTable,
     refblocks: HashMap<u64, Vec<u8>>,
     dirty_refblocks: BTreeSet<u64>,
     snapshots: Vec<SnapInfo>,
@@ -226,11 +217,21 @@ impl<'a> Checker<'a> {
         let cs = h.cluster_size();
         let cbits = h.cluster_bits;
         let order = h.refcount_order;
-        let l1 = read_table(file, h.l1_table_offset, u64::from(h.l1_size))
-            .map_err(|e| fail(format!("Could not read the L1 table: {e}")))?;
+        let l1 = L1Table::load(
+            file,
+            h.l1_table_offset,
+            u64::from(h.l1_size),
+            PastEof::Zeros,
+        )
+        .map_err(|e| fail(format!("Could not read the L1 table: {e}")))?;
         let reftable_clusters = u64::from(h.refcount_table_clusters);
-        let reftable = read_table(file, h.refcount_table_offset, reftable_clusters * cs / 8)
-            .map_err(|e| fail(format!("Could not read the refcount table: {e}")))?;
+        let reftable = RefTable::load(
+            file,
+            h.refcount_table_offset,
+            reftable_clusters * cs / 8,
+            PastEof::Zeros,
+        )
+        .map_err(|e| fail(format!("Could not read the refcount table: {e}")))?;
         // The snapshot table's size is the sum of its (8-aligned) entries.
         let mut snapshots_size = 0u64;
         let mut off = h.snapshots_offset;
@@ -286,6 +287,11 @@ impl<'a> Checker<'a> {
             refcount_max: refblock::max_value(order),
             ext_l2: h.extended_l2(),
             data_file: h.has_data_file(),
+            layout: EntryLayout {
+                cluster_bits: cbits,
+                extended_l2: h.extended_l2(),
+                data_file: h.has_data_file(),
+            },
             file_len,
             res: CheckResult::default(),
             total: CheckResult::default(),
@@ -423,7 +429,7 @@ impl<'a> Checker<'a> {
     /// Where the refcount of cluster `k` lives: `None` when no refcount block covers it.
     fn refblock_of(&mut self, k: u64) -> Result<Option<u64>, Fail> {
         let rti = k >> self.rb_bits;
-        let Some(&rte) = usize::try_from(rti).ok().and_then(|i| self.reftable.get(i)) else {
+        let Some(rte) = usize::try_from(rti).ok().and_then(|i| self.reftable.get(i)) else {
             return Ok(None);
         };
         let off = rte & REFT_OFFSET_MASK;
@@ -499,10 +505,10 @@ impl<'a> Checker<'a> {
         let start = offset & !(cs - 1);
         let end = (offset + size).div_ceil(cs) * cs;
         let hit = |o: u64, len: u64| len > 0 && o < end && start < o.saturating_add(len);
-        if hit(self.l1_offset, self.l1.len() as u64 * 8) {
+        if hit(self.l1_offset, self.l1.byte_len()) {
             return Some("active L1 table");
         }
-        if ign != Ol::OldRefcounts && hit(self.reftable_offset, self.reftable.len() as u64 * 8) {
+        if ign != Ol::OldRefcounts && hit(self.reftable_offset, self.reftable.byte_len()) {
             return Some("refcount table");
         }
         if hit(self.snapshots_offset, self.snapshots_size) {
@@ -541,58 +547,28 @@ impl<'a> Checker<'a> {
 
     // ---------------------------------------------------------------- L1 / L2 walk
 
-    fn cluster_type(&self, e: u64) -> ClusterType {
-        if e & OFLAG_COMPRESSED != 0 {
-            ClusterType::Compressed
-        } else if e & OFLAG_ZERO != 0 && !self.ext_l2 {
-            if e & L2E_OFFSET_MASK != 0 {
-                ClusterType::ZeroAlloc
-            } else {
-                ClusterType::ZeroPlain
-            }
-        } else if e & L2E_OFFSET_MASK == 0 {
-            if self.data_file && e & OFLAG_COPIED != 0 {
-                ClusterType::Normal
-            } else {
-                ClusterType::Unallocated
-            }
-        } else {
-            ClusterType::Normal
-        }
-    }
-
-    /// Read one L2 table: (entry, subcluster bitmap) pairs.
-    fn read_l2(&self, off: u64) -> std::io::Result<Vec<(u64, u64)>> {
-        let mut raw = vec![0u8; self.cs as usize];
-        read_exact_or_zero(self.file, &mut raw, off)?;
-        let w = if self.ext_l2 { 16 } else { 8 };
-        Ok(raw
-            .chunks_exact(w)
-            .map(|c| {
-                let e = be64(&c[..8]);
-                let b = if self.ext_l2 { be64(&c[8..16]) } else { 0 };
-                (e, b)
-            })
-            .collect())
+    /// Read one L2 table.
+    fn read_l2(&self, off: u64) -> std::io::Result<L2Table> {
+        L2Table::load(self.file, off, self.cs, self.ext_l2)
     }
 
     /// `fix_l2_entry_by_zero`: the caller has counted the corruption.
     fn fix_l2_entry_by_zero(
         &mut self,
         l2_offset: u64,
-        table: &mut [(u64, u64)],
+        table: &mut L2Table,
         i: usize,
         active: bool,
     ) -> (bool, bool) {
-        let (_, bitmap) = table[i];
+        let bitmap = table.bitmap(i);
         let (ne, nb) = if self.ext_l2 {
             let b = (bitmap | (bitmap << 32)) & L2_BITMAP_ALL_ZEROES;
             (0, b)
         } else {
             (OFLAG_ZERO, 0)
         };
-        table[i] = (ne, nb);
-        let esize: u64 = if self.ext_l2 { 16 } else { 8 };
+        table.set(i, ne, nb);
+        let esize = table.entry_size();
         let eoff = l2_offset + i as u64 * esize;
         let ign = if active { Ol::ActiveL2 } else { Ol::InactiveL2 };
         if self.overlaps_metadata(eoff, esize, ign).is_some() {
@@ -600,10 +576,7 @@ impl<'a> Checker<'a> {
             self.res.check_errors += 1;
             return (false, true);
         }
-        let mut buf = ne.to_be_bytes().to_vec();
-        if self.ext_l2 {
-            buf.extend_from_slice(&nb.to_be_bytes());
-        }
+        let buf = table.encode_entry(i);
         let r = self
             .file
             .write_at(&buf, eoff)
@@ -633,8 +606,8 @@ impl<'a> Checker<'a> {
         };
         let mut next_contiguous = 0u64;
         for i in 0..table.len() {
-            let (mut e, bitmap) = table[i];
-            let ty = self.cluster_type(e);
+            let (mut e, bitmap) = table.get(i);
+            let ty = self.layout.cluster_type(e);
             if ty != ClusterType::Compressed && e & L2E_RESERVED_MASK != 0 {
                 self.msg(format!(
                     "ERROR found l2 entry with reserved bits set: {e:x}"
@@ -643,11 +616,7 @@ impl<'a> Checker<'a> {
             }
             match ty {
                 ClusterType::Compressed => {
-                    let layout = super::spec::entries::EntryLayout {
-                        cluster_bits: self.cbits,
-                        extended_l2: self.ext_l2,
-                        data_file: self.data_file,
-                    };
+                    let layout = self.layout;
                     if e & OFLAG_COPIED != 0 {
                         self.msg(format!(
                             "ERROR: coffset=0x{:x}: copied flag must never be set for compressed \
@@ -694,7 +663,7 @@ impl<'a> Checker<'a> {
                         let contains_data = if self.ext_l2 {
                             bitmap & L2_BITMAP_ALL_ALLOC != 0
                         } else {
-                            e & OFLAG_ZERO == 0
+                            ty == ClusterType::Normal
                         };
                         if !contains_data {
                             let fix = self.repair.errors();
@@ -761,7 +730,7 @@ impl<'a> Checker<'a> {
         let l1 = if active {
             self.l1.clone()
         } else {
-            match read_table(self.file, l1_offset, l1_size) {
+            match L1Table::load(self.file, l1_offset, l1_size, PastEof::Zeros) {
                 Ok(t) => t,
                 Err(e) => {
                     self.msg("ERROR: I/O error in check_refcounts_l1".into());
@@ -817,8 +786,8 @@ impl<'a> Checker<'a> {
             let mut i = 0u64;
             while i < tsize {
                 let n = per.min(tsize - i);
-                match read_table(self.file, bm.table_offset + i * 8, n) {
-                    Ok(t) => entries.extend(t),
+                match BitmapTable::load(self.file, bm.table_offset + i * 8, n, PastEof::Zeros) {
+                    Ok(t) => entries.extend(t.iter()),
                     Err(e) => {
                         self.res.corruptions += 1;
                         return Err(Fail(io_errno(&e)));
@@ -968,7 +937,7 @@ impl<'a> Checker<'a> {
             self.check_l1(off, u64::from(size), false, false)?;
         }
         self.inc(self.snapshots_offset, self.snapshots_size)?;
-        self.inc(self.reftable_offset, self.reftable.len() as u64 * 8)?;
+        self.inc(self.reftable_offset, self.reftable.byte_len())?;
         if self.q.header().crypt_method == super::spec::header::CRYPT_LUKS {
             if let Some(c) = self.q.extensions().crypto {
                 self.inc(c.offset, c.length)?;
@@ -1075,7 +1044,7 @@ impl<'a> Checker<'a> {
         &mut self,
         first: u64,
         mut end: u64,
-        reftable: &mut Vec<u64>,
+        reftable: &mut RefTable,
     ) -> Result<bool, String> {
         let mut first_free = 0u64;
         let mut grown = false;
@@ -1091,7 +1060,6 @@ impl<'a> Checker<'a> {
             let existing = usize::try_from(index)
                 .ok()
                 .and_then(|i| reftable.get(i))
-                .copied()
                 .unwrap_or(0);
             let rb_off = if existing != 0 {
                 existing
@@ -1109,7 +1077,7 @@ impl<'a> Checker<'a> {
                     if entries * 8 > limits::MAX_REFTABLE_SIZE * 2 {
                         return Err("ERROR allocating reftable memory".into());
                     }
-                    reftable.resize(entries as usize, 0);
+                    reftable.resize(entries as usize);
                     grown = true;
                 }
                 reftable[index as usize] = off;
@@ -1139,14 +1107,14 @@ impl<'a> Checker<'a> {
     fn rebuild_refcount_structure(&mut self) -> Result<(), String> {
         self.refblocks.clear();
         self.dirty_refblocks.clear();
-        let mut reftable: Vec<u64> = Vec::new();
+        let mut reftable = RefTable::default();
         let n = self.nb_clusters;
         self.write_refblocks(0, n, &mut reftable)?;
         let mut changed;
         let mut rt_offset;
         let mut rt_clusters;
         loop {
-            let len = reftable.len() as u64 * 8;
+            let len = reftable.byte_len();
             rt_clusters = len.div_ceil(self.cs);
             let mut first_free = 0;
             rt_offset = self
@@ -1160,25 +1128,24 @@ impl<'a> Checker<'a> {
                 break;
             }
         }
-        if let Some(what) =
-            self.overlaps_metadata(rt_offset, reftable.len() as u64 * 8, Ol::OldRefcounts)
+        if let Some(what) = self.overlaps_metadata(rt_offset, reftable.byte_len(), Ol::OldRefcounts)
         {
             return Err(format!("ERROR writing reftable: overlaps with {what}"));
         }
-        let mut raw = Vec::with_capacity(reftable.len() * 8);
-        for e in &reftable {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
-        self.file
-            .write_at(&raw, rt_offset)
+        reftable
+            .store(self.file, rt_offset)
             .and_then(|_| self.file.sync())
             .map_err(|e| format!("ERROR writing reftable: {}", strerror(io_errno(&e))))?;
-        let mut hdr = rt_offset.to_be_bytes().to_vec();
-        hdr.extend_from_slice(&(rt_clusters as u32).to_be_bytes());
-        self.file
-            .write_at(&hdr, HDR_REFTABLE_OFFSET)
-            .and_then(|_| self.file.sync())
-            .map_err(|e| format!("ERROR setting reftable: {}", strerror(io_errno(&e))))?;
+        let field = HeaderField::RefcountTable {
+            offset: rt_offset,
+            clusters: rt_clusters as u32,
+        };
+        write_header(self.file, HeaderWrite::Field(field)).map_err(|e| {
+            format!(
+                "ERROR setting reftable: {}",
+                strerror(io_errno(&e.into_io()))
+            )
+        })?;
         self.reftable = reftable;
         self.reftable_offset = rt_offset;
         self.reftable_clusters = rt_clusters;
@@ -1296,7 +1263,7 @@ impl<'a> Checker<'a> {
                         l1e & !OFLAG_COPIED
                     };
                     let off = self.l1_offset + i as u64 * 8;
-                    if let Err(e) = self.file.write_at(&self.l1[i].to_be_bytes(), off) {
+                    if let Err(e) = self.file.write_at(&self.l1.encode_entry(i), off) {
                         self.res.check_errors += 1;
                         return Err(Fail(io_errno(&e)));
                     }
@@ -1317,9 +1284,9 @@ impl<'a> Checker<'a> {
                 }
             };
             let mut l2_dirty = 0u64;
-            for entry in table.iter_mut() {
-                let e = entry.0;
-                let ty = self.cluster_type(e);
+            for j in 0..table.len() {
+                let e = table.entry(j);
+                let ty = self.layout.cluster_type(e);
                 if ty != ClusterType::Normal && ty != ClusterType::ZeroAlloc {
                     continue;
                 }
@@ -1338,11 +1305,14 @@ impl<'a> Checker<'a> {
                         if repair { "Repairing" } else { "ERROR" }
                     ));
                     if repair {
-                        entry.0 = if rc == 1 {
-                            e | OFLAG_COPIED
-                        } else {
-                            e & !OFLAG_COPIED
-                        };
+                        table.set_entry(
+                            j,
+                            if rc == 1 {
+                                e | OFLAG_COPIED
+                            } else {
+                                e & !OFLAG_COPIED
+                            },
+                        );
                         l2_dirty += 1;
                     }
                 }
@@ -1356,14 +1326,7 @@ impl<'a> Checker<'a> {
                     self.res.check_errors += 1;
                     return Err(Fail(libc::EIO));
                 }
-                let mut raw = Vec::with_capacity(self.cs as usize);
-                for &(e, b) in &table {
-                    raw.extend_from_slice(&e.to_be_bytes());
-                    if self.ext_l2 {
-                        raw.extend_from_slice(&b.to_be_bytes());
-                    }
-                }
-                if let Err(e) = self.file.write_at(&raw, l2_offset) {
+                if let Err(e) = table.store(self.file, l2_offset) {
                     self.msg(format!(
                         "ERROR: Could not write L2 table: {}",
                         strerror(io_errno(&e))
@@ -1393,10 +1356,9 @@ impl<'a> Checker<'a> {
         if h.version >= 3 {
             let new = self.incompatible & !(incompat::DIRTY | incompat::CORRUPT);
             if new != self.incompatible {
-                self.file
-                    .write_at(&new.to_be_bytes(), HDR_INCOMPATIBLE)
-                    .and_then(|_| self.file.sync())
-                    .map_err(|e| Fail(io_errno(&e)))?;
+                let field = HeaderField::IncompatibleFeatures(new);
+                write_header(self.file, HeaderWrite::Field(field))
+                    .map_err(|e| Fail(io_errno(&e.into_io())))?;
                 self.incompatible = new;
             }
         }
@@ -1436,10 +1398,11 @@ impl<'a> Checker<'a> {
             pos = next;
         }
         out.resize(area.len(), 0);
-        self.file
-            .write_at(&out, start)
-            .and_then(|_| self.file.sync())
-            .map_err(|e| Fail(io_errno(&e)))
+        let w = HeaderWrite::Area {
+            at: start,
+            bytes: &out,
+        };
+        write_header(self.file, w).map_err(|e| Fail(io_errno(&e.into_io())))
     }
 }
 
@@ -1459,19 +1422,6 @@ fn c_hex(v: u64) -> String {
     } else {
         format!("{v:#x}")
     }
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-/// Read `entries` big-endian u64s at `off` (past EOF reads as zeros, as in QEMU).
-fn read_table(file: &dyn Storage, off: u64, entries: u64) -> std::io::Result<Vec<u64>> {
-    let mut raw = vec![0u8; (entries * 8) as usize];
-    read_exact_or_zero(file, &mut raw, off)?;
-    Ok(raw.chunks_exact(8).map(be64).collect())
 }
 
 #[cfg(test)]
@@ -1498,6 +1448,10 @@ mod tests {
         )
         .expect("open");
         (check(&q, repair), st)
+    }
+
+    fn be64(b: &[u8]) -> u64 {
+        u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
     }
 
     fn snapshot(st: &MemStorage) -> Vec<u8> {

@@ -30,10 +30,11 @@
 //! Not supported: encryption, and `qemu-img create`'s own steps (options, backing probing), which
 //! live in `cli/create.rs`.
 
-use super::spec::extensions::{EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE};
-use super::spec::header::{autoclear, compat, incompat, Header, QCOW_MAGIC};
+use super::spec::extensions::{Extensions, FeatureName};
+use super::spec::header::{autoclear, compat, incompat, Header};
 use super::spec::limits::{MAX_L1_SIZE, MAX_REFTABLE_SIZE};
 use super::spec::refblock;
+use super::spec::table::{L1Table, L2Table, RefTable};
 use crate::block::create_raw::{create_empty, grow, write_zeros};
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::BTreeMap;
@@ -280,10 +281,10 @@ struct Alloc {
     rb_bits: u32,
     l2_bits: u32,
     used: Vec<u64>,
-    reftable: Vec<u64>,
+    reftable: RefTable,
     reftable_offset: u64,
     free_index: u64,
-    l1: Vec<u64>,
+    l1: L1Table,
     l1_offset: u64,
     l2: BTreeMap<u64, L2>,
     has_data_file: bool,
@@ -297,7 +298,7 @@ impl Alloc {
         let cluster_bits = opts.cluster_size.trailing_zeros();
         let cs = opts.cluster_size;
         let refcount_order = opts.refcount_bits.trailing_zeros();
-        let mut reftable = vec![0u64; (cs / 8) as usize];
+        let mut reftable = RefTable::zeroed((cs / 8) as usize);
         reftable[0] = 2 * cs;
         Alloc {
             cluster_bits,
@@ -309,7 +310,7 @@ impl Alloc {
             reftable,
             reftable_offset: cs,
             free_index: 0,
-            l1: Vec::new(),
+            l1: L1Table::default(),
             l1_offset: 0,
             l2: BTreeMap::new(),
             has_data_file: opts.data_file.is_some(),
@@ -344,7 +345,7 @@ impl Alloc {
     fn refcount(&self, c: u64) -> u64 {
         let ti = c >> self.rb_bits;
         match self.reftable.get(ti as usize) {
-            Some(&b) if b != 0 => u64::from(self.bit(c)),
+            Some(b) if b != 0 => u64::from(self.bit(c)),
             _ => 0,
         }
     }
@@ -415,7 +416,7 @@ impl Alloc {
     /// `alloc_refcount_block` for the block covering cluster `c`.
     fn alloc_refcount_block(&mut self, c: u64) -> Result<(), AllocErr> {
         let ti = c >> self.rb_bits;
-        if let Some(&b) = self.reftable.get(ti as usize) {
+        if let Some(b) = self.reftable.get(ti as usize) {
             if b != 0 {
                 return Ok(());
             }
@@ -434,7 +435,7 @@ impl Alloc {
             let off = self.reftable_offset + ti * 8;
             self.ops.push(Op::Bytes {
                 off,
-                data: new_block.to_be_bytes().to_vec(),
+                data: self.reftable.encode_entry(ti as usize).to_vec(),
             });
             self.touch_image(off + 8);
             return Err(AllocErr::Again);
@@ -474,18 +475,18 @@ impl Alloc {
         if table_size > MAX_REFTABLE_SIZE {
             return Err(too_big("Failed to resize refcount structures"));
         }
-        let mut table = vec![0u64; table_size as usize];
+        let mut table = RefTable::zeroed(table_size as usize);
         let max_index = self.reftable.iter().rposition(|&e| e != 0).unwrap_or(0) as u64;
         let copy = if table_size > max_index {
             (max_index + 1).min(self.reftable.len() as u64)
         } else {
             table_size
         } as usize;
-        table[..copy].copy_from_slice(&self.reftable[..copy]);
+        table.as_mut_slice()[..copy].copy_from_slice(&self.reftable.as_slice()[..copy]);
         if let Some((i, off)) = new_block {
             table[i as usize] = off;
         }
-        let new_blocks = table[area_index as usize..total as usize]
+        let new_blocks = table.as_slice()[area_index as usize..total as usize]
             .iter()
             .filter(|&&e| e == 0)
             .count() as u64;
@@ -508,13 +509,9 @@ impl Alloc {
                 }
             }
         }
-        let mut bytes = Vec::with_capacity(table.len() * 8);
-        for e in &table {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
         self.ops.push(Op::Bytes {
             off: table_offset,
-            data: bytes,
+            data: table.encode(),
         });
         self.touch_image(end);
         let old_offset = self.reftable_offset;
@@ -581,7 +578,7 @@ impl Alloc {
         let off = self.alloc_clusters(new * 8)?;
         self.touch_image(off + new * 8);
         let old_off = self.l1_offset;
-        self.l1.resize(new as usize, 0);
+        self.l1.resize(new as usize);
         self.l1_offset = off;
         let _ = self.update_refcount(old_off, old * 8, true);
         Ok(())
@@ -819,13 +816,6 @@ const FEATURES: [(u8, u8, &str); 8] = [
     (2, 1, "raw external data"),
 ];
 
-fn push_ext(buf: &mut Vec<u8>, magic: u32, data: &[u8]) {
-    buf.extend_from_slice(&magic.to_be_bytes());
-    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    buf.extend_from_slice(data);
-    buf.resize(buf.len().div_ceil(8) * 8, 0);
-}
-
 /// The first cluster as `qcow2_update_header` writes it.
 fn header_cluster(opts: &CreateOptions, size: u64, a: &Alloc) -> Result<Vec<u8>> {
     let cs = a.cs as usize;
@@ -868,42 +858,33 @@ fn header_cluster(opts: &CreateOptions, size: u64, a: &Alloc) -> Result<Vec<u8>>
         compression_type: opts.compression_type,
         unknown_fields: Vec::new(),
     };
-    let mut buf = header.to_bytes();
-    debug_assert_eq!(buf[..4], QCOW_MAGIC.to_be_bytes());
-    if let Some(f) = &opts.backing_format {
-        push_ext(&mut buf, EXT_BACKING_FORMAT, f.as_bytes());
-    }
-    if let Some(d) = &opts.data_file {
-        push_ext(&mut buf, EXT_DATA_FILE, d.as_bytes());
-    }
-    if opts.version >= 3 && a.cs > 4096 {
-        let mut table = Vec::with_capacity(FEATURES.len() * 48);
-        for (kind, bit, name) in FEATURES {
-            let mut e = [0u8; 48];
-            e[0] = kind;
-            e[1] = bit;
-            e[2..2 + name.len()].copy_from_slice(name.as_bytes());
-            table.extend_from_slice(&e);
-        }
-        push_ext(&mut buf, EXT_FEATURE_TABLE, &table);
-    }
-    push_ext(&mut buf, EXT_END, &[]);
-    if let Some(b) = &opts.backing_file {
-        if buf.len() + b.len() > cs {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("Could not assign backing file '{b}': No space left on device"),
-            ));
-        }
-        let off = buf.len() as u64;
-        buf.extend_from_slice(b.as_bytes());
-        buf[8..16].copy_from_slice(&off.to_be_bytes());
-        buf[16..20].copy_from_slice(&(b.len() as u32).to_be_bytes());
-    }
+    let feature_table = if opts.version >= 3 && a.cs > 4096 {
+        FEATURES
+            .iter()
+            .map(|&(kind, bit, name)| FeatureName {
+                kind,
+                bit,
+                name: name.into(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let ext = Extensions {
+        backing_format: opts.backing_format.clone(),
+        data_file: opts.data_file.clone(),
+        feature_table,
+        ..Extensions::default()
+    };
+    let mut buf = header.encode_area(&ext, opts.backing_file.as_deref());
     if buf.len() > cs {
+        // (with a backing file, the name is what no longer fits)
         return Err(Error::new(
             ErrorKind::InvalidArgument,
-            "Could not update qcow2 header: No space left on device",
+            match &opts.backing_file {
+                Some(b) => format!("Could not assign backing file '{b}': No space left on device"),
+                None => "Could not update qcow2 header: No space left on device".into(),
+            },
         ));
     }
     buf.resize(cs, 0);
@@ -1010,27 +991,22 @@ fn apply(plan: &Plan, image: &File, data: Option<&File>, path: &str) -> Result<(
             .write_all_at(&block, off)
             .map_err(io_err(path, "Could not write refcount block to"))?;
     }
-    let es = plan.l2_entry_size as usize;
+    let extended = plan.l2_entry_size == 16;
     for t in a.l2.values() {
-        let mut buf = vec![0u8; cs as usize];
+        let mut table = L2Table::zeroed(cs, extended);
         for r in &t.runs {
             for k in 0..r.count {
                 let e = (r.host + (k << a.cluster_bits)) | OFLAG_COPIED;
-                let at = (r.index + k) as usize * es;
-                buf[at..at + 8].copy_from_slice(&e.to_be_bytes());
+                table.set_entry((r.index + k) as usize, e);
             }
         }
         image
-            .write_all_at(&buf, t.offset)
+            .write_all_at(&table.encode(), t.offset)
             .map_err(io_err(path, "Could not write L2 table to"))?;
     }
     if a.l1_offset != 0 {
-        let mut l1 = Vec::with_capacity(a.l1.len() * 8);
-        for e in &a.l1 {
-            l1.extend_from_slice(&e.to_be_bytes());
-        }
         image
-            .write_all_at(&l1, a.l1_offset)
+            .write_all_at(&a.l1.encode(), a.l1_offset)
             .map_err(io_err(path, "Could not write L1 table to"))?;
     }
     image
@@ -1090,6 +1066,7 @@ pub fn create_qcow2(path: &str, opts: &CreateOptions) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::spec::extensions::{EXT_BACKING_FORMAT, EXT_FEATURE_TABLE};
     use super::*;
 
     fn opts(size: u64) -> CreateOptions {

@@ -7,6 +7,7 @@
 
 use super::cluster_set::ClusterSet;
 use super::spec::header::Header;
+use super::spec::table::{L1Table, L2Table, RefTable};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -14,15 +15,15 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub(crate) struct Meta {
     /// The active L1 table as the writers see it (entries may be newer than on disk).
-    pub l1: Vec<u64>,
+    pub l1: L1Table,
     /// Host offset of the active L1 table (changes when the table grows and moves).
     pub l1_offset: u64,
     /// L1 indexes changed in memory and not yet written.
     pub l1_dirty: BTreeSet<usize>,
     /// L2 tables changed in memory and not yet written, by host offset.
-    pub dirty_l2: HashMap<u64, Arc<Vec<u64>>>,
+    pub dirty_l2: HashMap<u64, Arc<L2Table>>,
     /// The refcount table, loaded on first use.
-    pub reftable: Option<Vec<u64>>,
+    pub reftable: Option<RefTable>,
     /// Host offset of the refcount table (changes when the table grows and moves).
     pub reftable_offset: u64,
     /// Clusters the refcount table occupies (the header field).
@@ -55,7 +56,7 @@ impl Meta {
     pub(crate) fn new(
         h: &Header,
         bitmaps_ext: Option<super::spec::extensions::BitmapsExt>,
-        l1: Vec<u64>,
+        l1: L1Table,
         file_len: u64,
     ) -> Meta {
         Meta {

@@ -24,6 +24,7 @@ pub mod check;
 mod cluster_set;
 pub mod compress;
 pub mod create;
+mod header_write;
 pub mod luks;
 mod meta;
 pub mod refcount;
@@ -39,8 +40,10 @@ use spec::entries::EntryLayout;
 use spec::extensions::Extensions;
 use spec::header::{Header, HeaderError, RAW_HEADER_LEN};
 use spec::snapshot::{self, Snapshot};
+use spec::table::{L1Table, L2Table};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+use tables::PastEof;
 
 /// QEMU's default maximum L2 cache (32 MiB on Linux), enough to map the whole image when smaller.
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -77,7 +80,7 @@ pub struct Qcow2 {
     /// Persistent dirty bitmaps (see `bitmaps.rs`).
     bitmaps_live: std::sync::Mutex<bitmaps::BitmapSet>,
     size: AtomicU64,
-    l2_cache: MetaCache<Vec<u64>>,
+    l2_cache: MetaCache<L2Table>,
     refblock_cache: MetaCache<Vec<u8>>,
     access: crate::block::Access,
     backing_name: Option<String>,
@@ -185,13 +188,13 @@ impl Qcow2 {
                 header.l1_table_offset, header.l1_size, file_len
             )));
         }
-        let mut raw_l1 = vec![0u8; l1_bytes as usize];
-        read_exact(&*file, &mut raw_l1, header.l1_table_offset)
-            .map_err(read_err("the L1 table", header.l1_table_offset))?;
-        let l1: Vec<u64> = raw_l1
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let l1 = L1Table::load(
+            &*file,
+            header.l1_table_offset,
+            u64::from(header.l1_size),
+            PastEof::Error,
+        )
+        .map_err(read_err("the L1 table", header.l1_table_offset))?;
 
         let snapshots = read_snapshots(&*file, &header, file_len)?;
         if opts.access == crate::block::Access::ReadWrite && !opts.no_io {
@@ -223,14 +226,13 @@ impl Qcow2 {
                 })?;
             validate_snapshot_l1(sn, header.cluster_size(), file_len)
                 .map_err(|e| e.context("Failed to load snapshot"))?;
-            let bytes = u64::from(sn.l1_size) * 8;
-            let mut raw = vec![0u8; bytes as usize];
-            read_exact(&*file, &mut raw, sn.l1_table_offset)
-                .map_err(read_err("a snapshot L1 table", sn.l1_table_offset))?;
-            l1 = raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect();
+            l1 = L1Table::load(
+                &*file,
+                sn.l1_table_offset,
+                u64::from(sn.l1_size),
+                PastEof::Error,
+            )
+            .map_err(read_err("a snapshot L1 table", sn.l1_table_offset))?;
             header.size = sn.disk_size.unwrap_or(header.size);
             if header.l1_entries_needed() > l1.len() as u64 {
                 return Err(Error::corrupt(format!(
@@ -540,14 +542,6 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
     move |e| Error::io(what, e)
 }
 
-pub(crate) fn u64s_to_be(v: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 8);
-    for x in v {
-        out.extend_from_slice(&x.to_be_bytes());
-    }
-    out
-}
-
 /// Helpers of the write side (`alloc.rs`, `refcount.rs`, `bitmaps.rs`).
 impl Qcow2 {
     pub(crate) fn cs(&self) -> u64 {
@@ -558,14 +552,21 @@ impl Qcow2 {
         self.data_storage()
     }
 
-    /// Write a header field in place and make it durable.
-    pub(crate) fn write_header_field(&self, off: u64, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_at(bytes, off)
-            .map_err(io_err("Could not update the qcow2 header"))?;
-        self.file
-            .sync()
-            .map_err(io_err("Could not flush the qcow2 header"))
+    /// Write to the header cluster and make it durable (see `header_write.rs`).
+    pub(crate) fn write_header(&self, w: header_write::HeaderWrite<'_>) -> Result<()> {
+        header_write::write_header(&*self.file, w).map_err(|e| match e {
+            header_write::HeaderWriteError::Write(e) => {
+                Error::io("Could not update the qcow2 header", e)
+            }
+            header_write::HeaderWriteError::Sync(e) => {
+                Error::io("Could not flush the qcow2 header", e)
+            }
+        })
+    }
+
+    /// Write one header field in place and make it durable.
+    pub(crate) fn write_header_field(&self, f: spec::header::HeaderField) -> Result<()> {
+        self.write_header(header_write::HeaderWrite::Field(f))
     }
 
     /// Set the corrupt bit on disk (best effort) and refuse further writes.
@@ -573,7 +574,7 @@ impl Qcow2 {
         if !m.corrupt {
             m.corrupt = true;
             let bits = self.header.incompatible_features | spec::header::incompat::CORRUPT;
-            let _ = self.write_header_field(72, &bits.to_be_bytes());
+            let _ = self.write_header_field(spec::header::HeaderField::IncompatibleFeatures(bits));
         }
         Error::corrupt(format!(
             "{why}; the image has been marked as corrupt and further writes are refused"

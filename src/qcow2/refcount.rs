@@ -3,8 +3,11 @@
 
 use super::meta::Meta;
 use super::spec::entries::REFT_OFFSET_MASK;
+use super::spec::header::HeaderField;
 use super::spec::refblock;
-use super::{io_err, u64s_to_be, Qcow2};
+use super::spec::table::RefTable;
+use super::tables::PastEof;
+use super::{io_err, Qcow2};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact_or_zero;
 use std::collections::HashMap;
@@ -12,7 +15,7 @@ use std::sync::Arc;
 
 impl Qcow2 {
     /// The refcount table (a copy; at most 8 MiB by the header checks).
-    pub fn reftable(&self) -> Result<Vec<u64>> {
+    pub fn reftable(&self) -> Result<RefTable> {
         {
             let m = self.meta_read();
             if let Some(t) = &m.reftable {
@@ -29,19 +32,10 @@ impl Qcow2 {
         if m.reftable.is_some() {
             return Ok(());
         }
-        let bytes = u64::from(m.reftable_clusters) * self.header.cluster_size();
-        let mut raw = vec![0u8; bytes as usize];
-        read_exact_or_zero(&**self.file(), &mut raw, m.reftable_offset)
+        let entries = u64::from(m.reftable_clusters) * self.header.cluster_size() / 8;
+        let table = RefTable::load(&**self.file(), m.reftable_offset, entries, PastEof::Zeros)
             .map_err(|e| Error::io("Could not read the refcount table", e))?;
-        m.reftable = Some(
-            raw.chunks_exact(8)
-                .map(|c| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(c);
-                    u64::from_be_bytes(a)
-                })
-                .collect(),
-        );
+        m.reftable = Some(table);
         Ok(())
     }
 
@@ -89,10 +83,9 @@ impl Qcow2 {
     pub(crate) fn refcount_in(&self, m: &super::meta::Meta, index: u64) -> Result<u64> {
         let h = &self.header;
         let per_block = self.refblock_entries();
-        let t = m.reftable.as_deref().unwrap_or(&[]);
-        let Some(&rte) = usize::try_from(index / per_block)
+        let Some(rte) = usize::try_from(index / per_block)
             .ok()
-            .and_then(|i| t.get(i))
+            .and_then(|i| m.reftable.as_ref()?.get(i))
         else {
             return Ok(0);
         };
@@ -188,7 +181,6 @@ impl Qcow2 {
             .reftable
             .as_ref()
             .and_then(|t| t.get(block_idx as usize))
-            .copied()
             .unwrap_or(0)
             & REFT_OFFSET_MASK;
         if have != 0 {
@@ -233,7 +225,7 @@ impl Qcow2 {
         self.flush_refcounts(m)?;
         let cs = self.cs();
         let per = self.refblock_entries();
-        let old: Vec<u64> = m.reftable.clone().unwrap_or_default();
+        let old: RefTable = m.reftable.clone().unwrap_or_default();
         let end_cluster = self.end_cluster(m)?;
         // new table + new blocks go at the end of the file; size them with a fixed point
         let mut table_clusters = (old.len() as u64 * 8).div_ceil(cs).max(1);
@@ -247,7 +239,7 @@ impl Qcow2 {
                 covered_end = table_end + nblocks;
                 let need_blocks = covered_end.div_ceil(per).max(block_idx + 1);
                 let missing = (0..need_blocks)
-                    .filter(|&b| old.get(b as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK == 0)
+                    .filter(|&b| old.get(b as usize).unwrap_or(0) & REFT_OFFSET_MASK == 0)
                     .count() as u64;
                 if missing <= nblocks {
                     break;
@@ -269,11 +261,11 @@ impl Qcow2 {
         }
         let table_start = end_cluster;
         let mut table = old.clone();
-        table.resize(new_len as usize, 0);
+        table.resize(new_len as usize);
         // place missing blocks after the table
         let mut next_block_cluster = table_start + table_clusters;
         let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
-        for (b, entry) in table.iter_mut().enumerate() {
+        for (b, entry) in table.as_mut_slice().iter_mut().enumerate() {
             if *entry & REFT_OFFSET_MASK == 0
                 && (b as u64) * per < table_start + table_clusters + nblocks
             {
@@ -312,14 +304,15 @@ impl Qcow2 {
             file.write_at(blk, *off)
                 .map_err(io_err("Could not write a refcount block"))?;
         }
-        file.write_at(&u64s_to_be(&table), table_start * cs)
+        table
+            .store(&**file, table_start * cs)
             .map_err(io_err("Could not write the new refcount table"))?;
         file.sync()
             .map_err(io_err("Could not flush the new refcount table"))?;
-        let mut hdr = Vec::with_capacity(12);
-        hdr.extend_from_slice(&(table_start * cs).to_be_bytes());
-        hdr.extend_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.write_header_field(48, &hdr)?;
+        self.write_header_field(HeaderField::RefcountTable {
+            offset: table_start * cs,
+            clusters: table_clusters as u32,
+        })?;
         // switch in memory
         for (off, blk) in new_blocks.into_iter().chain(dirty_existing) {
             self.refblock_cache.insert(off, Arc::new(blk));
@@ -374,7 +367,7 @@ impl Qcow2 {
         m.reftable
             .as_ref()
             .and_then(|t| t.get(b as usize))
-            .is_some_and(|&e| e & REFT_OFFSET_MASK != 0)
+            .is_some_and(|e| e & REFT_OFFSET_MASK != 0)
     }
 
     /// Whether host cluster `c` can be handed out.
@@ -501,7 +494,7 @@ impl Qcow2 {
             m.dirty_refblocks.remove(&off);
         }
         if m.reftable_dirty {
-            let t = u64s_to_be(m.reftable.as_deref().unwrap_or(&[]));
+            let t = m.reftable.as_ref().map(|t| t.encode()).unwrap_or_default();
             self.file
                 .write_at(&t, m.reftable_offset)
                 .map_err(io_err("Could not write the refcount table"))?;

@@ -1,19 +1,85 @@
-//! L2 tables through the bounded cache, and the mapping of one guest range (QEMU's
-//! `qcow2_get_host_offset` + `qcow2_co_block_status`).
+//! Loading and storing tables, L2 tables through the bounded cache, and the mapping of one
+//! guest range (QEMU's `qcow2_get_host_offset` + `qcow2_co_block_status`).
+//!
+//! Every read or write of a whole L1, L2, refcount or bitmap table goes through
+//! [`Table::load`] / [`Table::store`] or [`L2Table::load`] / [`L2Table::store`]; the byte order
+//! lives in `spec/table.rs`.
 
 use super::compress;
 use super::refcount;
 use super::spec::entries::{SubclusterType, L1E_OFFSET_MASK, L2E_OFFSET_MASK};
+use super::spec::table::{L2Table, Table, TableKind};
 use super::Qcow2;
 use crate::block::{Mapping, Run};
 use crate::error::{Error, Result};
-use crate::io::{read_exact_or_zero, Extent};
+use crate::io::{read_exact, read_exact_or_zero, Extent, Storage};
 use std::sync::Arc;
 use zerocopy::IntoBytes;
 
-/// Load the L2 table at host offset `l2_off`, decoded to native u64s: the dirty copy when a
-/// write changed it, else through the cache.
-pub(crate) fn load_l2_in(q: &Qcow2, m: &super::meta::Meta, l2_off: u64) -> Result<Arc<Vec<u64>>> {
+/// What a table read that passes the end of the file does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PastEof {
+    /// The bytes past the end read as zeros (QEMU's behaviour for metadata reads).
+    Zeros,
+    /// The read fails (`UnexpectedEof`).
+    Error,
+}
+
+/// `n` big-endian words at `off`, read straight into the word buffer (no second buffer).
+fn load_words(st: &dyn Storage, off: u64, n: usize, eof: PastEof) -> std::io::Result<Vec<u64>> {
+    let mut words = vec![0u64; n];
+    let bytes = words.as_mut_slice().as_mut_bytes();
+    match eof {
+        PastEof::Zeros => read_exact_or_zero(st, bytes, off)?,
+        PastEof::Error => read_exact(st, bytes, off)?,
+    }
+    Ok(words)
+}
+
+impl<K: TableKind> Table<K> {
+    /// Read a table of `entries` entries at host offset `off`.
+    pub(crate) fn load(
+        st: &dyn Storage,
+        off: u64,
+        entries: u64,
+        eof: PastEof,
+    ) -> std::io::Result<Self> {
+        Ok(Table::from_be_words(load_words(
+            st,
+            off,
+            entries as usize,
+            eof,
+        )?))
+    }
+
+    /// Write the whole table at host offset `off`.
+    pub(crate) fn store(&self, st: &dyn Storage, off: u64) -> std::io::Result<()> {
+        st.write_at(&self.encode(), off)
+    }
+}
+
+impl L2Table {
+    /// Read the one-cluster L2 table at host offset `off` (past the end of the file reads as
+    /// zeros).
+    pub(crate) fn load(
+        st: &dyn Storage,
+        off: u64,
+        cluster_size: u64,
+        extended: bool,
+    ) -> std::io::Result<Self> {
+        let words = load_words(st, off, (cluster_size / 8) as usize, PastEof::Zeros)?;
+        Ok(L2Table::from_be_words(words, extended))
+    }
+
+    /// Write the whole table at host offset `off`.
+    pub(crate) fn store(&self, st: &dyn Storage, off: u64) -> std::io::Result<()> {
+        st.write_at(&self.encode(), off)
+    }
+}
+
+/// Load the L2 table at host offset `l2_off`: the dirty copy when a write changed it, else
+/// through the cache.
+pub(crate) fn load_l2_in(q: &Qcow2, m: &super::meta::Meta, l2_off: u64) -> Result<Arc<L2Table>> {
     if let Some(t) = m.dirty_l2.get(&l2_off) {
         return Ok(t.clone());
     }
@@ -21,17 +87,15 @@ pub(crate) fn load_l2_in(q: &Qcow2, m: &super::meta::Meta, l2_off: u64) -> Resul
 }
 
 /// Load (through the cache) the clean L2 table at host offset `l2_off`.
-pub(crate) fn load_l2(q: &Qcow2, l2_off: u64) -> Result<Arc<Vec<u64>>> {
+pub(crate) fn load_l2(q: &Qcow2, l2_off: u64) -> Result<Arc<L2Table>> {
     q.l2_cache.get_or_load(l2_off, || {
-        let cs = q.cluster_size() as usize;
-        // read straight into the table and swap in place: no second buffer
-        let mut table = vec![0u64; cs / 8];
-        read_exact_or_zero(&**q.file(), table.as_mut_slice().as_mut_bytes(), l2_off)
-            .map_err(|e| Error::io(format!("Could not read L2 table at {l2_off:#x}"), e))?;
-        for e in &mut table {
-            *e = u64::from_be(*e);
-        }
-        Ok(table)
+        L2Table::load(
+            &**q.file(),
+            l2_off,
+            q.cluster_size(),
+            q.header.extended_l2(),
+        )
+        .map_err(|e| Error::io(format!("Could not read L2 table at {l2_off:#x}"), e))
     })
 }
 
@@ -40,9 +104,9 @@ pub(crate) fn l2_for(
     q: &Qcow2,
     m: &super::meta::Meta,
     off: u64,
-) -> Result<Option<(u64, Arc<Vec<u64>>)>> {
+) -> Result<Option<(u64, Arc<L2Table>)>> {
     let l1_idx = off / q.header.l2_coverage();
-    let Some(&l1e) = usize::try_from(l1_idx).ok().and_then(|i| m.l1.get(i)) else {
+    let Some(l1e) = usize::try_from(l1_idx).ok().and_then(|i| m.l1.get(i)) else {
         return Ok(None);
     };
     let l2_off = l1e & L1E_OFFSET_MASK;
@@ -102,7 +166,7 @@ pub(crate) fn map_many(
             Err(_) if left < max.max(1) => return Ok(()),
             Err(e) => return Err(e),
         };
-        let table = table.as_ref().map(|(o, t)| (*o, t.as_slice()));
+        let table = table.as_ref().map(|(o, t)| (*o, &**t));
         while pos < table_end && left > 0 {
             let run = match map_in_table(q, &m, pos, table_end, table, prealloc) {
                 Ok(run) => run,
@@ -149,7 +213,7 @@ pub(crate) fn map_in(
         m,
         off,
         end,
-        table.as_ref().map(|(o, t)| (*o, t.as_slice())),
+        table.as_ref().map(|(o, t)| (*o, &**t)),
         prealloc,
     )
 }
@@ -161,7 +225,7 @@ fn map_in_table(
     m: &super::meta::Meta,
     off: u64,
     end: u64,
-    table: Option<(u64, &[u64])>,
+    table: Option<(u64, &L2Table)>,
     prealloc: bool,
 ) -> Result<Run> {
     let h = &q.header;
@@ -179,18 +243,8 @@ fn map_in_table(
     let ext = h.extended_l2();
     let spc: u64 = if ext { 32 } else { 1 };
     let sc_size = cs / spc;
-    let width = if ext { 2 } else { 1 };
     let l2_entries = h.l2_entries();
-    let entry_at = |idx: u64| -> (u64, u64) {
-        let i = (idx * width) as usize;
-        let e = table.get(i).copied().unwrap_or(0);
-        let b = if ext {
-            table.get(i + 1).copied().unwrap_or(0)
-        } else {
-            0
-        };
-        (e, b)
-    };
+    let entry_at = |idx: u64| -> (u64, u64) { table.get(idx as usize) };
 
     let first_l2_idx = (off >> cb) % l2_entries;
     let first_sc = ((off & (cs - 1)) / sc_size) as u32;
@@ -259,7 +313,7 @@ fn map_in_table(
             let from = first_l2_idx as usize + 1;
             let to = first_l2_idx as usize + last as usize;
             let same = table
-                .get(from..to.max(from))
+                .standard_entries(from, to)
                 .map_or(0, |t| t.iter().take_while(|&&e| e == e0).count());
             pos += same as u64 * cs;
             idx += same as u64;
@@ -370,9 +424,8 @@ pub(crate) fn read_compressed(q: &Qcow2, off: u64, buf: &mut [u8]) -> Result<()>
         return Err(Error::corrupt("compressed read of an unallocated cluster"));
     };
     drop(m);
-    let width = if q.header.extended_l2() { 2 } else { 1 };
     let idx = (off >> q.header.cluster_bits) % q.header.l2_entries();
-    let e = table.get((idx * width) as usize).copied().unwrap_or(0);
+    let e = table.entry(idx as usize);
     if q.layout.classify(e, 0, 0) != SubclusterType::Compressed {
         return Err(Error::corrupt(format!(
             "cluster at guest offset {off:#x} changed while reading (L2 offset {l2_off:#x})"

@@ -1,5 +1,7 @@
 //! qcow2 spec, "Cluster mapping", "Compressed Clusters Descriptor", "Extended L2 Entries":
-//! L1/L2 entry masks and the one place an L2 entry is classified (bit 62 before bit 0).
+//! L1/L2 entry masks and the one place an L2 entry is classified (bit 62 before bit 0), per
+//! cluster (`cluster_type`, what `check` walks) and per subcluster (`classify`, what reads and
+//! writes map).
 
 /// L1 entry: L2 table offset, bits 9-55.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -19,6 +21,22 @@ pub const OFLAG_ZERO: u64 = 1;
 /// Subclusters per cluster with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
 pub const L2_BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
+
+/// QEMU's `QCow2ClusterType`: what one cluster is, from its descriptor alone (before any
+/// subcluster bitmap is looked at).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterType {
+    /// No host cluster: the backing file shows through (with extended L2, some subclusters
+    /// may still read as zero).
+    Unallocated,
+    /// Reads as zero, no host cluster (standard L2 only).
+    ZeroPlain,
+    /// Reads as zero, host cluster kept (standard L2 only).
+    ZeroAlloc,
+    /// A host cluster (with extended L2, its subclusters say which parts hold data).
+    Normal,
+    Compressed,
+}
 
 /// QEMU's `QCow2SubclusterType`: what one (sub)cluster is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,23 +75,40 @@ pub struct EntryLayout {
 }
 
 impl EntryLayout {
-    /// QEMU's `qcow2_get_subcluster_type` (with `qcow2_get_cluster_type` folded in).
+    /// QEMU's `qcow2_get_cluster_type`. The zero flag (bit 0) counts only without extended L2;
+    /// with an external data file, offset 0 with the copied flag is a host cluster.
+    pub fn cluster_type(&self, entry: u64) -> ClusterType {
+        if entry & OFLAG_COMPRESSED != 0 {
+            ClusterType::Compressed
+        } else if entry & OFLAG_ZERO != 0 && !self.extended_l2 {
+            if entry & L2E_OFFSET_MASK != 0 {
+                ClusterType::ZeroAlloc
+            } else {
+                ClusterType::ZeroPlain
+            }
+        } else if entry & L2E_OFFSET_MASK == 0 {
+            if self.data_file && entry & OFLAG_COPIED != 0 {
+                ClusterType::Normal
+            } else {
+                ClusterType::Unallocated
+            }
+        } else {
+            ClusterType::Normal
+        }
+    }
+
+    /// QEMU's `qcow2_get_subcluster_type`: the cluster type, refined by the subcluster bitmap
+    /// under extended L2.
     pub fn classify(&self, entry: u64, bitmap: u64, sc_index: u32) -> SubclusterType {
         use SubclusterType::*;
-        if entry & OFLAG_COMPRESSED != 0 {
-            return Compressed;
-        }
-        let offset = entry & L2E_OFFSET_MASK;
-        if !self.extended_l2 {
-            if entry & OFLAG_ZERO != 0 {
-                return if offset != 0 { ZeroAlloc } else { ZeroPlain };
-            }
-            if offset == 0 && !(self.data_file && entry & OFLAG_COPIED != 0) {
-                return UnallocatedPlain;
-            }
-            return Normal;
-        }
-        let allocated = offset != 0 || (self.data_file && entry & OFLAG_COPIED != 0);
+        let allocated = match self.cluster_type(entry) {
+            ClusterType::Compressed => return Compressed,
+            ClusterType::ZeroPlain => return ZeroPlain,
+            ClusterType::ZeroAlloc => return ZeroAlloc,
+            ClusterType::Unallocated if !self.extended_l2 => return UnallocatedPlain,
+            ClusterType::Normal if !self.extended_l2 => return Normal,
+            ty => ty == ClusterType::Normal,
+        };
         let zero_bit = 1u64 << (32 + sc_index);
         let alloc_bit = 1u64 << sc_index;
         if allocated {
@@ -158,6 +193,24 @@ mod tests {
         };
         assert_eq!(l.classify(OFLAG_COPIED, 0, 0), Normal);
         assert_eq!(l.classify(0, 0, 0), UnallocatedPlain);
+    }
+
+    #[test]
+    fn zero_flag_is_a_cluster_type_only_without_extended_l2() {
+        let host = 0x8000_0000_0005_0000;
+        assert_eq!(STD.cluster_type(host | OFLAG_ZERO), ClusterType::ZeroAlloc);
+        assert_eq!(EXT.cluster_type(host | OFLAG_ZERO), ClusterType::Normal);
+        assert_eq!(STD.cluster_type(OFLAG_ZERO), ClusterType::ZeroPlain);
+        assert_eq!(EXT.cluster_type(OFLAG_ZERO), ClusterType::Unallocated);
+        assert_eq!(
+            STD.cluster_type(0x4000_0000_0005_0001),
+            ClusterType::Compressed
+        );
+        let l = EntryLayout {
+            data_file: true,
+            ..EXT
+        };
+        assert_eq!(l.cluster_type(OFLAG_COPIED), ClusterType::Normal);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! qcow2 spec, "Header": the fixed header (v2: 72 bytes, v3: at least 104) and its validation.
 
+use super::extensions::Extensions;
 use super::limits::*;
 use crate::error::{Error, Result};
 use zerocopy::byteorder::big_endian::{U32, U64};
@@ -62,6 +63,60 @@ pub struct RawHeader {
 
 pub const RAW_HEADER_LEN: usize = std::mem::size_of::<RawHeader>();
 const _: () = assert!(RAW_HEADER_LEN == 112);
+
+/// qcow2 spec, "Header": the fields a writer updates in place, each written as one piece
+/// (two adjacent fields that must change together are one variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderField {
+    /// `size` (bytes 24-31).
+    Size(u64),
+    /// `l1_size` and `l1_table_offset` (bytes 36-47).
+    L1Table { size: u32, offset: u64 },
+    /// `refcount_table_offset` and `refcount_table_clusters` (bytes 48-59).
+    RefcountTable { offset: u64, clusters: u32 },
+    /// `incompatible_features` (bytes 72-79).
+    IncompatibleFeatures(u64),
+    /// `autoclear_features` (bytes 88-95).
+    AutoclearFeatures(u64),
+}
+
+impl HeaderField {
+    /// Byte offset of the field in the header.
+    pub fn offset(&self) -> u64 {
+        (match self {
+            HeaderField::Size(_) => std::mem::offset_of!(RawHeader, size),
+            HeaderField::L1Table { .. } => std::mem::offset_of!(RawHeader, l1_size),
+            HeaderField::RefcountTable { .. } => {
+                std::mem::offset_of!(RawHeader, refcount_table_offset)
+            }
+            HeaderField::IncompatibleFeatures(_) => {
+                std::mem::offset_of!(RawHeader, incompatible_features)
+            }
+            HeaderField::AutoclearFeatures(_) => {
+                std::mem::offset_of!(RawHeader, autoclear_features)
+            }
+        }) as u64
+    }
+
+    /// The field's bytes as on disk.
+    pub fn encode(&self) -> Vec<u8> {
+        match *self {
+            HeaderField::Size(v)
+            | HeaderField::IncompatibleFeatures(v)
+            | HeaderField::AutoclearFeatures(v) => v.to_be_bytes().to_vec(),
+            HeaderField::L1Table { size, offset } => {
+                let mut b = size.to_be_bytes().to_vec();
+                b.extend_from_slice(&offset.to_be_bytes());
+                b
+            }
+            HeaderField::RefcountTable { offset, clusters } => {
+                let mut b = offset.to_be_bytes().to_vec();
+                b.extend_from_slice(&clusters.to_be_bytes());
+                b
+            }
+        }
+    }
+}
 
 /// Compression type of the image (qcow2 spec, "Additional fields", byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,6 +480,23 @@ impl Header {
         }
     }
 
+    /// The header area as `qcow2_update_header` lays it out: the fixed header, the extension
+    /// area, then the backing file name, with `backing_file_offset` and `backing_file_size`
+    /// set to where the name lands. No size check: callers compare against the cluster size.
+    pub fn encode_area(&self, ext: &Extensions, backing_file: Option<&str>) -> Vec<u8> {
+        let mut h = self.clone();
+        let mut area = h.to_bytes();
+        area.extend_from_slice(&ext.encode());
+        if let Some(name) = backing_file {
+            h.backing_file_offset = area.len() as u64;
+            h.backing_file_size = name.len() as u32;
+            let fixed = h.to_bytes();
+            area[..fixed.len()].copy_from_slice(&fixed);
+            area.extend_from_slice(name.as_bytes());
+        }
+        area
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let raw = self.to_raw();
         let mut v = raw.as_bytes().to_vec();
@@ -441,6 +513,42 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_fields_sit_at_their_spec_offsets() {
+        let cases = [
+            (HeaderField::Size(1 << 30), 24, 8),
+            (
+                HeaderField::L1Table {
+                    size: 2,
+                    offset: 0x3_0000,
+                },
+                36,
+                12,
+            ),
+            (
+                HeaderField::RefcountTable {
+                    offset: 0x1_0000,
+                    clusters: 1,
+                },
+                48,
+                12,
+            ),
+            (HeaderField::IncompatibleFeatures(incompat::CORRUPT), 72, 8),
+            (HeaderField::AutoclearFeatures(autoclear::BITMAPS), 88, 8),
+        ];
+        for (f, off, len) in cases {
+            assert_eq!((f.offset(), f.encode().len()), (off, len), "{f:?}");
+        }
+        assert_eq!(
+            HeaderField::L1Table {
+                size: 2,
+                offset: 0x3_0000
+            }
+            .encode(),
+            [0, 0, 0, 2, 0, 0, 0, 0, 0, 3, 0, 0]
+        );
+    }
 
     fn minimal_v3() -> Vec<u8> {
         let h = Header {

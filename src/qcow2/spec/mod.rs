@@ -8,6 +8,7 @@ pub mod extensions;
 pub mod header;
 pub mod refblock;
 pub mod snapshot;
+pub mod table;
 
 /// QEMU limits that bound every allocation sized by an on-disk field.
 pub mod limits {
