@@ -319,6 +319,32 @@ pub fn read_exact<S: Storage + ?Sized>(s: &S, buf: &mut [u8], off: u64) -> io::R
     Ok(())
 }
 
+/// What a read that passes the end of the file does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PastEof {
+    /// The bytes past the end read as zeros (QEMU's behaviour for metadata reads).
+    Zeros,
+    /// The read fails (`UnexpectedEof`).
+    Error,
+}
+
+/// `n` native-layout words at `off`, read straight into the word buffer (no second buffer);
+/// the caller decodes their byte order.
+pub fn read_words<S: Storage + ?Sized>(
+    s: &S,
+    off: u64,
+    n: usize,
+    eof: PastEof,
+) -> io::Result<Vec<u64>> {
+    let mut words = vec![0u64; n];
+    let bytes = zerocopy::IntoBytes::as_mut_bytes(words.as_mut_slice());
+    match eof {
+        PastEof::Zeros => read_exact_or_zero(s, bytes, off)?,
+        PastEof::Error => read_exact(s, bytes, off)?,
+    }
+    Ok(words)
+}
+
 /// A storage whose `sync` failure is permanent: once a sync has failed, the kernel may have
 /// dropped dirty pages (`fsyncgate`), so no later sync may report the data as durable.
 #[derive(Debug)]

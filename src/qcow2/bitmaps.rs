@@ -20,11 +20,11 @@ use super::spec::bitmap_dir::{
 };
 use super::spec::extensions::BitmapsExt;
 use super::spec::table::BitmapTable;
-use super::tables::PastEof;
 use super::Qcow2;
 use crate::bitmap::{DirtyBitmap, State};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact;
+use crate::io::PastEof;
 use std::sync::{Arc, RwLock};
 
 /// One bitmap of the image.

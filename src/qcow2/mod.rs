@@ -34,6 +34,7 @@ pub mod tables;
 use crate::block::{BlockDevice, FileRole, Run};
 use crate::cache::MetaCache;
 use crate::error::{Error, Result};
+use crate::io::PastEof;
 use crate::io::{read_exact, Storage};
 use spec::bitmap_dir::{self, DirEntry};
 use spec::entries::EntryLayout;
@@ -43,7 +44,6 @@ use spec::snapshot::{self, Snapshot};
 use spec::table::{L1Table, L2Table};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use tables::PastEof;
 
 /// QEMU's default maximum L2 cache (32 MiB on Linux), enough to map the whole image when smaller.
 pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;

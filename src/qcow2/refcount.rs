@@ -6,10 +6,10 @@ use super::spec::entries::REFT_OFFSET_MASK;
 use super::spec::header::HeaderField;
 use super::spec::refblock;
 use super::spec::table::RefTable;
-use super::tables::PastEof;
 use super::{io_err, Qcow2};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact_or_zero;
+use crate::io::PastEof;
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -12,29 +12,8 @@ use super::spec::table::{L2Table, Table, TableKind};
 use super::Qcow2;
 use crate::block::{Mapping, Run};
 use crate::error::{Error, Result};
-use crate::io::{read_exact, read_exact_or_zero, Extent, Storage};
+use crate::io::{read_exact_or_zero, read_words, Extent, PastEof, Storage};
 use std::sync::Arc;
-use zerocopy::IntoBytes;
-
-/// What a table read that passes the end of the file does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PastEof {
-    /// The bytes past the end read as zeros (QEMU's behaviour for metadata reads).
-    Zeros,
-    /// The read fails (`UnexpectedEof`).
-    Error,
-}
-
-/// `n` big-endian words at `off`, read straight into the word buffer (no second buffer).
-fn load_words(st: &dyn Storage, off: u64, n: usize, eof: PastEof) -> std::io::Result<Vec<u64>> {
-    let mut words = vec![0u64; n];
-    let bytes = words.as_mut_slice().as_mut_bytes();
-    match eof {
-        PastEof::Zeros => read_exact_or_zero(st, bytes, off)?,
-        PastEof::Error => read_exact(st, bytes, off)?,
-    }
-    Ok(words)
-}
 
 impl<K: TableKind> Table<K> {
     /// Read a table of `entries` entries at host offset `off`.
@@ -44,7 +23,7 @@ impl<K: TableKind> Table<K> {
         entries: u64,
         eof: PastEof,
     ) -> std::io::Result<Self> {
-        Ok(Table::from_be_words(load_words(
+        Ok(Table::from_be_words(read_words(
             st,
             off,
             entries as usize,
@@ -67,7 +46,7 @@ impl L2Table {
         cluster_size: u64,
         extended: bool,
     ) -> std::io::Result<Self> {
-        let words = load_words(st, off, (cluster_size / 8) as usize, PastEof::Zeros)?;
+        let words = read_words(st, off, (cluster_size / 8) as usize, PastEof::Zeros)?;
         Ok(L2Table::from_be_words(words, extended))
     }
 
