@@ -145,3 +145,14 @@ pub fn set_program(name: &'static str) {
 pub fn program() -> &'static str {
     PROGRAM.get().copied().unwrap_or("qnbd")
 }
+
+/// A line that tells a person what to do about a refusal (`\nhint: ...`), appended to QEMU's
+/// wording only when running as `qnbd`: invoked as `qemu-img` or `qemu-nbd`, messages stay
+/// QEMU's, line for line, for the tools that parse them.
+pub fn hint(what_to_do: &str) -> String {
+    if program() == "qnbd" {
+        format!("\nhint: {what_to_do}")
+    } else {
+        String::new()
+    }
+}

@@ -635,7 +635,10 @@ fn open_layer(
                 if !opts.policy.allow_data_file {
                     return Err(Error::new(
                         ErrorKind::Denied,
-                        format!("Could not open '{filename}': opening its data file '{name}' is not allowed"),
+                        format!(
+                            "Could not open '{filename}': opening its data file '{name}' is not allowed{}",
+                            crate::error::hint("--allow-backing DIR names where files named by images may be opened")
+                        ),
                     ));
                 }
                 let path = combine_path(filename, &name);
@@ -701,8 +704,9 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> Result<Image> {
             return Err(Error::new(
                 ErrorKind::Denied,
                 format!(
-                    "Could not open backing file '{next}' of '{}': backing files are not allowed by the open policy",
-                    last.filename
+                    "Could not open backing file '{next}' of '{}': backing files are not allowed by the open policy{}",
+                    last.filename,
+                    crate::error::hint("--allow-backing DIR names where files named by images may be opened")
                 ),
             ));
         }

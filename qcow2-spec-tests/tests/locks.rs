@@ -206,8 +206,11 @@ struct Outcome {
     stderr: String,
 }
 
+/// A message without the program prefix, and without qnbd's `hint:` lines (QEMU's wording
+/// plus what to do; the README lists them as a deliberate addition).
 fn strip_tool(s: &str) -> String {
     s.lines()
+        .filter(|l| !l.starts_with("hint: "))
         .map(|l| {
             ["qemu-img: ", "qemu-nbd: ", "qnbd: "]
                 .iter()

@@ -3,7 +3,9 @@
 //! `systemd-analyze verify` accepts), and `serve`'s readiness notification as systemd reads it.
 //! The lists of commands and options come from `qnbd --help`, not from this file.
 
-use qcow2_spec_tests::{nbd_greets, qnbd_bin, require_tools, scratch_dir, workspace_root};
+use qcow2_spec_tests::{
+    nbd_greets, qnbd_bin, require_tools, scratch_dir, workspace_root, NbdServer,
+};
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -703,4 +705,149 @@ fn convert_progress_is_qemu_img_s_when_piped_and_a_bar_on_a_terminal() {
         "{last:?}"
     );
     assert_eq!(sh("qemu-img compare a.qcow2 c.qcow2").0, 0);
+}
+
+/// `check -p` (and `check -r leaks -p`) piped: qemu-img's progress lines from 0 to 100, then
+/// exactly the report qemu-img check prints for the same image; the repair leaves an image
+/// qemu-img calls clean.
+#[test]
+fn check_progress_then_qemu_img_s_report() {
+    if !require_tools("check -p", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let tmp = scratch_dir();
+    let d = tmp.path();
+    let sh = |cmd: &str| -> (i32, String, String) {
+        run(Command::new("sh").arg("-c").arg(cmd).current_dir(d))
+    };
+    assert_eq!(
+        sh("qemu-img create -q -f qcow2 -o cluster_size=4k a.qcow2 256M").0,
+        0
+    );
+    for cmd in [
+        "qemu-io -c 'write -P 1 0 60M' a.qcow2",
+        "qemu-img snapshot -c s1 a.qcow2",
+        "qemu-io -c 'write -P 2 20M 10M' a.qcow2",
+    ] {
+        let (rc, _, err) = sh(&format!("{cmd} >/dev/null"));
+        assert_eq!(rc, 0, "{cmd}: {err}");
+    }
+    let q = qnbd_bin().display().to_string();
+    let split = |out: &str| -> (String, String) {
+        let at = out
+            .rfind("(100.00/100%)\r\n")
+            .expect("the final progress line")
+            + 15;
+        (out[..at].to_string(), out[at..].to_string())
+    };
+    let (qrc, qout, _) = sh("qemu-img check a.qcow2");
+    let (rc, out, err) = sh(&format!("{q} check -p a.qcow2"));
+    assert_eq!((rc, qrc), (0, 0), "{err}");
+    let (prog, report) = split(&out);
+    assert_eq!(report, qout);
+    let (figs, crlf) = progress_figures(&prog);
+    assert!(crlf);
+    assert_eq!(figs.first(), Some(&0.0));
+    assert!(figs.len() >= 20, "{figs:?}");
+    for w in figs[..figs.len() - 1].windows(2) {
+        assert!(w[1] - w[0] >= 1.0 || w[1] == 100.0, "{figs:?}");
+    }
+    // a leaked cluster: the file grows by one cluster whose refcount is set to 1 behind the
+    // image's back (64 KiB clusters, 16-bit refcounts: the first refcount block covers it)
+    assert_eq!(sh("qemu-img create -q -f qcow2 b.qcow2 64M").0, 0);
+    let (rc, _, err) = sh("qemu-io -c 'write -P 3 0 3M' b.qcow2 >/dev/null");
+    assert_eq!(rc, 0, "{err}");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.join("b.qcow2"))
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len + 65536).unwrap();
+        let mut w = [0u8; 8];
+        f.read_exact_at(&mut w, 48).unwrap();
+        let reftable = u64::from_be_bytes(w);
+        f.read_exact_at(&mut w, reftable).unwrap();
+        let refblock = u64::from_be_bytes(w);
+        f.write_all_at(&1u16.to_be_bytes(), refblock + len / 65536 * 2)
+            .unwrap();
+    }
+    assert_eq!(sh("qemu-img check b.qcow2").0, 3);
+    let (rc, out, err) = sh(&format!("{q} check -r leaks -p b.qcow2"));
+    assert_eq!(rc, 0, "{err}");
+    let (prog, report) = split(&out);
+    assert!(
+        report.starts_with(
+            "The following inconsistencies were found and repaired:\n\n    1 leaked clusters"
+        ),
+        "{report:?}"
+    );
+    let (figs, crlf) = progress_figures(&prog);
+    assert!(crlf && figs.first() == Some(&0.0), "{out:?}");
+    assert_eq!(sh("qemu-img check b.qcow2").0, 0);
+    // -p with JSON output prints no progress (the JSON stays parseable)
+    let (rc, out, _) = sh(&format!("{q} check -p --output=json a.qcow2"));
+    assert_eq!(rc, 0);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&out).is_ok(),
+        "{out:?}"
+    );
+}
+
+/// A refusal names the file and the reason in QEMU's words, and as `qnbd` adds a `hint:` line
+/// with the flag that changes it; invoked as `qemu-img` the message is qemu-img's, line for line.
+#[test]
+fn refusals_say_what_to_do_and_stay_qemu_s_by_name() {
+    if !require_tools("refusal hints", &["qemu-img", "qemu-nbd"]) {
+        return;
+    }
+    let tmp = scratch_dir();
+    let d = tmp.path();
+    let sh = |cmd: &str| -> (i32, String, String) {
+        run(Command::new("sh").arg("-c").arg(cmd).current_dir(d))
+    };
+    let bin = d.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(qnbd_bin(), bin.join("qemu-img")).unwrap();
+    let q = qnbd_bin().display().to_string();
+    let by_name = bin.join("qemu-img").display().to_string();
+    assert_eq!(sh("qemu-img create -q -f qcow2 base.qcow2 1M").0, 0);
+    assert_eq!(
+        sh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2").0,
+        0
+    );
+    // a writer holds the image: the lock refusal
+    let holder = NbdServer::qemu_nbd(d, "h", &["-f", "qcow2", "top.qcow2"]);
+    let (qrc, _, qerr) = sh("qemu-img check -r all top.qcow2");
+    let (nrc, _, nerr) = sh(&format!("{by_name} check -r all top.qcow2"));
+    let (rc, _, err) = sh(&format!("{q} check -r all top.qcow2"));
+    holder.stop();
+    assert_eq!((qrc, nrc, rc), (1, 1, 1), "{qerr}\n{nerr}\n{err}");
+    assert_eq!(nerr, qerr, "by name the message is qemu-img's");
+    assert!(!nerr.contains("hint:"));
+    let hint = err
+        .lines()
+        .find(|l| l.starts_with("hint: "))
+        .unwrap_or_default();
+    assert!(hint.contains("-U/--force-share"), "{err}");
+    let body: Vec<&str> = err.lines().filter(|l| !l.starts_with("hint: ")).collect();
+    let qbody: Vec<String> = qerr
+        .lines()
+        .map(|l| l.replacen("qemu-img: ", "qnbd: ", 1))
+        .collect();
+    assert_eq!(body, qbody, "QEMU's words before the hint");
+    // the open policy: a backing file not allowed names the file and --allow-backing
+    let (rc, _, err) = sh(&format!("{q} map --allow-backing none top.qcow2"));
+    assert_eq!(rc, 1);
+    assert!(
+        err.contains("'base.qcow2'") || err.contains("base.qcow2'"),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("hint: ") && l.contains("--allow-backing")),
+        "{err}"
+    );
 }

@@ -1,12 +1,13 @@
 //! `qnbd check`: qemu-img check — same human and JSON output, same exit codes:
 //! 0 clean, 1 check not completed, 2 corruptions, 3 leaks only, 63 format without checks.
 
+use super::progress::Progress;
 use super::qjson::to_qemu_pretty;
 use super::OutputFormat;
 use crate::error::Result;
 use crate::io::Engine;
 use crate::open::{open_top_file, Format, Locking};
-use crate::qcow2::check::{check, CheckOutcome, CheckResult, Repair};
+use crate::qcow2::check::{check, check_with_progress, CheckOutcome, CheckResult, Repair};
 use crate::qcow2::{Qcow2, Qcow2Options};
 use clap::{Args, ValueEnum};
 use serde_json::{Map, Value};
@@ -37,6 +38,10 @@ pub struct CheckArgs {
     /// Quiet: print nothing on standard output.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// Show progress (qemu-img's plain lines when piped, a bar on a terminal); the figure is
+    /// the share of tables walked and clusters compared, the bytes are the image file's.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
     /// The image to check.
@@ -216,7 +221,15 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
             );
         }
     }
-    let first = check(&q, repair);
+    let file_len = q.file().len().unwrap_or(0);
+    let mut progress = Progress::new(a.progress && !a.quiet && human, file_len);
+    progress.show(0);
+    let first = check_with_progress(&q, repair, &mut |done, total| {
+        if total != 0 {
+            progress.show((done as u128 * file_len as u128 / total as u128) as u64);
+        }
+    });
+    progress.done();
     report(&first, human);
     let mut outcome = first.clone();
     let fixed = (first.result.corruptions_fixed, first.result.leaks_fixed);

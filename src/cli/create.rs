@@ -68,18 +68,25 @@ fn parse_size_opt(key: &str, v: &str) -> Result<u64> {
 /// One option as given: its printed form and the raw text.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Given {
-    cluster_size: Option<u64>,
-    extended_l2: Option<(String, bool)>,
-    preallocation: Option<String>,
+    pub(crate) cluster_size: Option<u64>,
+    pub(crate) extended_l2: Option<(String, bool)>,
+    pub(crate) preallocation: Option<String>,
     compression_type: Option<String>,
     size: Option<u64>,
-    compat: Option<String>,
+    pub(crate) compat: Option<String>,
     pub(crate) backing_file: Option<String>,
     pub(crate) backing_fmt: Option<String>,
     data_file: Option<String>,
     data_file_raw: Option<(String, bool)>,
     lazy_refcounts: Option<(String, bool)>,
-    refcount_bits: Option<u64>,
+    pub(crate) refcount_bits: Option<u64>,
+}
+
+impl Given {
+    /// `-o size=`.
+    pub(crate) fn size_opt(&self) -> Option<u64> {
+        self.size
+    }
 }
 
 pub(crate) fn parse_given(fmt: Format, options: &[String]) -> Result<Given> {

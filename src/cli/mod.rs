@@ -10,6 +10,7 @@ pub mod image_opts;
 pub mod info;
 pub mod manual;
 pub mod map;
+pub mod measure;
 pub mod progress;
 pub mod qjson;
 pub mod resize;
@@ -45,6 +46,8 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Show the allocation map of an image (qemu-img map).
     Map(map::MapArgs),
+    /// The size a new image needs, for a virtual size or an image's contents (qemu-img measure).
+    Measure(measure::MeasureArgs),
     /// Convert an image (qemu-img convert).
     Convert(convert::ConvertArgs),
     /// Change the virtual size of an image (qemu-img resize).
@@ -458,6 +461,7 @@ pub fn main() -> i32 {
     let res = match cli.command {
         Command::Info(a) => info::run(&a),
         Command::Map(a) => map::run(&a),
+        Command::Measure(a) => measure::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Resize(a) => resize::run(&a),
         Command::Bench(a) => bench::run(&a),
@@ -474,7 +478,9 @@ pub fn main() -> i32 {
 /// Which heading of `qnbd --help` a subcommand is listed under.
 fn help_group(name: &str) -> &'static str {
     match name {
-        "info" | "map" | "check" | "bitmap" | "bench" => "Inspect and check images (qemu-img)",
+        "info" | "map" | "measure" | "check" | "bitmap" | "bench" => {
+            "Inspect and check images (qemu-img)"
+        }
         "create" | "convert" | "resize" => "Create and change images (qemu-img)",
         "serve" => "Serve images over NBD (qemu-nbd)",
         "man" | "completions" => "Install",

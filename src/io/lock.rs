@@ -208,7 +208,13 @@ impl LockError {
         match self {
             LockError::Conflict { .. } => Error::new(
                 ErrorKind::Busy,
-                format!("{self}\nIs another process using the image [{path}]?"),
+                format!(
+                    "{self}\nIs another process using the image [{path}]?{}",
+                    crate::error::hint(
+                        "stop the other user of the image, or open it read-only and shared with \
+                         -U/--force-share (info, map, check, convert, bench, bitmap --list/--dump)"
+                    )
+                ),
             ),
             LockError::Io { byte, error } => {
                 Error::io(format!("Failed to lock byte {byte}"), error)

@@ -64,7 +64,13 @@ pub struct BitmapInfo {
 fn inconsistent(name: &str) -> Error {
     Error::new(
         ErrorKind::Inconsistent,
-        format!("Bitmap '{name}' is inconsistent and cannot be used"),
+        format!(
+            "Bitmap '{name}' is inconsistent and cannot be used{}",
+            crate::error::hint(&format!(
+                "'qnbd bitmap --recover IMAGE {name}' makes it usable (conservatively dirty); \
+                 'qnbd bitmap --remove IMAGE {name}' drops it (then take a full backup)"
+            ))
+        ),
     )
 }
 

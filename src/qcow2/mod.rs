@@ -220,7 +220,7 @@ impl Qcow2 {
                 .or_else(|| snapshots.iter().find(|s| by_name == Some(s.name.as_str())))
                 .ok_or_else(|| {
                     Error::new(
-                        crate::ErrorKind::InvalidArgument,
+                        crate::ErrorKind::NotFound,
                         format!("Can't find snapshot '{want}'"),
                     )
                 })?;

@@ -16,6 +16,9 @@ impl Checker<'_> {
         };
         let mut l1_dirty = false;
         for i in 0..self.l1.len() {
+            if self.l1[i] != 0 {
+                self.work.step(self.l2_units());
+            }
             let l1e = self.l1[i];
             let l2_offset = l1e & L1E_OFFSET_MASK;
             if l2_offset == 0 {

@@ -139,6 +139,17 @@ struct SnapInfo {
 /// been opened on writable storage when `repair != Repair::None`. After a repair, the caller
 /// re-opens the image and checks it again without repair (as qemu-img does).
 pub fn check(q: &Qcow2, repair: Repair) -> CheckOutcome {
+    check_with_progress(q, repair, &mut |_, _| {})
+}
+
+/// [`check`], reporting its progress to `progress(done, total)` in units of table entries
+/// walked and clusters compared. `total` is an estimate that may shrink (snapshot L1 tables
+/// are counted as full until read) or grow (a repair adds passes); `done / total` only rises.
+pub fn check_with_progress(
+    q: &Qcow2,
+    repair: Repair,
+    progress: &mut dyn FnMut(u64, u64),
+) -> CheckOutcome {
     let mut c = match Checker::new(q, repair) {
         Ok(c) => c,
         Err((msg, res)) => {
@@ -150,12 +161,38 @@ pub fn check(q: &Qcow2, repair: Repair) -> CheckOutcome {
             }
         }
     };
+    c.work.cb = Some(progress);
     let failure = c.run().err().map(|Fail(e)| strerror(e));
     CheckOutcome {
         result: c.total,
         messages: c.log,
         warnings: c.warnings,
         failure,
+    }
+}
+
+/// Progress of one check: units done and the estimated total.
+#[derive(Default)]
+struct Work<'a> {
+    done: u64,
+    total: u64,
+    cb: Option<&'a mut dyn FnMut(u64, u64)>,
+}
+
+impl Work<'_> {
+    fn add_total(&mut self, n: u64) {
+        self.total = self.total.saturating_add(n);
+    }
+
+    fn sub_total(&mut self, n: u64) {
+        self.total = self.total.saturating_sub(n).max(self.done);
+    }
+
+    fn step(&mut self, n: u64) {
+        self.done = self.done.saturating_add(n).min(self.total);
+        if let Some(cb) = self.cb.as_mut() {
+            cb(self.done, self.total);
+        }
     }
 }
 
@@ -200,6 +237,9 @@ struct Checker<'a> {
     // in-memory refcount table (one big refblock of the image's refcount width)
     imrt: Vec<u8>,
     nb_clusters: u64,
+
+    /// Progress (`-p`).
+    work: Work<'a>,
 }
 
 impl<'a> Checker<'a> {
@@ -316,7 +356,28 @@ impl<'a> Checker<'a> {
             bitmap_dir,
             imrt: Vec::new(),
             nb_clusters: 0,
+            work: Work::default(),
         })
+    }
+
+    /// Entries of one L2 table: the progress units of walking it.
+    fn l2_units(&self) -> u64 {
+        self.cs / if self.ext_l2 { 16 } else { 8 }
+    }
+
+    /// Progress units of walking the active L1 table (every L2 table it names).
+    fn active_walk_units(&self) -> u64 {
+        self.l1.iter().filter(|&&e| e != 0).count() as u64 * self.l2_units()
+    }
+
+    /// The first estimate: the walk of active and snapshot tables (snapshot tables as if
+    /// full), one comparison of every cluster, and the OFLAG_COPIED pass.
+    fn estimate_work(&mut self) {
+        let snap_slots: u64 = self.snapshots.iter().map(|s| u64::from(s.l1_size)).sum();
+        let walk = self.active_walk_units() + snap_slots.saturating_mul(self.l2_units());
+        self.work.add_total(walk);
+        self.work.add_total(self.nb_clusters);
+        self.work.add_total(self.active_walk_units());
     }
 
     fn msg(&mut self, s: String) {

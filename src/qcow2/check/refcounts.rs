@@ -148,6 +148,9 @@ impl Checker<'_> {
     pub(super) fn compare_refcounts(&mut self, fix: Repair, rebuild: &mut bool) -> u64 {
         let mut highest = 0;
         for i in 0..self.nb_clusters {
+            if i & 4095 == 4095 {
+                self.work.step(4096);
+            }
             let r1 = match self.disk_refcount(i) {
                 Ok(r) => r,
                 Err(Fail(e)) => {
@@ -206,6 +209,7 @@ impl Checker<'_> {
                 self.res.leaks += 1;
             }
         }
+        self.work.step(self.nb_clusters & 4095);
         highest
     }
 
@@ -358,6 +362,7 @@ impl Checker<'_> {
             return Err(Fail(libc::EFBIG));
         }
         self.nb_clusters = nb;
+        self.estimate_work();
         let size = self.q.header().size / 512 * 512;
         self.res.total_clusters = size.div_ceil(self.cs);
         let mut rebuild = false;
@@ -385,9 +390,13 @@ impl Checker<'_> {
             self.res.corruptions = 0;
             self.res.leaks = 0;
             rebuild = false;
+            // a second walk and comparison of the rebuilt structure
+            self.work
+                .add_total(self.active_walk_units() + self.nb_clusters);
             self.imrt.iter_mut().for_each(|b| *b = 0);
             self.calculate_refcounts(&mut rebuild)?;
             if fix.leaks() {
+                self.work.add_total(self.nb_clusters);
                 let saved = self.res;
                 self.res = CheckResult::default();
                 highest = self.compare_refcounts(Repair::Leaks, &mut rebuild);
@@ -415,6 +424,7 @@ impl Checker<'_> {
                 return Err(Fail(libc::EIO));
             }
             if self.res.leaks != 0 || self.res.corruptions != 0 {
+                self.work.add_total(self.nb_clusters);
                 self.res = pre_compare;
                 highest = self.compare_refcounts(fix, &mut rebuild);
                 if let Err(Fail(e)) = self.flush_refblocks() {

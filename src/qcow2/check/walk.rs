@@ -205,6 +205,11 @@ impl Checker<'_> {
                 }
             }
         };
+        if !active {
+            // the estimate counted every slot of a snapshot table
+            let zeros = l1.iter().filter(|&&e| e == 0).count() as u64;
+            self.work.sub_total(zeros * self.l2_units());
+        }
         for &e in &l1 {
             if e == 0 {
                 continue;
@@ -224,6 +229,7 @@ impl Checker<'_> {
                 self.res.corruptions += 1;
             }
             self.check_l2(l2, frag, active)?;
+            self.work.step(self.l2_units());
         }
         Ok(())
     }
