@@ -1,10 +1,29 @@
 //! qcow2 spec, "Bitmap directory": entries (fixed part, extra data, name, padding to 8) with the
 //! checks QEMU's `bitmap_list_load` / `check_dir_entry` make.
+//!
+//! The fixed part of an entry is a zerocopy big-endian record ([`RawDirEntry`]).
 
 use super::limits::MAX_BITMAP_DIRECTORY_SIZE;
 use crate::error::{Error, Result};
+use zerocopy::byteorder::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-pub const DIR_ENTRY_LEN: usize = 24;
+/// qcow2 spec, "Bitmap directory": the fixed part of a directory entry as it lies on disk.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawDirEntry {
+    pub bitmap_table_offset: U64,
+    pub bitmap_table_size: U32,
+    pub flags: U32,
+    pub bitmap_type: u8,
+    pub granularity_bits: u8,
+    pub name_size: U16,
+    pub extra_data_size: U32,
+}
+
+pub const DIR_ENTRY_LEN: usize = std::mem::size_of::<RawDirEntry>();
+const _: () = assert!(DIR_ENTRY_LEN == 24);
+
 /// qcow2 spec, "Bitmap directory": flag bits.
 pub const FLAG_IN_USE: u32 = 1 << 0;
 pub const FLAG_AUTO: u32 = 1 << 1;
@@ -53,13 +72,16 @@ impl DirEntry {
 
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
-        out.extend_from_slice(&self.table_offset.to_be_bytes());
-        out.extend_from_slice(&self.table_size.to_be_bytes());
-        out.extend_from_slice(&self.flags.to_be_bytes());
-        out.push(self.kind);
-        out.push(self.granularity_bits);
-        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
-        out.extend_from_slice(&(self.extra_data.len() as u32).to_be_bytes());
+        let raw = RawDirEntry {
+            bitmap_table_offset: U64::new(self.table_offset),
+            bitmap_table_size: U32::new(self.table_size),
+            flags: U32::new(self.flags),
+            bitmap_type: self.kind,
+            granularity_bits: self.granularity_bits,
+            name_size: U16::new(self.name.len() as u16),
+            extra_data_size: U32::new(self.extra_data.len() as u32),
+        };
+        out.extend_from_slice(raw.as_bytes());
         out.extend_from_slice(&self.extra_data);
         out.extend_from_slice(self.name.as_bytes());
         while !(out.len() - start).is_multiple_of(8) {
@@ -98,18 +120,6 @@ impl DirEntry {
     }
 }
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
 /// Parse a whole directory (`dir` is exactly `directory_size` bytes), as `bitmap_list_load`.
 pub fn parse(
     dir: &[u8],
@@ -127,17 +137,17 @@ pub fn parse(
     let mut out: Vec<DirEntry> = Vec::new();
     let mut off = 0usize;
     while off < dir.len() {
-        if dir.len() - off < DIR_ENTRY_LEN {
+        let e = &dir[off..];
+        let Ok((raw, _)) = RawDirEntry::ref_from_prefix(e) else {
             return Err(broken());
-        }
+        };
         if out.len() as u32 >= nb_bitmaps {
             return Err(Error::invalid(
                 "More bitmaps found than specified in header extension",
             ));
         }
-        let e = &dir[off..];
-        let name_size = be16(&e[18..]) as usize;
-        let extra_size = be32(&e[20..]) as usize;
+        let name_size = raw.name_size.get() as usize;
+        let extra_size = raw.extra_data_size.get() as usize;
         let len = (DIR_ENTRY_LEN + extra_size + name_size).div_ceil(8) * 8;
         if len > dir.len() - off {
             return Err(broken());
@@ -147,11 +157,11 @@ pub fn parse(
         }
         let name_bytes = &e[DIR_ENTRY_LEN + extra_size..DIR_ENTRY_LEN + extra_size + name_size];
         let entry = DirEntry {
-            table_offset: be64(e),
-            table_size: be32(&e[8..]),
-            flags: be32(&e[12..]),
-            kind: e[16],
-            granularity_bits: e[17],
+            table_offset: raw.bitmap_table_offset.get(),
+            table_size: raw.bitmap_table_size.get(),
+            flags: raw.flags.get(),
+            kind: raw.bitmap_type,
+            granularity_bits: raw.granularity_bits,
             name: String::from_utf8_lossy(name_bytes).into_owned(),
             extra_data: e[DIR_ENTRY_LEN..DIR_ENTRY_LEN + extra_size].to_vec(),
         };

@@ -1,7 +1,12 @@
 //! qcow2 spec, "Header extensions": typed parsing of the extension area of the first cluster.
+//!
+//! The extension header and the fixed-size bodies (bitmaps, full disk encryption, feature name
+//! table entries) are zerocopy big-endian records.
 
 use super::limits::*;
 use crate::error::{Error, Result};
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// qcow2 spec, "Header extensions": end of the extension area.
 pub const EXT_END: u32 = 0x0000_0000;
@@ -15,6 +20,47 @@ pub const EXT_BITMAPS: u32 = 0x2385_2875;
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
 /// qcow2 spec, "Header extensions": external data file name string.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// qcow2 spec, "Header extensions": the header of every extension, followed by `length` bytes
+/// of data and padding to 8.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawExtHeader {
+    pub magic: U32,
+    pub length: U32,
+}
+const _: () = assert!(std::mem::size_of::<RawExtHeader>() == 8);
+
+/// qcow2 spec, "Feature name table": one entry as it lies on disk.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawFeatureName {
+    pub feature_type: u8,
+    pub bit_number: u8,
+    /// Padded with zeros; not NUL-terminated when all 46 bytes are used.
+    pub feature_name: [u8; 46],
+}
+const _: () = assert!(std::mem::size_of::<RawFeatureName>() == 48);
+
+/// qcow2 spec, "Bitmaps extension": the extension data as it lies on disk.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawBitmapsExt {
+    pub nb_bitmaps: U32,
+    pub reserved32: U32,
+    pub bitmap_directory_size: U64,
+    pub bitmap_directory_offset: U64,
+}
+const _: () = assert!(std::mem::size_of::<RawBitmapsExt>() == 24);
+
+/// qcow2 spec, "Full disk encryption header pointer": the extension data as it lies on disk.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawCryptoExt {
+    pub offset: U64,
+    pub length: U64,
+}
+const _: () = assert!(std::mem::size_of::<RawCryptoExt>() == 16);
 
 /// One entry of the feature name table (qcow2 spec, "Feature name table").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +77,16 @@ pub struct BitmapsExt {
     pub nb_bitmaps: u32,
     pub directory_size: u64,
     pub directory_offset: u64,
+}
+
+impl From<&RawBitmapsExt> for BitmapsExt {
+    fn from(r: &RawBitmapsExt) -> Self {
+        BitmapsExt {
+            nb_bitmaps: r.nb_bitmaps.get(),
+            directory_size: r.bitmap_directory_size.get(),
+            directory_offset: r.bitmap_directory_offset.get(),
+        }
+    }
 }
 
 /// qcow2 spec, "Full disk encryption header pointer".
@@ -55,15 +111,6 @@ pub struct Extensions {
     pub unknown: Vec<(u32, Vec<u8>)>,
 }
 
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
 /// Strings in extensions are not NUL-terminated; a NUL ends them early (as C code reads them).
 fn ext_string(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
@@ -75,8 +122,11 @@ impl Extensions {
     /// feature table, bitmaps, unknown extensions, end), each padded to 8 bytes.
     pub fn encode(&self) -> Vec<u8> {
         fn put(out: &mut Vec<u8>, magic: u32, data: &[u8]) {
-            out.extend_from_slice(&magic.to_be_bytes());
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let head = RawExtHeader {
+                magic: U32::new(magic),
+                length: U32::new(data.len() as u32),
+            };
+            out.extend_from_slice(head.as_bytes());
             out.extend_from_slice(data);
             while !out.len().is_multiple_of(8) {
                 out.push(0);
@@ -84,9 +134,11 @@ impl Extensions {
         }
         let mut out = Vec::new();
         if let Some(c) = self.crypto {
-            let mut d = c.offset.to_be_bytes().to_vec();
-            d.extend_from_slice(&c.length.to_be_bytes());
-            put(&mut out, EXT_CRYPTO, &d);
+            let d = RawCryptoExt {
+                offset: U64::new(c.offset),
+                length: U64::new(c.length),
+            };
+            put(&mut out, EXT_CRYPTO, d.as_bytes());
         }
         if let Some(f) = &self.backing_format {
             put(&mut out, EXT_BACKING_FORMAT, f.as_bytes());
@@ -95,22 +147,31 @@ impl Extensions {
             put(&mut out, EXT_DATA_FILE, f.as_bytes());
         }
         if !self.feature_table.is_empty() {
-            let mut d = Vec::new();
-            for f in &self.feature_table {
-                d.push(f.kind);
-                d.push(f.bit);
-                let mut name = f.name.as_bytes().to_vec();
-                name.resize(46, 0);
-                d.extend_from_slice(&name);
-            }
-            put(&mut out, EXT_FEATURE_TABLE, &d);
+            let d: Vec<RawFeatureName> = self
+                .feature_table
+                .iter()
+                .map(|f| {
+                    // longer names are cut to the field
+                    let mut feature_name = [0u8; 46];
+                    let n = f.name.len().min(feature_name.len());
+                    feature_name[..n].copy_from_slice(&f.name.as_bytes()[..n]);
+                    RawFeatureName {
+                        feature_type: f.kind,
+                        bit_number: f.bit,
+                        feature_name,
+                    }
+                })
+                .collect();
+            put(&mut out, EXT_FEATURE_TABLE, d.as_bytes());
         }
         if let Some(b) = self.bitmaps {
-            let mut d = b.nb_bitmaps.to_be_bytes().to_vec();
-            d.extend_from_slice(&0u32.to_be_bytes());
-            d.extend_from_slice(&b.directory_size.to_be_bytes());
-            d.extend_from_slice(&b.directory_offset.to_be_bytes());
-            put(&mut out, EXT_BITMAPS, &d);
+            let d = RawBitmapsExt {
+                nb_bitmaps: U32::new(b.nb_bitmaps),
+                reserved32: U32::new(0),
+                bitmap_directory_size: U64::new(b.directory_size),
+                bitmap_directory_offset: U64::new(b.directory_offset),
+            };
+            put(&mut out, EXT_BITMAPS, d.as_bytes());
         }
         for (m, d) in &self.unknown {
             put(&mut out, *m, d);
@@ -128,12 +189,12 @@ impl Extensions {
         let mut off = 0usize;
         let end = area.len();
         while off < end {
-            if end - off < 8 {
+            let Ok((head, _)) = RawExtHeader::ref_from_prefix(&area[off..]) else {
                 return Err(Error::invalid("Header extension too large"));
-            }
-            let magic = be32(&area[off..]);
-            let len = be32(&area[off + 4..]) as usize;
-            off += 8;
+            };
+            let magic = head.magic.get();
+            let len = head.length.get() as usize;
+            off += std::mem::size_of::<RawExtHeader>();
             if len > end - off {
                 return Err(Error::invalid("Header extension too large"));
             }
@@ -160,22 +221,25 @@ impl Extensions {
                     ext.backing_format = Some(ext_string(data));
                 }
                 EXT_FEATURE_TABLE => {
-                    ext.feature_table = data
-                        .chunks_exact(48)
+                    // whole entries only; a trailing partial entry is ignored
+                    let entries =
+                        <[RawFeatureName]>::ref_from_prefix(data).map_or(&[][..], |(t, _)| t);
+                    ext.feature_table = entries
+                        .iter()
                         .map(|e| FeatureName {
-                            kind: e[0],
-                            bit: e[1],
-                            name: ext_string(&e[2..48]),
+                            kind: e.feature_type,
+                            bit: e.bit_number,
+                            name: ext_string(&e.feature_name),
                         })
                         .collect();
                 }
                 EXT_CRYPTO => {
-                    if len != 16 {
+                    let Ok(c) = RawCryptoExt::ref_from_bytes(data) else {
                         return Err(Error::invalid(format!(
                             "CRYPTO header extension size {len}, but expected size 16"
                         )));
-                    }
-                    let offset = be64(data);
+                    };
+                    let offset = c.offset.get();
                     if !offset.is_multiple_of(cluster_size) {
                         return Err(Error::invalid(format!(
                             "Encryption header offset '{offset}' is not a multiple of cluster size '{cluster_size}'"
@@ -183,29 +247,21 @@ impl Extensions {
                     }
                     ext.crypto = Some(CryptoExt {
                         offset,
-                        length: be64(&data[8..]),
+                        length: c.length.get(),
                     });
                 }
                 EXT_BITMAPS => {
-                    if len != 24 {
+                    let Ok(raw) = RawBitmapsExt::ref_from_bytes(data) else {
                         return Err(Error::invalid("bitmaps_ext: Invalid extension length"));
-                    }
+                    };
                     if !autoclear_bitmaps {
-                        ext.bitmaps_untrusted = Some(BitmapsExt {
-                            nb_bitmaps: be32(data),
-                            directory_size: be64(&data[8..]),
-                            directory_offset: be64(&data[16..]),
-                        });
+                        ext.bitmaps_untrusted = Some(BitmapsExt::from(raw));
                     }
                     if autoclear_bitmaps {
-                        if be32(&data[4..]) != 0 {
+                        if raw.reserved32.get() != 0 {
                             return Err(Error::invalid("bitmaps_ext: Reserved field is not zero"));
                         }
-                        let b = BitmapsExt {
-                            nb_bitmaps: be32(data),
-                            directory_size: be64(&data[8..]),
-                            directory_offset: be64(&data[16..]),
-                        };
+                        let b = BitmapsExt::from(raw);
                         if b.nb_bitmaps > MAX_BITMAPS {
                             return Err(Error::invalid(format!(
                                 "bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}",
@@ -303,5 +359,56 @@ mod tests {
             e.unsupported_features_message((1 << 40) | (1 << 41)),
             "Unsupported qcow2 feature(s): shiny, Unknown incompatible feature: 20000000000"
         );
+    }
+
+    #[test]
+    fn feature_table_ignores_a_partial_entry_and_cuts_long_names() {
+        let mut entry = vec![1u8, 3];
+        entry.extend([b'n'; 46]);
+        entry.extend([2u8; 47]);
+        let e = Extensions::parse(&ext(EXT_FEATURE_TABLE, &entry), 65536, true).unwrap();
+        assert_eq!(e.feature_table.len(), 1);
+        assert_eq!(e.feature_table[0].name, "n".repeat(46));
+        let e = Extensions {
+            feature_table: vec![FeatureName {
+                kind: 1,
+                bit: 3,
+                name: "n".repeat(50),
+            }],
+            ..Extensions::default()
+        };
+        let mut want = ext(EXT_FEATURE_TABLE, &entry[..48]);
+        want.extend(ext(EXT_END, b""));
+        assert_eq!(e.encode(), want);
+    }
+
+    #[test]
+    fn bitmaps_and_crypto_round_trip() {
+        let e = Extensions {
+            bitmaps: Some(BitmapsExt {
+                nb_bitmaps: 2,
+                directory_size: 48,
+                directory_offset: 0x3_0000,
+            }),
+            crypto: Some(CryptoExt {
+                offset: 0x2_0000,
+                length: 0x1234,
+            }),
+            ..Extensions::default()
+        };
+        let area = e.encode();
+        let mut crypto = 0x2_0000u64.to_be_bytes().to_vec();
+        crypto.extend_from_slice(&0x1234u64.to_be_bytes());
+        assert_eq!(area[..24], ext(EXT_CRYPTO, &crypto)[..]);
+        let p = Extensions::parse(&area, 65536, true).unwrap();
+        assert_eq!(p.bitmaps, e.bitmaps);
+        assert_eq!(p.crypto, e.crypto);
+        let err = Extensions::parse(&ext(EXT_CRYPTO, &crypto[..15]), 65536, true).unwrap_err();
+        assert_eq!(
+            err.message(),
+            "CRYPTO header extension size 15, but expected size 16"
+        );
+        let err = Extensions::parse(&ext(EXT_BITMAPS, &[0; 23]), 65536, true).unwrap_err();
+        assert_eq!(err.message(), "bitmaps_ext: Invalid extension length");
     }
 }
