@@ -15,8 +15,8 @@
 //!   never silently wrong.
 
 use super::spec::bitmap_dir::{
-    DirEntry, FLAG_AUTO, FLAG_IN_USE, TABLE_ENTRY_FLAG_ALL_ONES, TABLE_ENTRY_OFFSET_MASK,
-    TABLE_ENTRY_RESERVED_MASK,
+    DirEntry, RawDirEntry, DIR_ENTRY_LEN, FLAG_AUTO, FLAG_IN_USE, TABLE_ENTRY_FLAG_ALL_ONES,
+    TABLE_ENTRY_OFFSET_MASK, TABLE_ENTRY_RESERVED_MASK,
 };
 use super::spec::extensions::BitmapsExt;
 use super::spec::table::BitmapTable;
@@ -26,6 +26,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::read_exact;
 use crate::io::PastEof;
 use std::sync::{Arc, RwLock};
+use zerocopy::FromBytes;
 
 /// One bitmap of the image.
 #[derive(Debug, Clone)]
@@ -291,15 +292,16 @@ impl Qcow2 {
         read_exact(&**self.file(), &mut dir, ext.directory_offset)
             .map_err(|e| Error::io("Could not read the bitmap directory", e))?;
         let mut pos = 0usize;
-        while pos + 24 <= dir.len() {
-            let flags =
-                u32::from_be_bytes([dir[pos + 12], dir[pos + 13], dir[pos + 14], dir[pos + 15]]);
-            dir[pos + 12..pos + 16].copy_from_slice(&(flags | FLAG_IN_USE).to_be_bytes());
-            let name = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
-            let extra =
-                u32::from_be_bytes([dir[pos + 20], dir[pos + 21], dir[pos + 22], dir[pos + 23]])
-                    as usize;
-            pos += (24 + extra + name).div_ceil(8) * 8;
+        while let Ok((rec, _)) = RawDirEntry::mut_from_prefix(&mut dir[pos..]) {
+            rec.flags.set(rec.flags.get() | FLAG_IN_USE);
+            let (name, extra) = (
+                usize::from(rec.name_size.get()),
+                rec.extra_data_size.get() as usize,
+            );
+            pos += (DIR_ENTRY_LEN + extra + name).div_ceil(8) * 8;
+            if pos > dir.len() {
+                break;
+            }
         }
         self.file()
             .write_at(&dir, ext.directory_offset)

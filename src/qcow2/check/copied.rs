@@ -3,6 +3,7 @@
 //! autoclear bit no longer vouches for.
 
 use super::*;
+use zerocopy::FromBytes;
 
 impl Checker<'_> {
     /// `check_oflag_copied` (active tables only).
@@ -157,11 +158,10 @@ impl Checker<'_> {
         read_exact_or_zero(self.file, &mut area, start).map_err(|e| Fail(io_errno(&e)))?;
         let mut out = Vec::with_capacity(area.len());
         let mut pos = 0usize;
-        while pos + 8 <= area.len() {
-            let ty = u32::from_be_bytes([area[pos], area[pos + 1], area[pos + 2], area[pos + 3]]);
-            let len =
-                u32::from_be_bytes([area[pos + 4], area[pos + 5], area[pos + 6], area[pos + 7]])
-                    as usize;
+        while let Ok((rec, _)) =
+            crate::qcow2::spec::extensions::RawExtHeader::read_from_prefix(&area[pos..])
+        {
+            let (ty, len) = (rec.magic.get(), rec.length.get() as usize);
             if ty == crate::qcow2::spec::extensions::EXT_END {
                 break;
             }

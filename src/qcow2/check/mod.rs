@@ -285,10 +285,11 @@ impl<'a> Checker<'a> {
                 .map_err(|e| fail(format!("Could not read the snapshot table: {e}")))?;
             let len = snapshot::entry_len(&head, i).map_err(|e| fail(e.to_string()))? as u64;
             // QEMU's snapshots_size ends right after the last entry's name (no padding)
+            let rec: &snapshot::RawSnapshotHeader = zerocopy::transmute_ref!(&head);
             let raw = snapshot::ENTRY_HEADER_LEN as u64
-                + u64::from(u16::from_be_bytes([head[12], head[13]]))
-                + u64::from(u16::from_be_bytes([head[14], head[15]]))
-                + u64::from(u32::from_be_bytes([head[36], head[37], head[38], head[39]]));
+                + u64::from(rec.id_str_size.get())
+                + u64::from(rec.name_size.get())
+                + u64::from(rec.extra_data_size.get());
             snapshots_size = off - h.snapshots_offset + raw;
             off += len;
         }
