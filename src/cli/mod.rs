@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod check;
 pub mod convert;
 pub mod create;
+pub mod dd;
 pub mod image_opts;
 pub mod info;
 pub mod manual;
@@ -50,6 +51,8 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Convert an image (qemu-img convert).
     Convert(convert::ConvertArgs),
+    /// Copy blocks of an image into a new image (qemu-img dd).
+    Dd(dd::DdArgs),
     /// Change the virtual size of an image (qemu-img resize).
     Resize(resize::ResizeArgs),
     /// Measure request throughput and latency on an image (qemu-img bench).
@@ -464,6 +467,7 @@ pub fn main() -> i32 {
         Command::Measure(a) => measure::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Resize(a) => resize::run(&a),
+        Command::Dd(a) => dd::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Bitmap(a) => bitmap::run(&a),
         Command::Check(a) => check::run(&a),
@@ -481,7 +485,7 @@ fn help_group(name: &str) -> &'static str {
         "info" | "map" | "measure" | "check" | "bitmap" | "bench" => {
             "Inspect and check images (qemu-img)"
         }
-        "create" | "convert" | "resize" => "Create and change images (qemu-img)",
+        "create" | "convert" | "dd" | "resize" => "Create and change images (qemu-img)",
         "serve" => "Serve images over NBD (qemu-nbd)",
         "man" | "completions" => "Install",
         _ => "Other",
