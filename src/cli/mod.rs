@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bitmap;
 pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod dd;
@@ -61,6 +62,8 @@ pub enum Command {
     Bitmap(bitmap::BitmapArgs),
     /// Check an image for consistency and optionally repair it (qemu-img check).
     Check(check::CheckArgs),
+    /// Compare the guest contents of two images (qemu-img compare).
+    Compare(compare::CompareArgs),
     /// Create a new image (qemu-img create).
     Create(create::CreateArgs),
     /// Export images over NBD (qemu-nbd).
@@ -309,6 +312,7 @@ fn qemu_img_positionals(
         ("info" | "map" | "check" | "bench", _) => {
             format!("qemu-img: Expecting one image file name{tail}")
         }
+        ("compare", _) => format!("qemu-img: Expecting two image file names{tail}"),
         ("create", false) => format!("qemu-img: Expecting image file name{tail}"),
         ("create", true) => format!("qemu-img: Unexpected argument: {}{tail}", extra_arg()),
         ("resize", false) => format!("qemu-img: Expecting image file name and size{tail}"),
@@ -384,6 +388,43 @@ fn clap_exit(e: clap::Error, p: Personality, args: &[std::ffi::OsString]) -> i32
             ctx(ContextKind::InvalidSubcommand).map(|c| {
                 format!("{prog}: Command not found: {c}\nTry '{prog} --help' for more info\n")
             })
+        }
+        // an option given last without its value: getopt's words
+        (Personality::QemuImg, K::InvalidValue)
+            if ctx(ContextKind::InvalidValue).is_some_and(|v| v.is_empty()) =>
+        {
+            // clap names no usage here: the command is the first argument
+            let cmd = sub
+                .clone()
+                .or_else(|| {
+                    args.get(1)
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .filter(|a| !a.starts_with('-'))
+                })
+                .map(|s| format!("{prog} {s}"))
+                .unwrap_or(prog.into());
+            let last = args
+                .last()
+                .map(|a| a.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let what = match (last.strip_prefix("--"), last.strip_prefix('-')) {
+                (Some(_), _) => {
+                    let long = ctx(ContextKind::InvalidArg).unwrap_or_default();
+                    let long = long.split(' ').next().unwrap_or_default().to_string();
+                    format!("option '{long}' requires an argument")
+                }
+                (None, Some(short)) => format!(
+                    "option requires an argument -- '{}'",
+                    short.chars().last().unwrap_or('?')
+                ),
+                _ => {
+                    return {
+                        let _ = e.print();
+                        1
+                    }
+                }
+            };
+            Some(format!("{cmd}: {what}\nTry '{cmd} --help' for more info\n"))
         }
         (Personality::QemuImg, K::MissingRequiredArgument) => {
             qemu_img_positionals(sub.as_deref(), false, args)
@@ -471,6 +512,7 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(&a),
         Command::Bitmap(a) => bitmap::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Compare(a) => compare::run(&a),
         Command::Create(a) => create::run(&a),
         Command::Serve(a) => serve::run(&a),
         Command::Man(a) => manual::run_man(&a),
@@ -482,7 +524,7 @@ pub fn main() -> i32 {
 /// Which heading of `qnbd --help` a subcommand is listed under.
 fn help_group(name: &str) -> &'static str {
     match name {
-        "info" | "map" | "measure" | "check" | "bitmap" | "bench" => {
+        "info" | "map" | "measure" | "check" | "compare" | "bitmap" | "bench" => {
             "Inspect and check images (qemu-img)"
         }
         "create" | "convert" | "dd" | "resize" => "Create and change images (qemu-img)",

@@ -102,6 +102,64 @@ impl Progress {
     }
 }
 
+/// QEMU's own `qemu_progress_*` (util/qemu-progress.c), figure for figure, for commands whose
+/// progress qemu-img reports by deltas with a step of its own (`compare`: 2 %): the figure is
+/// summed in single precision, printed when it moved by more than the step (and at 0 and 100),
+/// and the end is a newline, whether or not 100 was reached.
+pub struct QemuProgress {
+    on: bool,
+    min_skip: f32,
+    current: f32,
+    last_print: f32,
+}
+
+impl QemuProgress {
+    /// `qemu_progress_init(enabled, min_skip)`.
+    pub fn new(on: bool, min_skip: f32) -> QemuProgress {
+        QemuProgress {
+            on,
+            min_skip,
+            current: 0.0,
+            last_print: 0.0,
+        }
+    }
+
+    /// `qemu_progress_print(delta, max)`: with `max` 0 the figure becomes `delta`, else it
+    /// grows by `delta` percent of `max`.
+    pub fn print(&mut self, delta: f32, max: i32) {
+        let mut current = if max == 0 {
+            delta
+        } else {
+            self.current + delta / 100.0 * max as f32
+        };
+        if current > 100.0 {
+            current = 100.0;
+        }
+        self.current = current;
+        if current > self.last_print + self.min_skip
+            || current < self.last_print - self.min_skip
+            || current == 0.0
+            || current == 100.0
+        {
+            self.last_print = current;
+            if self.on {
+                let mut o = std::io::stdout().lock();
+                let _ = write!(o, "    ({:.2}/100%)\r", current as f64);
+                let _ = o.flush();
+            }
+        }
+    }
+
+    /// `qemu_progress_end()`.
+    pub fn end(&mut self) {
+        if self.on {
+            let mut o = std::io::stdout().lock();
+            let _ = writeln!(o);
+            let _ = o.flush();
+        }
+    }
+}
+
 /// `    (45.10/100%) [#############.................] 460.8 MiB / 1 GiB, 230.4 MiB/s, 0:02 left`
 fn bar_line(pct: f64, done: u64, total: u64, elapsed: Duration) -> String {
     let filled = ((pct / 100.0) * BAR as f64).round() as usize;
