@@ -40,6 +40,9 @@ pub struct Error {
     kind: ErrorKind,
     msg: String,
     source: Option<io::Error>,
+    /// Set by [`Error::open_failed`] and cleared by [`Error::context`]: the file whose open
+    /// failed, while the error is exactly that failure.
+    failed_open: Option<String>,
 }
 
 impl Error {
@@ -48,6 +51,7 @@ impl Error {
             kind,
             msg: msg.into(),
             source: None,
+            failed_open: None,
         }
     }
 
@@ -57,7 +61,22 @@ impl Error {
             kind: ErrorKind::Io,
             msg: what.into(),
             source: Some(source),
+            failed_open: None,
         }
+    }
+
+    /// The host could not open the file `path` (`Could not open 'PATH'`, with the OS error).
+    pub fn open_failed(path: &str, source: io::Error) -> Self {
+        Error {
+            failed_open: Some(path.to_string()),
+            ..Self::io(format!("Could not open '{path}'"), source)
+        }
+    }
+
+    /// The file whose open failed, when this error is that failure and nothing more (no
+    /// context added since): the command line then words it as qemu-img does.
+    pub fn failed_open(&self) -> Option<&str> {
+        self.failed_open.as_deref()
     }
 
     pub fn invalid(msg: impl Into<String>) -> Self {
@@ -87,6 +106,7 @@ impl Error {
     /// Prefix the message with context (e.g. the file name).
     pub fn context(mut self, ctx: impl fmt::Display) -> Self {
         self.msg = format!("{ctx}: {}", self.msg);
+        self.failed_open = None;
         self
     }
 

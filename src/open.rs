@@ -102,8 +102,7 @@ fn allowed_roots(top: &str, policy: &OpenPolicy) -> Result<Option<Vec<PathBuf>>>
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
             };
-            let dir = std::fs::canonicalize(dir)
-                .map_err(|e| Error::io(format!("Could not open '{top}'"), e))?;
+            let dir = std::fs::canonicalize(dir).map_err(|e| Error::open_failed(top, e))?;
             Some(vec![dir])
         }
     })
@@ -115,8 +114,7 @@ fn admit(path: &str, roots: Option<&[PathBuf]>) -> Result<String> {
     let Some(roots) = roots else {
         return Ok(path.to_string());
     };
-    let canon = std::fs::canonicalize(path)
-        .map_err(|e| Error::io(format!("Could not open '{path}'"), e))?;
+    let canon = std::fs::canonicalize(path).map_err(|e| Error::open_failed(path, e))?;
     if !roots.iter().any(|r| canon.starts_with(r)) {
         return Err(Error::new(
             ErrorKind::Denied,
@@ -413,7 +411,7 @@ fn open_storage_raw(
                     format!("Could not open '{path}': filesystem does not support O_DIRECT"),
                 )
             } else {
-                Error::io(format!("Could not open '{path}'"), e)
+                Error::open_failed(path, e)
             }
         })?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
@@ -433,7 +431,7 @@ fn open_storage_raw(
     let inner = open_engine(path, file, engine)?;
     crate::io::direct::DirectFile::new(inner, align)
         .map(|d| Arc::new(d) as Arc<dyn Storage>)
-        .map_err(|e| Error::io(format!("Could not open '{path}'"), e))
+        .map_err(|e| Error::open_failed(path, e))
 }
 
 fn open_engine(path: &str, file: std::fs::File, engine: Engine) -> Result<Arc<dyn Storage>> {
@@ -444,8 +442,7 @@ fn open_engine(path: &str, file: std::fs::File, engine: Engine) -> Result<Arc<dy
             {
                 if uring_available() {
                     match crate::io::uring::UringFile::new(
-                        file.try_clone()
-                            .map_err(|e| Error::io(format!("Could not open '{path}'"), e))?,
+                        file.try_clone().map_err(|e| Error::open_failed(path, e))?,
                     ) {
                         Ok(u) => return Ok(Arc::new(u)),
                         Err(e) if engine == Engine::Uring => {

@@ -81,8 +81,7 @@ pub fn size_created(file: &File, path: &str, size: u64) -> Result<()> {
             .set_len(size)
             .map_err(|e| Error::io(format!("Could not resize '{path}'"), e));
     }
-    let len =
-        crate::io::file_len(file).map_err(|e| Error::io(format!("Could not open '{path}'"), e))?;
+    let len = crate::io::file_len(file).map_err(|e| Error::open_failed(path, e))?;
     if len < size {
         return Err(Error::new(
             ErrorKind::InvalidArgument,

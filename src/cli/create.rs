@@ -295,6 +295,10 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             if let Some(d) = detected {
                 msg.push_str(&format!("\nDetected format of {d}."));
             }
+            msg.push_str(&crate::error::hint(&format!(
+                "name the backing file's format with -F {}",
+                detected.unwrap_or("FMT")
+            )));
             return Err(arg_err(msg).context(img));
         }
         if !a.unsafe_backing {

@@ -97,7 +97,8 @@ pub(crate) fn locking(
         (true, true) => Err(Error::new(
             crate::ErrorKind::InvalidArgument,
             format!(
-                "Could not open '{path}': force-share=on can only be used with read-only images"
+                "Could not open '{path}': force-share=on can only be used with read-only images{}",
+                crate::error::hint("drop -U/--force-share to write, or open read-only")
             ),
         )),
         (true, false) => Ok(Locking::ForceShare),
@@ -143,7 +144,7 @@ pub(crate) fn open_named(path: &str, opts: &OpenOptions) -> Result<crate::open::
 
 /// See [`open_named`].
 pub(crate) fn named_open_error(path: &str, e: Error) -> Error {
-    if e.kind() == crate::ErrorKind::Io && e.message() == format!("Could not open '{path}'") {
+    if e.failed_open() == Some(path) {
         e.context(format!("Could not open '{path}'"))
     } else {
         e

@@ -28,6 +28,12 @@
 //! connections cannot keep others waiting — qemu CVE-2024-7409), the server exits when the last client that completed
 //! negotiation disconnects unless `persistent`, and SIGTERM/SIGINT end it cleanly (Unix socket
 //! files are removed).
+//!
+//! Why one file of about 1,300 lines: the accept loop, the negotiation thread and the threaded
+//! driver share one set of per-connection state (the `Inflight` bounds, the writer lock, the
+//! stop pipe and the `ConnEnd` a connection reports) and one shutdown protocol; read apart they
+//! hide who wakes whom. The protocol itself is not here (`handshake.rs`, `transmission.rs`,
+//! `session.rs`), nor the dispatch policy (`dispatch.rs`).
 
 use super::dispatch::{job_cost, route, Pool, Route, MAX_INFLIGHT, MAX_JOB_BYTES_THREADED};
 use super::export::{Completion, ExportSet, Wait};
