@@ -14,7 +14,6 @@
 use crate::error::{Error, ErrorKind, Result};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 
 /// Preallocation modes of `qemu-img create -o preallocation=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -114,14 +113,8 @@ pub fn fallocate(file: &File, off: u64, len: u64) -> Result<()> {
     let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
         return Err(Error::new(ErrorKind::InvalidArgument, "File too large"));
     };
-    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
-    // which outlives the call.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, o, l) };
-    if r != 0 {
-        return Err(Error::io(
-            "Could not preallocate new data",
-            std::io::Error::last_os_error(),
-        ));
+    if let Err(e) = crate::io::sys::fallocate(file, o, l) {
+        return Err(Error::io("Could not preallocate new data", e));
     }
     Ok(())
 }

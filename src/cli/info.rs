@@ -271,28 +271,12 @@ fn snapshot_line(sn: &Value) -> String {
 }
 
 fn format_local_time(t: i64) -> String {
-    let mut tm: libc::tm = unsafe_zeroed_tm();
-    let tt: libc::time_t = t as libc::time_t;
-    // SAFETY: localtime_r writes only into `tm`, which we own; `tt` is a valid time_t.
-    let ok = unsafe { !libc::localtime_r(&tt, &mut tm).is_null() };
-    if !ok {
-        return String::new();
+    match crate::io::sys::local_time(t) {
+        Some((y, mo, d, h, mi, sec)) => {
+            format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02}")
+        }
+        None => String::new(),
     }
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
-}
-
-fn unsafe_zeroed_tm() -> libc::tm {
-    // SAFETY: libc::tm is a plain C struct of integers (and a pointer that may be null), for
-    // which all-zero bytes are a valid value.
-    unsafe { std::mem::zeroed() }
 }
 
 pub fn run(a: &InfoArgs) -> Result<i32> {

@@ -18,7 +18,6 @@ use crate::nbd::tls::{Credentials, TlsServer};
 use crate::open::{open_image, CacheMode, OpenPolicy};
 use clap::Args;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -761,47 +760,38 @@ fn list(a: &ServeArgs) -> Result<i32> {
 }
 
 /// The pipe a forked child reports readiness (or an error) through.
-struct ForkPipe(RawFd);
+struct ForkPipe(std::fs::File);
 
 impl ForkPipe {
     fn send(&mut self, msg: &[u8]) {
-        // SAFETY: the fd is the write end we own; `msg` is a valid buffer.
-        let _ = unsafe { libc::write(self.0, msg.as_ptr() as *const libc::c_void, msg.len()) };
+        let _ = self.0.write_all(msg);
     }
 }
 
 /// Fork; the parent waits for the child's report and exits; the child returns its pipe.
 fn daemonize() -> Result<ForkPipe> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` is valid for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::io("pipe", std::io::Error::last_os_error()));
-    }
-    // SAFETY: no threads have been started yet (fork runs before the image is opened and
-    // before any worker or connection thread exists).
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(Error::io("fork", std::io::Error::last_os_error()));
-    }
-    if pid > 0 {
-        // SAFETY: closing our copy of the write end; reading the read end we own.
-        unsafe { libc::close(fds[1]) };
-        // SAFETY: fds[0] is an open fd owned by nobody else in this process.
-        let mut f = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-        let mut msg = Vec::new();
-        let _ = f.read_to_end(&mut msg);
-        if msg.starts_with(b"OK") {
-            std::process::exit(0);
+    use crate::io::sys;
+    let (r, w) = sys::pipe(false).map_err(|e| Error::io("pipe", e))?;
+    // fork runs before the image is opened and before any worker or connection thread exists
+    // (sys::fork refuses otherwise)
+    match sys::fork().map_err(|e| Error::io("fork", e))? {
+        sys::Forked::Parent => {
+            drop(w);
+            let mut f = std::fs::File::from(r);
+            let mut msg = Vec::new();
+            let _ = f.read_to_end(&mut msg);
+            if msg.starts_with(b"OK") {
+                std::process::exit(0);
+            }
+            let _ = std::io::stderr().write_all(&msg);
+            std::process::exit(1);
         }
-        let _ = std::io::stderr().write_all(&msg);
-        std::process::exit(1);
+        sys::Forked::Child => {
+            drop(r);
+            sys::setsid();
+            Ok(ForkPipe(std::fs::File::from(w)))
+        }
     }
-    // SAFETY: closing the read end in the child; setsid has no memory-safety preconditions.
-    unsafe {
-        libc::close(fds[0]);
-        libc::setsid();
-    }
-    Ok(ForkPipe(fds[1]))
 }
 
 /// `--stats`: every export's report, to `target` (`-`: stderr; a file is replaced whole).
@@ -875,12 +865,8 @@ fn write_pid_file(path: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("Cannot open pid file '{path}'"), e))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::io(
-            "Cannot lock pid file",
-            std::io::Error::last_os_error(),
-        ));
+    if let Err(e) = crate::io::sys::flock_exclusive_nb(&f) {
+        return Err(Error::io("Cannot lock pid file", e));
     }
     f.set_len(0)
         .and_then(|_| (&f).write_all(format!("{}\n", std::process::id()).as_bytes()))
@@ -1143,18 +1129,9 @@ fn serve(
     }
     if let Some(mut p) = fork_pipe.take() {
         p.send(b"OK");
-        // SAFETY: closing the write end we own; dup2 onto the standard fds of this process.
-        unsafe {
-            libc::close(p.0);
-            if a.verbose == 0 && a.log_level.is_none() {
-                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-                if null >= 0 {
-                    libc::dup2(null, 0);
-                    libc::dup2(null, 1);
-                    libc::dup2(null, 2);
-                    libc::close(null);
-                }
-            }
+        drop(p);
+        if a.verbose == 0 && a.log_level.is_none() {
+            let _ = crate::io::sys::stdio_to_null();
         }
     }
     // listening, images open, pid file written: the service is ready (MAINPID: after --fork

@@ -1,10 +1,13 @@
-//! Storage objects and I/O engines: the home of io_uring and nearly all `unsafe` code.
+//! Storage objects and I/O engines: the home of io_uring and of all `unsafe` code (`sys.rs`
+//! wraps the other system calls the layers above need).
 //!
 //! [`Storage`] is the narrow trait every layer above reads and writes host files through; it is
 //! also the test seam (in-memory, crash-simulating and fault-injecting doubles live in [`mem`]).
 //! Two engines implement it for real files: [`sync::SyncFile`] (positioned I/O, the portable
 //! engine) and `uring::UringFile` (io_uring; probed at open, falls back cleanly when the kernel or
 //! a sandbox refuses it). Only `open.rs` and `cli/` choose between them.
+
+#![allow(unsafe_code)]
 
 use std::fmt;
 use std::io;
@@ -15,6 +18,7 @@ pub mod lock;
 pub mod mem;
 pub mod noflush;
 pub mod sync;
+pub mod sys;
 #[cfg(feature = "uring")]
 pub mod uring;
 

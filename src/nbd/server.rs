@@ -47,7 +47,7 @@ use crate::error::{Error, Result};
 use crate::log::{self, Level};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -144,29 +144,13 @@ pub fn socket_activation() -> Result<Option<Listener>> {
             "qnbd does not support socket activation with LISTEN_FDS > 1 (got {n})"
         )));
     }
-    let fd: RawFd = 3;
-    let mut ss: libc::sockaddr_storage =
-        // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
-        unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `ss` and `len` are valid for writes of the sizes given.
-    let rc = unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) };
-    if rc != 0 {
-        return Err(Error::new(
+    match crate::io::sys::take_activation_socket() {
+        Ok(crate::io::sys::Activated::Unix(l)) => Ok(Some(Listener::Unix(l, None))),
+        Ok(crate::io::sys::Activated::Tcp(l)) => Ok(Some(Listener::Tcp(l))),
+        Err(_) => Err(Error::new(
             crate::ErrorKind::InvalidArgument,
-            format!("Socket activation failed: invalid file descriptor fd = {fd}"),
-        ));
-    }
-    // SAFETY: fcntl on an fd we just checked is open; FD_CLOEXEC is a valid flag.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    if i32::from(ss.ss_family) == libc::AF_UNIX {
-        // SAFETY: fd 3 is an open socket handed to us by the activator and owned by nobody else.
-        let l = unsafe { UnixListener::from_raw_fd(fd) };
-        Ok(Some(Listener::Unix(l, None)))
-    } else {
-        // SAFETY: as above, an open inet socket owned by nobody else.
-        let l = unsafe { TcpListener::from_raw_fd(fd) };
-        Ok(Some(Listener::Tcp(l)))
+            "Socket activation failed: invalid file descriptor fd = 3",
+        )),
     }
 }
 
@@ -922,22 +906,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
     let fd = WAKE_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let b = if sig == libc::SIGUSR1 { b'U' } else { b'S' };
-        // SAFETY: write(2) is async-signal-safe; the buffer is a valid 1-byte local.
-        unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
+        crate::io::sys::write_raw(fd, &[b]);
     }
 }
 
-fn pipe() -> Result<(RawFd, RawFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if rc != 0 {
-        return Err(Error::io(
-            "creating the wake-up pipe",
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok((fds[0], fds[1]))
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    crate::io::sys::pipe(true).map_err(|e| Error::io("creating the wake-up pipe", e))
 }
 
 fn install_signal_handlers(wake_w: RawFd, usr1: bool) {
@@ -946,17 +920,8 @@ fn install_signal_handlers(wake_w: RawFd, usr1: bool) {
     if usr1 {
         sigs.push(libc::SIGUSR1);
     }
-    for sig in sigs {
-        // SAFETY: a zeroed sigaction with a valid handler and empty mask is well-formed; the
-        // handler only calls write(2).
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
+    // the handler only calls write(2)
+    crate::io::sys::install_signal_handler(&sigs, on_signal);
 }
 
 /// Why [`Server::run`] returned.
@@ -1010,7 +975,10 @@ impl Server {
     /// Accept and serve clients until a signal, or until the last negotiated client leaves
     /// (unless persistent).
     pub fn run(self) -> Result<Stop> {
+        // kept open for the life of the process: the signal handler and connection threads may
+        // still write to it after `run` returns
         let (wake_r, wake_w) = pipe()?;
+        let (wake_r, wake_w) = (wake_r.into_raw_fd(), wake_w.into_raw_fd());
         install_signal_handlers(wake_w, self.cfg.on_usr1.is_some());
         let active = Arc::new(Mutex::new(0usize));
         let mut next_id = 1u64;
@@ -1031,20 +999,15 @@ impl Server {
                     });
                 }
             }
-            // SAFETY: `pfds` is a valid, initialised array of pollfd of the given length.
-            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::io("poll", e));
+            match crate::io::sys::poll(&mut pfds, -1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("poll", e)),
             }
             if pfds[0].revents != 0 {
                 let mut b = [0u8; 64];
-                // SAFETY: reading into a valid local buffer from our own non-blocking pipe.
-                let n = unsafe { libc::read(wake_r, b.as_mut_ptr() as *mut libc::c_void, b.len()) };
-                let got = &b[..n.max(0) as usize];
+                let n = crate::io::sys::read_raw(wake_r, &mut b);
+                let got = &b[..n];
                 if got.contains(&b'S') {
                     break Stop::Signal;
                 }
@@ -1115,8 +1078,7 @@ impl Server {
                     } else {
                         b'C'
                     };
-                    // SAFETY: writing one byte from a valid local to our own pipe.
-                    unsafe { libc::write(wake_w, &b as *const u8 as *const libc::c_void, 1) };
+                    crate::io::sys::write_raw(wake_w, &[b]);
                 });
                 let spawned = thread::Builder::new()
                     .name("nbd-conn".into())

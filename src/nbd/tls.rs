@@ -516,15 +516,11 @@ fn wait(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> io::Resu
             events,
             revents: 0,
         };
-        // SAFETY: `p` is one valid, initialised pollfd.
-        let rc = unsafe { libc::poll(&mut p, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let rc = match crate::io::sys::poll(std::slice::from_mut(&mut p), ms) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if rc > 0 {
             // readiness, hang-up or error: the next TLS call tells which
             return Ok(());
@@ -765,9 +761,8 @@ impl TlsStream {
         if let Ok(mut s) = self.shared.ssl.try_lock() {
             let _ = s.shutdown();
         }
-        // SAFETY: the fd belongs to the Socket owned by `shared.ssl`, alive as long as `self`;
-        // shutdown(2) does not close or invalidate it.
-        unsafe { libc::shutdown(self.shared.fd, libc::SHUT_RDWR) };
+        // the fd belongs to the Socket owned by `shared.ssl`, alive as long as `self`
+        crate::io::sys::shutdown_socket(self.shared.fd);
     }
 
     pub fn set_timeout(&self, d: Option<Duration>) {
