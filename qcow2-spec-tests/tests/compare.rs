@@ -538,9 +538,12 @@ fn link_dir(root: &Path) -> PathBuf {
 }
 
 /// stderr with each line's program prefix (`qemu-img: `, `qnbd: `) taken off.
+/// The message without the program prefix and without qnbd's `hint:` lines (QEMU's words,
+/// then what to do; by the name `qemu-img` there are none).
 fn message(run: &Run) -> String {
     run.stderr
         .lines()
+        .filter(|l| !l.starts_with("hint: "))
         .map(|l| {
             l.strip_prefix("qemu-img: ")
                 .or_else(|| l.strip_prefix("qnbd: "))
