@@ -67,33 +67,10 @@ pub fn layer_info(l: &OpenedLayer) -> Result<Value> {
             m.insert("backing-filename-format".into(), json!(f));
         }
         if !q.snapshots().is_empty() {
-            let snaps: Vec<Value> = q
-                .snapshots()
-                .iter()
-                .map(|s| {
-                    let mut o = Map::new();
-                    if let Some(ic) = s.icount {
-                        o.insert("icount".into(), json!(ic));
-                    }
-                    o.insert(
-                        "vm-clock-nsec".into(),
-                        json!(s.vm_clock_nsec % 1_000_000_000),
-                    );
-                    o.insert("name".into(), json!(s.name));
-                    o.insert("date-sec".into(), json!(s.date_sec));
-                    o.insert("date-nsec".into(), json!(s.date_nsec));
-                    o.insert(
-                        "vm-clock-sec".into(),
-                        json!(s.vm_clock_nsec / 1_000_000_000),
-                    );
-                    o.insert("id".into(), json!(s.id));
-                    o.insert("vm-state-size".into(), json!(s.vm_state_size));
-                    Value::Object(o)
-                })
-                .collect();
-            m.insert("snapshots".into(), Value::Array(snaps));
+            m.insert("snapshots".into(), Value::Array(snapshots_json(q)));
         }
         m.insert("virtual-size".into(), json!(h.size));
+
         m.insert("filename".into(), json!(l.filename));
         m.insert("cluster-size".into(), json!(h.cluster_size()));
         m.insert("format".into(), json!("qcow2"));
@@ -207,15 +184,7 @@ fn human(l: &OpenedLayer, v: &Value) -> String {
         s.push_str("cleanly shut down: no\n");
     }
     if let Some(snaps) = v.get("snapshots").and_then(Value::as_array) {
-        s.push_str("Snapshot list:\n");
-        // block/qapi.c bdrv_snapshot_dump
-        s.push_str(&format!(
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        ));
-        for sn in snaps {
-            s.push_str(&snapshot_line(sn));
-        }
+        s.push_str(&snapshot_table(snaps));
     }
     if let Some(fs) = v.get("format-specific").and_then(|f| f.get("data")) {
         s.push_str("Format specific information:\n");
@@ -238,6 +207,47 @@ fn human(l: &OpenedLayer, v: &Value) -> String {
             "    disk size: {}\n",
             size_to_str(child["actual-size"].as_u64().unwrap_or(0))
         ));
+    }
+    s
+}
+
+/// The internal snapshots of `q` as `info --output=json` lists them (QDict member order).
+pub(crate) fn snapshots_json(q: &crate::qcow2::Qcow2) -> Vec<Value> {
+    q.snapshots()
+        .iter()
+        .map(|s| {
+            let mut o = Map::new();
+            if let Some(ic) = s.icount {
+                o.insert("icount".into(), json!(ic));
+            }
+            o.insert(
+                "vm-clock-nsec".into(),
+                json!(s.vm_clock_nsec % 1_000_000_000),
+            );
+            o.insert("name".into(), json!(s.name));
+            o.insert("date-sec".into(), json!(s.date_sec));
+            o.insert("date-nsec".into(), json!(s.date_nsec));
+            o.insert(
+                "vm-clock-sec".into(),
+                json!(s.vm_clock_nsec / 1_000_000_000),
+            );
+            o.insert("id".into(), json!(s.id));
+            o.insert("vm-state-size".into(), json!(s.vm_state_size));
+            Value::Object(o)
+        })
+        .collect()
+}
+
+/// `Snapshot list:` and its table, as `info` and `snapshot -l` print it (block/qapi.c
+/// `bdrv_snapshot_dump`).
+pub(crate) fn snapshot_table(snaps: &[Value]) -> String {
+    let mut s = String::from("Snapshot list:\n");
+    s.push_str(&format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    ));
+    for sn in snaps {
+        s.push_str(&snapshot_line(sn));
     }
     s
 }

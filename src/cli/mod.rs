@@ -17,6 +17,7 @@ pub mod progress;
 pub mod qjson;
 pub mod resize;
 pub mod serve;
+pub mod snapshot;
 
 use crate::error::Error;
 use crate::io::Engine;
@@ -60,6 +61,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Manage and inspect persistent dirty bitmaps (qemu-img bitmap).
     Bitmap(bitmap::BitmapArgs),
+    /// List an image's internal snapshots (qemu-img snapshot -l).
+    Snapshot(snapshot::SnapshotArgs),
     /// Check an image for consistency and optionally repair it (qemu-img check).
     Check(check::CheckArgs),
     /// Compare the guest contents of two images (qemu-img compare).
@@ -513,6 +516,7 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(&a),
         Command::Bitmap(a) => bitmap::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Snapshot(a) => snapshot::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Create(a) => create::run(&a),
         Command::Serve(a) => serve::run(&a),
@@ -525,7 +529,7 @@ pub fn main() -> i32 {
 /// Which heading of `qnbd --help` a subcommand is listed under.
 fn help_group(name: &str) -> &'static str {
     match name {
-        "info" | "map" | "measure" | "check" | "compare" | "bitmap" | "bench" => {
+        "info" | "map" | "measure" | "check" | "compare" | "snapshot" | "bitmap" | "bench" => {
             "Inspect and check images (qemu-img)"
         }
         "create" | "convert" | "dd" | "resize" => "Create and change images (qemu-img)",

@@ -212,7 +212,7 @@ impl LockError {
                     "{self}\nIs another process using the image [{path}]?{}",
                     crate::error::hint(
                         "stop the other user of the image, or open it read-only and shared with \
-                         -U/--force-share (info, map, check, convert, bench, bitmap --list/--dump)"
+                         -U/--force-share (info, map, measure, check, compare, convert, snapshot -l, bench, bitmap --list/--dump)"
                     )
                 ),
             ),
