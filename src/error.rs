@@ -129,17 +129,20 @@ impl Error {
     }
 }
 
+/// strerror's text of an I/O error, as QEMU prints it (without Rust's " (os error N)").
+pub fn strerror_of(e: &io::Error) -> String {
+    let text = e.to_string();
+    match (e.raw_os_error(), text.rfind(" (os error ")) {
+        (Some(_), Some(i)) => text[..i].to_string(),
+        _ => text,
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.msg)?;
         if let Some(s) = &self.source {
-            // strerror's text, as QEMU prints it (without Rust's " (os error N)")
-            let text = s.to_string();
-            let text = match (s.raw_os_error(), text.rfind(" (os error ")) {
-                (Some(_), Some(i)) => &text[..i],
-                _ => &text,
-            };
-            write!(f, ": {text}")?;
+            write!(f, ": {}", strerror_of(s))?;
         }
         Ok(())
     }

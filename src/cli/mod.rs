@@ -15,6 +15,7 @@ pub mod map;
 pub mod measure;
 pub mod progress;
 pub mod qjson;
+pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;
@@ -55,6 +56,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Copy blocks of an image into a new image (qemu-img dd).
     Dd(dd::DdArgs),
+    /// Name a new backing file in an image's header (qemu-img rebase -u).
+    Rebase(rebase::RebaseArgs),
     /// Change the virtual size of an image (qemu-img resize).
     Resize(resize::ResizeArgs),
     /// Measure request throughput and latency on an image (qemu-img bench).
@@ -512,6 +515,7 @@ pub fn main() -> i32 {
         Command::Measure(a) => measure::run(&a),
         Command::Convert(a) => convert::run(&a),
         Command::Resize(a) => resize::run(&a),
+        Command::Rebase(a) => rebase::run(&a),
         Command::Dd(a) => dd::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Bitmap(a) => bitmap::run(&a),
@@ -532,7 +536,7 @@ fn help_group(name: &str) -> &'static str {
         "info" | "map" | "measure" | "check" | "compare" | "snapshot" | "bitmap" | "bench" => {
             "Inspect and check images (qemu-img)"
         }
-        "create" | "convert" | "dd" | "resize" => "Create and change images (qemu-img)",
+        "create" | "convert" | "dd" | "rebase" | "resize" => "Create and change images (qemu-img)",
         "serve" => "Serve images over NBD (qemu-nbd)",
         "man" | "completions" => "Install",
         _ => "Other",

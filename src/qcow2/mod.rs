@@ -370,6 +370,43 @@ impl Qcow2 {
         self.backing_name.as_deref()
     }
 
+    /// `qemu-img rebase -u`: name `backing` (with format `format`) as the backing file, or none,
+    /// in the header, as QEMU's `qcow2_change_backing_file` + `qcow2_update_header` do: the
+    /// whole first cluster is rewritten (fixed header, extensions, the name, zeros) in one
+    /// synced write. For an image opened with `no_io` on writable storage and closed right
+    /// after: this handle's own view of the header is not updated. Errors carry the errno
+    /// or the words QEMU reports (`EINVAL` for a name over 1023 bytes; "No space left in the
+    /// file header" when the header would not fit in the first cluster).
+    pub fn change_backing_file(&self, backing: Option<&str>, format: Option<&str>) -> Result<()> {
+        let errno =
+            |n: i32, what: &str| Error::io(what.to_string(), std::io::Error::from_raw_os_error(n));
+        if backing.is_some_and(|b| b.len() > 1023) {
+            return Err(errno(libc::EINVAL, "backing file name too long"));
+        }
+        let mut h = self.header.clone();
+        h.backing_file_offset = 0;
+        h.backing_file_size = 0;
+        let mut ext = self.ext.clone();
+        ext.backing_format = backing.and(format).map(str::to_string);
+        let mut area = h.encode_area(&ext, backing);
+        let cs = self.cs();
+        if area.len() as u64 > cs {
+            return Err(Error::new(
+                crate::ErrorKind::InvalidArgument,
+                "No space left in the file header",
+            ));
+        }
+        area.resize(cs as usize, 0);
+        header_write::write_header(
+            &**self.file(),
+            header_write::HeaderWrite::Area {
+                at: 0,
+                bytes: &area,
+            },
+        )
+        .map_err(|e| Error::io("Could not update the image header", e.into_io()))
+    }
+
     pub fn backing_format(&self) -> Option<&str> {
         self.ext.backing_format.as_deref()
     }
