@@ -53,6 +53,10 @@ pub struct ConvertArgs {
     pub src_cache: Option<String>,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// Convert this internal snapshot of the (qcow2) source: ID or NAME, or snapshot.id=ID
+    /// and/or snapshot.name=NAME.
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    pub snapshot: Option<String>,
     /// The source image (file, block device, json:{...}, nbd:// URI).
     pub src: String,
     /// The output image (created unless -n; a block device or /dev/null is written in place).
@@ -206,6 +210,26 @@ fn zero_target(t: &dyn crate::io::Storage, size: u64, path: &str) -> Result<()> 
     Ok(())
 }
 
+/// `-l snapshot.id=ID,snapshot.name=NAME`: only those two keys (qemu-img's
+/// internal_snapshot_opts); a plain `-l` value is an ID or a name.
+fn check_snapshot_param(sn: &str) -> Result<()> {
+    if !sn.starts_with("snapshot.") {
+        return Ok(());
+    }
+    for part in super::split_qemu_opts(sn) {
+        let key = part.split_once('=').map_or(part.as_str(), |(k, _)| k);
+        if !matches!(key, "snapshot.id" | "snapshot.name") {
+            // QEMU reports the option, then the whole parameter
+            eprintln!("{}: Invalid parameter '{key}'", crate::error::program());
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Failed in parsing snapshot param '{sn}'"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: &ConvertArgs) -> Result<i32> {
     let out_fmt = match a.out_format.as_str() {
         "raw" => Format::Raw,
@@ -243,8 +267,26 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         )?,
         ..open_options(a.format.as_deref())?
     };
+    if let Some(sn) = &a.snapshot {
+        check_snapshot_param(sn)?;
+        opts.qcow2.snapshot = Some(sn.clone());
+    }
     let src = super::image_name(&a.src, a.image_opts, &mut opts)?;
-    let img = super::open_named(&src, &opts)?;
+    let img = super::open_named(&src, &opts).map_err(|e| {
+        if a.snapshot.is_some() && e.to_string().contains("Can't find snapshot") {
+            Error::new(
+                ErrorKind::NotFound,
+                "Failed to load snapshot: Can't find snapshot",
+            )
+        } else {
+            e
+        }
+    })?;
+    if a.snapshot.is_some() && img.layers[0].format == Format::Raw {
+        return Err(Error::unsupported(
+            "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+        ));
+    }
     let size = img.chain.size();
     let mut progress = Progress::new(a.progress && !a.quiet, size);
     match out_fmt {

@@ -1,0 +1,165 @@
+//! `qnbd convert` options side by side with `qemu-img convert` on the same inputs (made by
+//! qemu-img and qemu-io): `-l` internal snapshots, several sources, `-S`, `-n` into qcow2
+//! targets and `--target-is-zero`. Each case runs both programs with the same arguments and
+//! compares exit codes, messages (after the program prefix), `qemu-img compare` of the outputs,
+//! their allocation (`qemu-img map --output=json` without host offsets) and `qemu-img check`
+//! of qcow2 outputs.
+
+use qcow2_spec_tests::{qemu_img_check, qnbd_bin, require_tools, scratch_dir};
+use std::path::Path;
+use std::process::Command;
+
+/// `sh -ec SCRIPT` in `dir`: exit code, stdout, stderr.
+fn sh(script: &str, dir: &Path) -> (i32, String, String) {
+    let o = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn setup(script: &str, dir: &Path) {
+    let (rc, out, err) = sh(script, dir);
+    assert_eq!(rc, 0, "setup failed: {out}{err}");
+}
+
+/// The allocation of `img`: qemu-img map's JSON without host offsets.
+fn map(dir: &Path, fmt: &str, img: &str) -> String {
+    let (rc, out, err) = sh(&format!("qemu-img map --output=json -f {fmt} {img}"), dir);
+    assert_eq!(rc, 0, "map {img}: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut lines = Vec::new();
+    for mut e in v.as_array().unwrap().iter().cloned() {
+        e.as_object_mut().unwrap().remove("offset");
+        lines.push(e.to_string());
+    }
+    lines.join("\n")
+}
+
+/// Messages without the program prefix.
+fn messages(err: &str) -> String {
+    err.lines()
+        .map(|l| {
+            l.strip_prefix("qemu-img: ")
+                .or_else(|| l.strip_prefix("qnbd: "))
+                .unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `convert ARGS` with qemu-img (output `q.FMT`) and qnbd (output `o.FMT`); `{out}` in
+/// `args` is the output name, `{prep}` a shell command run before each (with `{out}` too).
+/// Same exit code and messages; on success the outputs are compared. Returns qemu-img's exit
+/// code.
+fn side_by_side(dir: &Path, fmt: &str, prep: &str, args: &str) -> i32 {
+    let q = qnbd_bin().display().to_string();
+    let run = |prog: &str, out: &str| {
+        let p = prep.replace("{out}", out);
+        let a = args.replace("{out}", out);
+        sh(&format!("rm -f {out}\n{p}\n{prog} convert {a}"), dir)
+    };
+    let (rc_q, _, err_q) = run("qemu-img", &format!("q.{fmt}"));
+    let (rc_o, _, err_o) = run(&q, &format!("o.{fmt}"));
+    assert_eq!(
+        (rc_o, messages(&err_o)),
+        (rc_q, messages(&err_q)),
+        "convert {args}: qnbd (left) vs qemu-img (right)"
+    );
+    if rc_q != 0 {
+        return rc_q;
+    }
+    let (q_out, o_out) = (format!("q.{fmt}"), format!("o.{fmt}"));
+    let (rc, out, err) = sh(
+        &format!("qemu-img compare -f {fmt} -F {fmt} {q_out} {o_out}"),
+        dir,
+    );
+    assert_eq!(rc, 0, "convert {args}: outputs differ: {out}{err}");
+    assert_eq!(
+        map(dir, fmt, &o_out),
+        map(dir, fmt, &q_out),
+        "convert {args}: allocation of qnbd's output (left) vs qemu-img's (right)"
+    );
+    if fmt == "qcow2" {
+        let (rc, out) = qemu_img_check(dir, &dir.join(&o_out));
+        assert_eq!(rc, 0, "convert {args}: qemu-img check: {out}");
+    }
+    0
+}
+
+/// s.qcow2 with snapshot `snap1` (id 1) over older data, ov.qcow2 over it with its own
+/// snapshot `ovs`, r.raw.
+fn snapshot_images(d: &Path) {
+    setup(
+        "qemu-img create -q -f qcow2 s.qcow2 4M
+         qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -c -P 3 2M 64k' -c 'write -z 3M 64k' s.qcow2 >/dev/null
+         qemu-img snapshot -c snap1 s.qcow2
+         qemu-io -f qcow2 -c 'write -P 2 0 512k' -c 'write -P 4 3M 64k' s.qcow2 >/dev/null
+         qemu-img snapshot -c snap2 s.qcow2
+         qemu-io -f qcow2 -c 'write -P 5 1M 1M' s.qcow2 >/dev/null
+         qemu-img create -q -f qcow2 -b s.qcow2 -F qcow2 ov.qcow2
+         qemu-io -f qcow2 -c 'write -P 6 0 4k' ov.qcow2 >/dev/null
+         qemu-img snapshot -c ovs ov.qcow2
+         qemu-io -f qcow2 -c 'write -P 7 0 8k' ov.qcow2 >/dev/null
+         qemu-img create -q -f raw r.raw 1M",
+        d,
+    );
+}
+
+#[test]
+fn convert_internal_snapshot() {
+    if !require_tools("convert -l", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = scratch_dir();
+    let d = dir.path();
+    snapshot_images(d);
+    for fmt in ["raw", "qcow2"] {
+        for l in [
+            "snap1",
+            "1",
+            "snap2",
+            "2",
+            "snapshot.id=1",
+            "snapshot.name=snap2",
+            "snapshot.id=2,snapshot.name=snap2",
+        ] {
+            assert_eq!(
+                side_by_side(d, fmt, "", &format!("-l {l} -O {fmt} s.qcow2 {{out}}")),
+                0,
+                "-l {l}"
+            );
+        }
+        // a snapshot of an overlay: its backing file keeps its active state
+        assert_eq!(
+            side_by_side(d, fmt, "", &format!("-l ovs -O {fmt} ov.qcow2 {{out}}")),
+            0
+        );
+    }
+    // refusals, with qemu-img's messages
+    for (l, src) in [
+        ("nosuch", "s.qcow2"),
+        ("snapshot.id=9", "s.qcow2"),
+        ("snapshot.name=snap9", "s.qcow2"),
+        ("snapshot.id=1,snapshot.name=snap2", "s.qcow2"),
+        ("'snapshot.id='", "s.qcow2"),
+        ("''", "s.qcow2"),
+        ("foo=1", "s.qcow2"),
+        ("snapshot.id=1,foo=2", "s.qcow2"),
+        ("snapshot.foo=1", "s.qcow2"),
+        ("snap1", "r.raw"),
+        ("ovs", "s.qcow2"),
+    ] {
+        assert_eq!(
+            side_by_side(d, "raw", "", &format!("-l {l} -O raw {src} {{out}}")),
+            1,
+            "-l {l} {src}"
+        );
+    }
+}
