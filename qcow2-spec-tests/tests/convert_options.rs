@@ -163,3 +163,101 @@ fn convert_internal_snapshot() {
         );
     }
 }
+
+/// Sources of several kinds: c.qcow2 (compressed, zero and data clusters, unallocated),
+/// top.qcow2 over base.qcow2, odd.raw (5000 random bytes: not a multiple of 512),
+/// z4k.qcow2 (4 KiB clusters: data with zero runs of 12 KiB, 100 KiB and 1 KiB inside).
+fn mixed_images(d: &Path) {
+    setup(
+        "qemu-img create -q -f qcow2 c.qcow2 4M
+         qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -P 2 68k 4k' -c 'write -P 0 200k 64k' -c 'write -z 1M 128k' -c 'write -c -P 7 3M 64k' c.qcow2 >/dev/null
+         qemu-img create -q -f qcow2 base.qcow2 2M
+         qemu-io -f qcow2 -c 'write -P 3 0 1M' base.qcow2 >/dev/null
+         qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+         qemu-io -f qcow2 -c 'write -P 4 512k 64k' -c 'write -z 0 64k' top.qcow2 >/dev/null
+         head -c 5000 /dev/urandom > odd.raw
+         qemu-img create -q -f qcow2 -o cluster_size=4k z4k.qcow2 1M
+         qemu-io -f qcow2 -c 'write -P 1 0 4k' -c 'write -P 0 4k 12k' -c 'write -P 2 16k 4k' -c 'write -P 0 20k 100k' -c 'write -P 3 120k 1k' -c 'write -P 0 121k 1k' -c 'write -P 3 122k 1k' z4k.qcow2 >/dev/null",
+        d,
+    );
+}
+
+#[test]
+fn convert_several_sources() {
+    if !require_tools("convert with several sources", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = scratch_dir();
+    let d = dir.path();
+    mixed_images(d);
+    for fmt in ["raw", "qcow2"] {
+        for srcs in [
+            "c.qcow2 top.qcow2",
+            "odd.raw c.qcow2 odd.raw",
+            "top.qcow2 odd.raw z4k.qcow2 c.qcow2",
+        ] {
+            for opts in ["", "-c", "-o cluster_size=4k"] {
+                if fmt == "raw" && !opts.is_empty() {
+                    continue;
+                }
+                assert_eq!(
+                    side_by_side(d, fmt, "", &format!("{opts} -O {fmt} {srcs} {{out}}")),
+                    0,
+                    "{opts} {srcs}"
+                );
+            }
+        }
+    }
+    // -f names the format of every source
+    assert_eq!(
+        side_by_side(d, "raw", "", "-f raw -O raw odd.raw c.qcow2 {out}"),
+        0
+    );
+    for args in [
+        "-f qcow2 -O raw c.qcow2 odd.raw {out}",
+        "-O qcow2 -B base.qcow2 -F qcow2 top.qcow2 c.qcow2 {out}",
+        "-l snap1 -O raw c.qcow2 c.qcow2 {out}",
+        "-O raw c.qcow2 nonexist.qcow2 {out}",
+        "-O raw c.qcow2",
+    ] {
+        assert_eq!(side_by_side(d, "raw", "", args), 1, "{args}");
+    }
+}
+
+#[test]
+fn convert_sparse_size() {
+    if !require_tools("convert -S", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = scratch_dir();
+    let d = dir.path();
+    mixed_images(d);
+    for s in ["0", "512", "4k", "8k", "3k", "64k", "1M", "16M"] {
+        for src in [
+            "z4k.qcow2",
+            "c.qcow2",
+            "top.qcow2",
+            "odd.raw c.qcow2 z4k.qcow2",
+        ] {
+            for (fmt, opts) in [
+                ("raw", ""),
+                ("qcow2", ""),
+                ("qcow2", "-o cluster_size=4k"),
+                ("qcow2", "-c"),
+            ] {
+                assert_eq!(
+                    side_by_side(d, fmt, "", &format!("-S {s} {opts} -O {fmt} {src} {{out}}")),
+                    0,
+                    "-S {s} {opts} {src}"
+                );
+            }
+        }
+    }
+    for s in ["1", "1000", "-1", "x", "32M", "9223372036854775808"] {
+        assert_eq!(
+            side_by_side(d, "raw", "", &format!("-S {s} -O raw c.qcow2 {{out}}")),
+            1,
+            "-S {s}"
+        );
+    }
+}

@@ -1,9 +1,10 @@
-//! `qnbd convert`: qemu-img convert to raw or qcow2 (sparse output, `-c` compressed clusters,
+//! `qnbd convert`: qemu-img convert of one or more sources (concatenated) to raw or qcow2
+//! (sparse output as `-S` says, `-l` internal snapshot, `-c` compressed clusters,
 //! `-o` creation options, `-B` backing file, progress with `-p`).
 
 use super::open_options;
 use super::progress::Progress;
-use crate::block::{Chain, Mapping, NoBacking};
+use crate::block::{Mapping, NoBacking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::open::{open_image, CacheMode, Format, OpenOptions};
 use clap::Args;
@@ -53,18 +54,81 @@ pub struct ConvertArgs {
     pub src_cache: Option<String>,
     #[arg(long = "image-opts", help = super::IMAGE_OPTS_HELP)]
     pub image_opts: bool,
+    /// Sparse detection: zero runs of at least this many bytes inside data are not written
+    /// (multiple of 512, at most 16M; default 4k); 0 writes everything (fully allocated).
+    #[arg(short = 'S', value_name = "SIZE", allow_hyphen_values = true)]
+    pub sparse_size: Option<String>,
     /// Convert this internal snapshot of the (qcow2) source: ID or NAME, or snapshot.id=ID
     /// and/or snapshot.name=NAME.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
-    /// The source image (file, block device, json:{...}, nbd:// URI).
-    pub src: String,
-    /// The output image (created unless -n; a block device or /dev/null is written in place).
-    pub dst: String,
+    /// The source images (file, block device, json:{...}, nbd:// URI), concatenated in this
+    /// order, then the output image (created unless -n; a block device or /dev/null is written
+    /// in place).
+    #[arg(value_name = "FILE", required = true, num_args = 1..)]
+    pub files: Vec<String>,
 }
 
-/// Zero blocks of this size inside data are skipped (qemu-img's default `-S 4k`).
-const SPARSE_BLOCK: usize = 4096;
+/// The sources, one after the other.
+struct Sources {
+    /// `(offset in the output, image)`.
+    parts: Vec<(u64, crate::open::Image)>,
+    size: u64,
+}
+
+/// How a run of the sources reads.
+struct Extent {
+    len: u64,
+    /// Reads as zeros without reading data (unallocated, zero clusters, host holes).
+    zero: bool,
+    /// Allocated in the top image of its source.
+    top: bool,
+}
+
+impl Sources {
+    fn part(&self, pos: u64) -> (usize, u64) {
+        let i = self.parts.partition_point(|(start, _)| *start <= pos) - 1;
+        (i, pos - self.parts[i].0)
+    }
+
+    /// The run at `pos` (at most `len` bytes, never past the end of one source).
+    fn resolve(&self, pos: u64, len: u64) -> Result<Extent> {
+        let (i, off) = self.part(pos);
+        let chain = &self.parts[i].1.chain;
+        let r = chain.resolve(off, len.min(chain.size() - off))?;
+        let zero = match r.mapping {
+            Mapping::Zero { .. } | Mapping::Backing { .. } => true,
+            Mapping::Data { zero, .. } => zero,
+            Mapping::Compressed => false,
+        };
+        Ok(Extent {
+            len: r.len,
+            zero,
+            top: r.depth == 1,
+        })
+    }
+
+    fn read(&self, mut pos: u64, mut buf: &mut [u8]) -> Result<()> {
+        while !buf.is_empty() {
+            let (i, off) = self.part(pos);
+            let chain = &self.parts[i].1.chain;
+            let n = (buf.len() as u64).min(chain.size() - off) as usize;
+            let (head, rest) = buf.split_at_mut(n);
+            chain.read(off, head)?;
+            buf = rest;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// qemu-img's default `-S` (4 KiB, in bytes).
+const DEFAULT_MIN_SPARSE: u64 = 4096;
+
+/// qemu-img's copy buffer (`IO_BUF_SIZE`, 2 MiB); larger for a target with larger clusters,
+/// at most 16 MiB (`MAX_BUF_SECTORS`).
+const IO_BUF: u64 = 2 << 20;
+const MAX_BUF: u64 = 16 << 20;
 
 /// Where the copy goes.
 trait Sink {
@@ -118,72 +182,188 @@ impl Sink for Qcow2Sink {
     }
 }
 
-/// Copy every range that does not read as zeros (or, with `top_only`, every range the source's
-/// top layer holds). `chunk` is the copy unit, aligned to it.
-fn copy(
-    src: &Chain,
+/// Copy in whole units of `chunk` bytes (aligned): every unit that holds anything that does
+/// not read as zeros (with `top_only`, anything the source's top layer holds; with `fully`,
+/// every unit). Used for compressed output (whole clusters) and `-B`.
+fn copy_units(
+    src: &Sources,
     sink: &mut dyn Sink,
     chunk: u64,
     top_only: bool,
-    whole_units: bool,
+    fully: bool,
     progress: &mut Progress,
 ) -> Result<()> {
-    let size = src.size();
+    let size = src.size;
     let mut buf = crate::io::buf::IoBuf::new(chunk as usize);
     let mut pos = 0u64;
     progress.show(0);
     while pos < size {
         let unit_end = ((pos / chunk + 1) * chunk).min(size);
         // does any part of this unit need copying?
-        let mut need = false;
+        let mut need = fully;
         let mut p = pos;
-        while p < unit_end {
+        while p < unit_end && !need {
             let r = src.resolve(p, unit_end - p)?;
-            let zero = match r.mapping {
-                Mapping::Zero { .. } | Mapping::Backing { .. } => true,
-                Mapping::Data { zero, .. } => zero,
-                Mapping::Compressed => false,
-            };
-            if top_only {
-                if r.depth == 1 {
-                    need = true;
-                    break;
-                }
-            } else if !zero {
-                need = true;
-                break;
-            }
+            need = if top_only { r.top } else { !r.zero };
             p += r.len;
         }
         if need {
             let n = (unit_end - pos) as usize;
             let b = &mut buf[..n];
             src.read(pos, b)?;
-            if top_only || (whole_units && b.iter().any(|&x| x != 0)) {
+            if top_only || fully || b.iter().any(|&x| x != 0) {
                 sink.write(pos, b)?;
-            } else if !whole_units && b.iter().any(|&x| x != 0) {
-                // skip zero 4k blocks inside the unit (qemu-img's -S 4k), in runs
-                let mut i = 0usize;
-                while i < n {
-                    let blk_end = (i + SPARSE_BLOCK).min(n);
-                    if b[i..blk_end].iter().all(|&x| x == 0) {
-                        i = blk_end;
-                        continue;
-                    }
-                    let mut j = blk_end;
-                    while j < n {
-                        let e = (j + SPARSE_BLOCK).min(n);
-                        if b[j..e].iter().all(|&x| x == 0) {
-                            break;
-                        }
-                        j = e;
-                    }
-                    sink.write(pos + i as u64, &b[i..j])?;
-                    i = j;
-                }
             }
         }
         pos = unit_end;
+        progress.show(pos);
+    }
+    sink.finish()?;
+    progress.done();
+    Ok(())
+}
+
+const SECTOR: usize = 512;
+
+fn sector_is_zero(buf: &[u8], i: usize) -> bool {
+    let end = ((i + 1) * SECTOR).min(buf.len());
+    buf[i * SECTOR..end].iter().all(|&x| x == 0)
+}
+
+/// qemu-img's `is_allocated_sectors`: the length in sectors of the run of equal (zero or data)
+/// sectors at the start of `buf` (`n` sectors, the first at sector `sector`), its end moved to
+/// an `alignment` boundary where that saves a partial write; `(data, sectors)`.
+fn allocated_run(buf: &[u8], n: usize, sector: u64, alignment: u64) -> (bool, usize) {
+    let zero = sector_is_zero(buf, 0);
+    let mut i = 1;
+    while i < n && sector_is_zero(buf, i) == zero {
+        i += 1;
+    }
+    if i == n {
+        return (!zero, i);
+    }
+    let mut zero = zero;
+    let tail = ((sector + i as u64) & (alignment - 1)) as usize;
+    if tail != 0 {
+        if zero && i <= tail {
+            // the data that follows rewrites this unaligned head anyway
+            zero = false;
+        }
+        if !zero {
+            i = (i + alignment as usize - tail).min(n);
+        } else {
+            i -= tail;
+        }
+    }
+    (!zero, i)
+}
+
+/// qemu-img's `is_allocated_sectors_min`: a leading zero run is skipped whatever its length;
+/// after data, zero runs shorter than `min` sectors are written as data.
+fn allocated_run_min(
+    buf: &[u8],
+    n: usize,
+    min: usize,
+    sector: u64,
+    alignment: u64,
+) -> (bool, usize) {
+    let min = min.min(n);
+    let (data, first) = allocated_run(buf, n, sector, alignment);
+    if !data {
+        return (false, first);
+    }
+    let (mut used, mut checked) = (first, first);
+    while checked < n {
+        let (data, len) = allocated_run(
+            &buf[checked * SECTOR..],
+            n - checked,
+            sector + checked as u64,
+            alignment,
+        );
+        checked += len;
+        if data {
+            used = checked;
+        } else if len >= min {
+            break;
+        }
+    }
+    (true, used)
+}
+
+/// Copy as qemu-img does without `-c` and `-B`: runs that read as zeros are skipped (the target
+/// reads as zeros), data runs are read `buf_size` bytes at a time and written but for zero runs
+/// of at least `min_sparse` bytes (`-S`; 0: everything is written, zeros included). Writes are
+/// widened to whole units of `grain` bytes (a qcow2 target's clusters, which QEMU allocates
+/// whole, their untouched part written as zeros).
+fn copy_sparse(
+    src: &Sources,
+    sink: &mut dyn Sink,
+    min_sparse: u64,
+    buf_size: u64,
+    grain: u64,
+    progress: &mut Progress,
+) -> Result<()> {
+    let size = src.size;
+    let mut buf = crate::io::buf::IoBuf::new(buf_size as usize);
+    let mut wide = Vec::new();
+    // where the widened writes got to
+    let mut written = 0u64;
+    let min = (min_sparse / SECTOR as u64) as usize;
+    // qemu: MAX(pow2floor(min_sparse), the target's request alignment) in sectors
+    let alignment = if min == 0 {
+        1
+    } else {
+        1u64 << (usize::BITS - 1 - min.leading_zeros())
+    };
+    let mut pos = 0u64;
+    progress.show(0);
+    while pos < size {
+        let r = src.resolve(pos, (size - pos).min(buf_size))?;
+        let n = r.len.min(buf_size);
+        if r.zero && min_sparse != 0 {
+            pos += n;
+            progress.show(pos);
+            continue;
+        }
+        let b = &mut buf[..n as usize];
+        src.read(pos, b)?;
+        let sectors = (n as usize).div_ceil(SECTOR);
+        let mut i = 0usize;
+        while i < sectors {
+            let (data, len) = if min == 0 {
+                (true, sectors - i)
+            } else {
+                allocated_run_min(
+                    &b[i * SECTOR..],
+                    sectors - i,
+                    min,
+                    pos / SECTOR as u64 + i as u64,
+                    alignment,
+                )
+            };
+            if data {
+                let from = pos + (i * SECTOR) as u64;
+                let to = (pos + ((i + len) * SECTOR) as u64).min(pos + n);
+                if grain <= 1 {
+                    sink.write(from, &b[i * SECTOR..(to - pos) as usize])?;
+                } else {
+                    let wfrom = (from - from % grain).max(written);
+                    let wto = to.div_ceil(grain).saturating_mul(grain).min(size);
+                    if wto > wfrom {
+                        if wfrom >= pos && wto <= pos + n {
+                            sink.write(wfrom, &b[(wfrom - pos) as usize..(wto - pos) as usize])?;
+                        } else {
+                            wide.resize((wto - wfrom) as usize, 0);
+                            src.read(wfrom, &mut wide)?;
+                            sink.write(wfrom, &wide)?;
+                        }
+                        written = wto;
+                    }
+                }
+            }
+            i += len;
+        }
+        pos += n;
         progress.show(pos);
     }
     sink.finish()?;
@@ -208,6 +388,32 @@ fn zero_target(t: &dyn crate::io::Storage, size: u64, path: &str) -> Result<()> 
         off += n as u64;
     }
     Ok(())
+}
+
+/// `-S SIZE` (qemu-img's cvtnum and its checks).
+fn parse_min_sparse(v: &str) -> Result<u64> {
+    let what = "Invalid buffer size for sparse output specified";
+    let arg = |m: String| Error::new(ErrorKind::InvalidArgument, m);
+    let n = match crate::units::parse_size(v) {
+        Some(n) if n <= i64::MAX as u64 => n,
+        Some(_) => {
+            return Err(arg(format!(
+                "{what}. Must be between 0 and 9223372036854775807."
+            )))
+        }
+        None if v.starts_with('-') && crate::units::parse_size(&v[1..]).is_some() => {
+            return Err(arg(format!(
+                "{what}. Must be between 0 and 9223372036854775807."
+            )))
+        }
+        None => return Err(arg(format!("{what}: '{v}'."))),
+    };
+    if n % 512 != 0 || n > MAX_BUF {
+        return Err(arg(format!(
+            "{what}. Valid sizes are multiples of 512 up to {MAX_BUF}. Select 0 to disable sparse detection (fully allocates output)."
+        )));
+    }
+    Ok(n)
 }
 
 /// `-l snapshot.id=ID,snapshot.name=NAME`: only those two keys (qemu-img's
@@ -256,38 +462,70 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         }),
     };
     let dst_cache = cache_mode(&a.cache, "")?;
-    let mut opts = OpenOptions {
-        policy: super::open_policy(&a.allow_backing)?,
-        cache: cache_mode(&a.src_cache, "source ")?,
-        locking: super::locking(
-            &a.src,
-            a.force_share,
-            false,
-            crate::open::Locking::ConvertSource,
-        )?,
-        ..open_options(a.format.as_deref())?
+    let min_sparse = match &a.sparse_size {
+        None => DEFAULT_MIN_SPARSE,
+        Some(v) => parse_min_sparse(v)?,
     };
-    if let Some(sn) = &a.snapshot {
-        check_snapshot_param(sn)?;
-        opts.qcow2.snapshot = Some(sn.clone());
-    }
-    let src = super::image_name(&a.src, a.image_opts, &mut opts)?;
-    let img = super::open_named(&src, &opts).map_err(|e| {
-        if a.snapshot.is_some() && e.to_string().contains("Can't find snapshot") {
-            Error::new(
-                ErrorKind::NotFound,
-                "Failed to load snapshot: Can't find snapshot",
-            )
-        } else {
-            e
-        }
-    })?;
-    if a.snapshot.is_some() && img.layers[0].format == Format::Raw {
+    let Some((dst, srcs)) = a.files.split_last().filter(|(_, s)| !s.is_empty()) else {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "Must specify image file name",
+        ));
+    };
+    let dst = dst.clone();
+    if srcs.len() > 1 && a.snapshot.is_some() {
         return Err(Error::unsupported(
-            "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+            "No support for concatenating multiple snapshot",
         ));
     }
-    let size = img.chain.size();
+    if srcs.len() > 1 && a.backing.is_some() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        ));
+    }
+    if let Some(sn) = &a.snapshot {
+        check_snapshot_param(sn)?;
+    }
+    let mut parts = Vec::new();
+    let mut size = 0u64;
+    for src in srcs {
+        let mut opts = OpenOptions {
+            policy: super::open_policy(&a.allow_backing)?,
+            cache: cache_mode(&a.src_cache, "source ")?,
+            locking: super::locking(
+                src,
+                a.force_share,
+                false,
+                crate::open::Locking::ConvertSource,
+            )?,
+            ..open_options(a.format.as_deref())?
+        };
+        opts.qcow2.snapshot = a.snapshot.clone();
+        let name = super::image_name(src, a.image_opts, &mut opts)?;
+        let img = super::open_named(&name, &opts).map_err(|e| {
+            if a.snapshot.is_some() && e.to_string().contains("Can't find snapshot") {
+                Error::new(
+                    ErrorKind::NotFound,
+                    "Failed to load snapshot: Can't find snapshot",
+                )
+            } else {
+                e
+            }
+        })?;
+        if a.snapshot.is_some() && img.layers[0].format == Format::Raw {
+            return Err(Error::unsupported(
+                "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+            ));
+        }
+        let n = img.chain.size();
+        parts.push((size, img));
+        size = size
+            .checked_add(n)
+            .ok_or_else(|| Error::invalid("the sources are too large together"))?;
+    }
+    let engine = open_options(a.format.as_deref())?.engine;
+    let src = Sources { parts, size };
     let mut progress = Progress::new(a.progress && !a.quiet, size);
     match out_fmt {
         Format::Raw => {
@@ -298,40 +536,40 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                 ));
             }
             if !a.no_create {
-                let ctx = |e: Error| e.context(format!("{}: error while converting raw", a.dst));
-                let file = crate::block::create_raw::create_empty(&a.dst).map_err(ctx)?;
-                crate::block::create_raw::size_created(&file, &a.dst, size).map_err(ctx)?;
+                let ctx = |e: Error| e.context(format!("{}: error while converting raw", dst));
+                let file = crate::block::create_raw::create_empty(&dst).map_err(ctx)?;
+                crate::block::create_raw::size_created(&file, &dst, size).map_err(ctx)?;
                 // the creation's locks (which let nobody in) end here; the target's own open
                 // takes those of a writer
                 drop(file);
             }
             let target = crate::open::open_storage_with(
-                &a.dst,
-                opts.engine,
+                &dst,
+                engine,
                 true,
                 dst_cache,
                 crate::open::target_lock(crate::open::Locking::Tool),
             )
-            .map_err(|e| super::named_open_error(&a.dst, e))?;
+            .map_err(|e| super::named_open_error(&dst, e))?;
             if a.no_create {
                 // an existing target (often a block device) holds old data: what the source
                 // reads as zeros is zeroed first, the rest is then written over it
                 let len = target
                     .len()
-                    .map_err(|e| Error::io(format!("Could not open '{}'", a.dst), e))?;
+                    .map_err(|e| Error::io(format!("Could not open '{}'", dst), e))?;
                 if len < size {
                     return Err(Error::new(
                         ErrorKind::InvalidArgument,
                         "output file is smaller than input file",
                     ));
                 }
-                zero_target(&*target, size, &a.dst)?;
+                zero_target(&*target, size, &dst)?;
             }
             let mut sink = RawSink {
                 file: target,
-                path: a.dst.clone(),
+                path: dst.clone(),
             };
-            copy(&img.chain, &mut sink, 2 << 20, false, false, &mut progress)?;
+            copy_sparse(&src, &mut sink, min_sparse, IO_BUF, 1, &mut progress)?;
         }
         Format::Qcow2 => {
             if a.no_create {
@@ -340,7 +578,7 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                 ));
             }
             let mut g = super::create::parse_given(Format::Qcow2, &a.options)
-                .map_err(|e| e.context(&a.dst))?;
+                .map_err(|e| e.context(&dst))?;
             if let Some(b) = &a.backing {
                 g.backing_file = Some(b.clone());
                 g.backing_fmt = a.backing_format.clone().or(g.backing_fmt);
@@ -354,37 +592,36 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             }
             let cluster = copts.cluster_size;
             let top_only = copts.backing_file.is_some();
-            crate::qcow2::create::create_qcow2(&a.dst, &copts)
-                .map_err(|e| e.context(format!("{}: error while converting qcow2", a.dst)))?;
+            crate::qcow2::create::create_qcow2(&dst, &copts)
+                .map_err(|e| e.context(format!("{}: error while converting qcow2", dst)))?;
             // the output and its -B backing file are the user's own names
             let dopts = OpenOptions {
                 format: Some(Format::Qcow2),
                 writable: true,
-                engine: opts.engine,
+                engine: engine,
                 cache: dst_cache,
                 policy: crate::open::OpenPolicy::trusted(),
                 ..OpenOptions::default()
             };
-            let out = open_image(&a.dst, &dopts)?;
+            let out = open_image(&dst, &dopts)?;
             let mut sink = Qcow2Sink {
                 image: out,
                 compress: a.compress,
                 cluster,
             };
-            // compressed clusters are written one whole cluster at a time
-            let chunk = if a.compress {
-                cluster
+            if a.compress || top_only {
+                // compressed clusters are written one whole cluster at a time
+                let chunk = if a.compress {
+                    cluster
+                } else {
+                    cluster.clamp(64 << 10, 2 << 20)
+                };
+                let fully = min_sparse == 0 && !top_only;
+                copy_units(&src, &mut sink, chunk, top_only, fully, &mut progress)?;
             } else {
-                cluster.clamp(64 << 10, 2 << 20)
-            };
-            copy(
-                &img.chain,
-                &mut sink,
-                chunk,
-                top_only,
-                a.compress,
-                &mut progress,
-            )?;
+                let buf = cluster.clamp(IO_BUF, MAX_BUF);
+                copy_sparse(&src, &mut sink, min_sparse, buf, cluster, &mut progress)?;
+            }
         }
     }
     Ok(0)
