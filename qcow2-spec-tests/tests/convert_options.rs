@@ -67,9 +67,14 @@ fn side_by_side(dir: &Path, fmt: &str, prep: &str, args: &str) -> i32 {
     };
     let (rc_q, _, err_q) = run("qemu-img", &format!("q.{fmt}"));
     let (rc_o, _, err_o) = run(&q, &format!("o.{fmt}"));
+    // the outputs' own names stand as OUT
+    let (mo, mq) = (
+        messages(&err_o).replace(&format!("o.{fmt}"), "OUT"),
+        messages(&err_q).replace(&format!("q.{fmt}"), "OUT"),
+    );
     assert_eq!(
-        (rc_o, messages(&err_o)),
-        (rc_q, messages(&err_q)),
+        (rc_o, mo),
+        (rc_q, mq),
         "convert {args}: qnbd (left) vs qemu-img (right)"
     );
     if rc_q != 0 {
@@ -260,4 +265,80 @@ fn convert_sparse_size() {
             "-S {s}"
         );
     }
+}
+
+#[test]
+fn convert_into_existing_targets() {
+    if !require_tools("convert -n", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = scratch_dir();
+    let d = dir.path();
+    mixed_images(d);
+    snapshot_images(d);
+    // targets holding old data everywhere (v3 with 4 KiB clusters, v2), fresh ones, raw ones
+    let old_v3 = "qemu-img create -q -f qcow2 -o cluster_size=4k {out} 8M; qemu-io -f qcow2 -c 'write -P 9 0 8M' {out} >/dev/null";
+    let old_v2 = "qemu-img create -q -f qcow2 -o compat=0.10 {out} 8M; qemu-io -f qcow2 -c 'write -P 9 0 8M' {out} >/dev/null";
+    let fresh = "qemu-img create -q -f qcow2 {out} 8M";
+    let backed = "qemu-img create -q -f qcow2 -b $PWD/s.qcow2 -F qcow2 {out}";
+    setup("head -c 8M /dev/urandom > old.rnd", d);
+    let raw_old = "cp old.rnd {out}";
+    for src in ["z4k.qcow2", "c.qcow2", "top.qcow2", "odd.raw c.qcow2"] {
+        for tz in ["", "--target-is-zero"] {
+            for (fmt, prep, opts) in [
+                ("qcow2", old_v3, ""),
+                ("qcow2", old_v2, ""),
+                ("qcow2", fresh, ""),
+                ("qcow2", fresh, "-S 0"),
+                ("qcow2", fresh, "-c"),
+                ("raw", raw_old, ""),
+                ("raw", raw_old, "-S 0"),
+            ] {
+                assert_eq!(
+                    side_by_side(
+                        d,
+                        fmt,
+                        prep,
+                        &format!("-n {tz} {opts} -O {fmt} {src} {{out}}")
+                    ),
+                    0,
+                    "-n {tz} {opts} {src} onto: {prep}"
+                );
+            }
+        }
+        // (a target smaller than the sources is refused by both)
+        side_by_side(d, "qcow2", backed, &format!("-n -O qcow2 {src} {{out}}"));
+    }
+    // a snapshot into an existing image
+    assert_eq!(
+        side_by_side(d, "qcow2", old_v3, "-n -l snap1 -O qcow2 s.qcow2 {out}"),
+        0
+    );
+    // refusals
+    for (prep, args) in [
+        ("", "-n -O qcow2 c.qcow2 {out}"),
+        (
+            "qemu-img create -q -f raw {out} 8M",
+            "-n -O qcow2 c.qcow2 {out}",
+        ),
+        (
+            "qemu-img create -q -f qcow2 {out} 1M",
+            "-n -O qcow2 c.qcow2 {out}",
+        ),
+        (fresh, "-n -o cluster_size=4k -O qcow2 c.qcow2 {out}"),
+        (fresh, "--target-is-zero -O qcow2 c.qcow2 {out}"),
+    ] {
+        assert_eq!(side_by_side(d, "qcow2", prep, args), 1, "{args}");
+    }
+    // qemu-img reports this one but exits 0, converting nothing
+    side_by_side(
+        d,
+        "qcow2",
+        fresh,
+        "-n --target-is-zero -B s.qcow2 -F qcow2 -O qcow2 c.qcow2 {out}",
+    );
+    assert_eq!(
+        side_by_side(d, "raw", "", "--target-is-zero -O raw c.qcow2 {out}"),
+        1
+    );
 }

@@ -33,9 +33,13 @@ pub struct ConvertArgs {
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Skip creating the target: write into an existing file or block device (raw output).
+    /// Skip creating the target: write into an existing image (qcow2), file or block device
+    /// (raw), at least as large as the sources.
     #[arg(short = 'n')]
     pub no_create: bool,
+    /// With -n: the existing target already reads as zeros (it is not zeroed first).
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
     /// Quiet: no progress and no messages but errors.
     #[arg(short = 'q')]
     pub quiet: bool,
@@ -108,6 +112,14 @@ impl Sources {
         })
     }
 
+    /// `(offset in its source, the source's alignment)` at `pos`: qemu-img cuts status runs
+    /// at multiples of a source's cluster size (512 for raw).
+    fn alignment(&self, pos: u64) -> (u64, u64) {
+        let (i, off) = self.part(pos);
+        let q = self.parts[i].1.layers[0].qcow2.as_ref();
+        (off, q.map_or(512, |q| q.cluster_size().max(512)))
+    }
+
     fn read(&self, mut pos: u64, mut buf: &mut [u8]) -> Result<()> {
         while !buf.is_empty() {
             let (i, off) = self.part(pos);
@@ -135,6 +147,15 @@ trait Sink {
     /// Write `data` at `off` (only called for data that is not all zeros).
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()>;
     fn finish(&mut self) -> Result<()>;
+    /// Whether the target already holds a data cluster at `off` (written in place, without
+    /// the copy-on-write of a new cluster).
+    fn allocated(&self, _off: u64) -> Result<bool> {
+        Ok(false)
+    }
+    /// Make a range the copy skips read as zeros (a target that was not zeroed first).
+    fn zero(&mut self, _off: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct RawSink {
@@ -143,6 +164,9 @@ struct RawSink {
 }
 
 impl Sink for RawSink {
+    fn zero(&mut self, off: u64, len: u64) -> Result<()> {
+        zero_target(&*self.file, off, len, &self.path)
+    }
     fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.file
             .write_at(data, off)
@@ -180,6 +204,26 @@ impl Sink for Qcow2Sink {
     fn finish(&mut self) -> Result<()> {
         self.image.chain.flush()
     }
+    fn zero(&mut self, off: u64, len: u64) -> Result<()> {
+        // a partial cluster that holds no data is zeroed whole (QEMU's qcow2 write-zeroes
+        // widens an unaligned request over clusters that read as zeros)
+        let (cs, size) = (self.cluster, self.image.chain.size());
+        let mut from = off;
+        let mut to = off + len;
+        if !from.is_multiple_of(cs) && !self.allocated(from)? {
+            from -= from % cs;
+        }
+        if !to.is_multiple_of(cs) && to < size && !self.allocated(to)? {
+            to = to.div_ceil(cs).saturating_mul(cs).min(size);
+        }
+        self.image
+            .chain
+            .write_zeroes(from, to - from, crate::block::ZeroMode::MayUnmap, false)
+    }
+    fn allocated(&self, off: u64) -> Result<bool> {
+        let r = self.image.chain.resolve(off, 1)?;
+        Ok(r.depth == 1 && matches!(r.mapping, Mapping::Data { .. } | Mapping::Compressed))
+    }
 }
 
 /// Copy in whole units of `chunk` bytes (aligned): every unit that holds anything that does
@@ -191,6 +235,7 @@ fn copy_units(
     chunk: u64,
     top_only: bool,
     fully: bool,
+    zero_skipped: bool,
     progress: &mut Progress,
 ) -> Result<()> {
     let size = src.size;
@@ -213,7 +258,11 @@ fn copy_units(
             src.read(pos, b)?;
             if top_only || fully || b.iter().any(|&x| x != 0) {
                 sink.write(pos, b)?;
+            } else if zero_skipped {
+                sink.zero(pos, n as u64)?;
             }
+        } else if zero_skipped {
+            sink.zero(pos, unit_end - pos)?;
         }
         pos = unit_end;
         progress.show(pos);
@@ -295,12 +344,15 @@ fn allocated_run_min(
 /// of at least `min_sparse` bytes (`-S`; 0: everything is written, zeros included). Writes are
 /// widened to whole units of `grain` bytes (a qcow2 target's clusters, which QEMU allocates
 /// whole, their untouched part written as zeros).
+#[allow(clippy::too_many_arguments)]
 fn copy_sparse(
     src: &Sources,
     sink: &mut dyn Sink,
     min_sparse: u64,
     buf_size: u64,
     grain: u64,
+    check_target: bool,
+    zero_skipped: bool,
     progress: &mut Progress,
 ) -> Result<()> {
     let size = src.size;
@@ -318,9 +370,25 @@ fn copy_sparse(
     let mut pos = 0u64;
     progress.show(0);
     while pos < size {
-        let r = src.resolve(pos, (size - pos).min(buf_size))?;
-        let n = r.len.min(buf_size);
-        if r.zero && min_sparse != 0 {
+        let r = src.resolve(pos, size - pos)?;
+        let mut run = r.len;
+        let (in_part, align) = src.alignment(pos);
+        let tail = (in_part + run) % align;
+        if run > tail {
+            run -= tail;
+        }
+        // a sector is data or zeros as a whole (the zero tail of an unaligned raw file is part
+        // of its last sector)
+        let zero = r.zero && pos.is_multiple_of(SECTOR as u64);
+        if !zero {
+            run = (pos + run).div_ceil(SECTOR as u64) * SECTOR as u64 - pos;
+            run = run.min(size - pos);
+        }
+        let n = run.min(buf_size);
+        if zero && min_sparse != 0 {
+            if zero_skipped {
+                sink.zero(pos, n)?;
+            }
             pos += n;
             progress.show(pos);
             continue;
@@ -341,14 +409,32 @@ fn copy_sparse(
                     alignment,
                 )
             };
+            if !data && zero_skipped {
+                let from = pos + (i * SECTOR) as u64;
+                let to = (pos + ((i + len) * SECTOR) as u64).min(pos + n);
+                sink.zero(from, to - from)?;
+            }
             if data {
                 let from = pos + (i * SECTOR) as u64;
                 let to = (pos + ((i + len) * SECTOR) as u64).min(pos + n);
                 if grain <= 1 {
                     sink.write(from, &b[i * SECTOR..(to - pos) as usize])?;
                 } else {
-                    let wfrom = (from - from % grain).max(written);
-                    let wto = to.div_ceil(grain).saturating_mul(grain).min(size);
+                    // a new cluster is written whole (QEMU's copy-on-write of zeros); one the
+                    // target already holds (`--target-is-zero` over old data) in place
+                    let head = from - from % grain;
+                    let mut wfrom = if check_target && sink.allocated(head)? {
+                        from
+                    } else {
+                        head
+                    };
+                    wfrom = wfrom.max(written);
+                    let tail = to.div_ceil(grain).saturating_mul(grain).min(size);
+                    let wto = if tail > to && check_target && sink.allocated(to)? {
+                        to
+                    } else {
+                        tail
+                    };
                     if wto > wfrom {
                         if wfrom >= pos && wto <= pos + n {
                             sink.write(wfrom, &b[(wfrom - pos) as usize..(wto - pos) as usize])?;
@@ -373,16 +459,17 @@ fn copy_sparse(
 
 /// Make `[0, size)` of an existing target read as zeros: host zeroing where it can
 /// (`PUNCH_HOLE`, `BLKZEROOUT`), zeros written where it cannot.
-fn zero_target(t: &dyn crate::io::Storage, size: u64, path: &str) -> Result<()> {
-    match t.zero_range(0, size, crate::io::ZeroRange::Deallocate) {
+fn zero_target(t: &dyn crate::io::Storage, start: u64, size: u64, path: &str) -> Result<()> {
+    match t.zero_range(start, size, crate::io::ZeroRange::Deallocate) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
         Err(e) => return Err(Error::io(format!("Could not zero '{path}'"), e)),
     }
     let zeros = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        let n = (size - off).min(zeros.len() as u64) as usize;
+    let mut off = start;
+    let end = start + size;
+    while off < end {
+        let n = (end - off).min(zeros.len() as u64) as usize;
         t.write_at(&zeros[..n], off)
             .map_err(|e| Error::io(format!("Could not write to '{path}' at {off:#x}"), e))?;
         off += n as u64;
@@ -462,6 +549,12 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         }),
     };
     let dst_cache = cache_mode(&a.cache, "")?;
+    if a.target_is_zero && !a.no_create {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "--target-is-zero requires use of -n flag",
+        ));
+    }
     let min_sparse = match &a.sparse_size {
         None => DEFAULT_MIN_SPARSE,
         Some(v) => parse_min_sparse(v)?,
@@ -525,6 +618,20 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             .ok_or_else(|| Error::invalid("the sources are too large together"))?;
     }
     let engine = open_options(a.format.as_deref())?.engine;
+    if a.no_create && !a.options.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "-o has no effect when skipping image creation",
+        ));
+    }
+    if a.target_is_zero && a.backing.is_some() {
+        // qemu-img reports it and stops, with exit status 0 (nothing is converted)
+        eprintln!(
+            "{}: Cannot use --target-is-zero when the destination image has a backing file",
+            crate::error::program()
+        );
+        return Ok(0);
+    }
     let src = Sources { parts, size };
     let mut progress = Progress::new(a.progress && !a.quiet, size);
     match out_fmt {
@@ -563,47 +670,78 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                         "output file is smaller than input file",
                     ));
                 }
-                zero_target(&*target, size, &dst)?;
             }
             let mut sink = RawSink {
                 file: target,
                 path: dst.clone(),
             };
-            copy_sparse(&src, &mut sink, min_sparse, IO_BUF, 1, &mut progress)?;
+            copy_sparse(
+                &src,
+                &mut sink,
+                min_sparse,
+                IO_BUF,
+                1,
+                false,
+                // QEMU zeroes each range it skips (a host hole where it can)
+                a.no_create && !a.target_is_zero,
+                &mut progress,
+            )?;
         }
         Format::Qcow2 => {
-            if a.no_create {
-                return Err(Error::unsupported(
-                    "convert -n writes raw targets only in this version (-O raw)",
-                ));
-            }
-            let mut g = super::create::parse_given(Format::Qcow2, &a.options)
-                .map_err(|e| e.context(&dst))?;
-            if let Some(b) = &a.backing {
-                g.backing_file = Some(b.clone());
-                g.backing_fmt = a.backing_format.clone().or(g.backing_fmt);
-            }
-            let copts = super::create::qcow2_options(&g, size)?;
-            if copts.backing_file.is_some() && copts.backing_format.is_none() {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    "Backing file specified without backing format (use -F)",
-                ));
-            }
-            let cluster = copts.cluster_size;
-            let top_only = copts.backing_file.is_some();
-            crate::qcow2::create::create_qcow2(&dst, &copts)
-                .map_err(|e| e.context(format!("{}: error while converting qcow2", dst)))?;
             // the output and its -B backing file are the user's own names
             let dopts = OpenOptions {
                 format: Some(Format::Qcow2),
                 writable: true,
-                engine: engine,
+                engine,
                 cache: dst_cache,
                 policy: crate::open::OpenPolicy::trusted(),
                 ..OpenOptions::default()
             };
-            let out = open_image(&dst, &dopts)?;
+            let mut zero_per_run = false;
+            let (out, cluster, top_only) = if a.no_create {
+                // an existing qcow2 image, at least as large as the sources
+                let out = open_image(&dst, &dopts).map_err(|e| {
+                    let m = e.to_string();
+                    if m.contains("not in qcow2 format") {
+                        e
+                    } else {
+                        e.context(format!("Could not open '{dst}'"))
+                    }
+                })?;
+                if out.chain.size() < size {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        "output file is smaller than input file",
+                    ));
+                }
+                let cluster = out.layers[0]
+                    .qcow2
+                    .as_ref()
+                    .map_or(65536, |q| q.cluster_size());
+                let top_only = a.backing.is_some();
+                // what the sources read as zeros must read as zeros in the target: QEMU zeroes
+                // each range it skips (zero clusters where whole ones are, v3)
+                zero_per_run = !a.target_is_zero && !top_only;
+                (out, cluster, top_only)
+            } else {
+                let mut g = super::create::parse_given(Format::Qcow2, &a.options)
+                    .map_err(|e| e.context(&dst))?;
+                if let Some(b) = &a.backing {
+                    g.backing_file = Some(b.clone());
+                    g.backing_fmt = a.backing_format.clone().or(g.backing_fmt);
+                }
+                let copts = super::create::qcow2_options(&g, size)?;
+                if copts.backing_file.is_some() && copts.backing_format.is_none() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        "Backing file specified without backing format (use -F)",
+                    ));
+                }
+                crate::qcow2::create::create_qcow2(&dst, &copts)
+                    .map_err(|e| e.context(format!("{}: error while converting qcow2", dst)))?;
+                let out = open_image(&dst, &dopts)?;
+                (out, copts.cluster_size, copts.backing_file.is_some())
+            };
             let mut sink = Qcow2Sink {
                 image: out,
                 compress: a.compress,
@@ -617,10 +755,27 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                     cluster.clamp(64 << 10, 2 << 20)
                 };
                 let fully = min_sparse == 0 && !top_only;
-                copy_units(&src, &mut sink, chunk, top_only, fully, &mut progress)?;
+                copy_units(
+                    &src,
+                    &mut sink,
+                    chunk,
+                    top_only,
+                    fully,
+                    zero_per_run,
+                    &mut progress,
+                )?;
             } else {
                 let buf = cluster.clamp(IO_BUF, MAX_BUF);
-                copy_sparse(&src, &mut sink, min_sparse, buf, cluster, &mut progress)?;
+                copy_sparse(
+                    &src,
+                    &mut sink,
+                    min_sparse,
+                    buf,
+                    cluster,
+                    a.target_is_zero || zero_per_run,
+                    zero_per_run,
+                    &mut progress,
+                )?;
             }
         }
     }
