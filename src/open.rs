@@ -618,6 +618,13 @@ fn open_layer(
                 } else {
                     crate::block::Access::ReadOnly
                 },
+                // an internal snapshot is the top image's (backing files keep their active
+                // state, as QEMU's bdrv_snapshot_load_tmp)
+                snapshot: if top {
+                    opts.qcow2.snapshot.clone()
+                } else {
+                    None
+                },
                 ..opts.qcow2.clone()
             };
             let mut q = Qcow2::open(storage.clone(), &qopts)

@@ -93,3 +93,103 @@ fn resize_matches_qemu_img() {
         assert!(out.contains("Use the --shrink option"), "{out}");
     }
 }
+
+/// `resize --preallocation=MODE` on copies of the same image: same exit code and message
+/// (after the program prefix), same allocation (`qemu-img map` without offsets, disk usage),
+/// same content. qcow2 growth takes `off` only (other modes are refused by qnbd: see README).
+#[test]
+fn resize_preallocation_matches_qemu_img() {
+    if !require_tools("resize --preallocation", &["qemu-img"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let strip = |s: &str| {
+        s.lines()
+            .map(|l| {
+                l.split_once(": ")
+                    .map_or(l, |(p, r)| {
+                        if p.contains("qemu-img") || p.contains("qnbd") {
+                            r
+                        } else {
+                            l
+                        }
+                    })
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let map = |img: &Path| {
+        let o = Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(img)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let mut v = v.as_array().unwrap().clone();
+        for e in &mut v {
+            e.as_object_mut().unwrap().remove("offset");
+        }
+        serde_json::Value::Array(v)
+    };
+    for mode in ["off", "metadata", "falloc", "full", "bogus"] {
+        for (start, size, extra) in [
+            ("1M", "3M", ""),
+            ("0", "1M", ""),
+            ("1M", "512k", "--shrink"),
+            ("1M", "1M", ""),
+        ] {
+            let mut outcome = Vec::new();
+            for (prog, name) in [
+                ("qemu-img", "theirs.raw"),
+                (qnbd_bin().to_str().unwrap(), "ours.raw"),
+            ] {
+                let img = d.join(name);
+                let _ = std::fs::remove_file(&img);
+                let (rc, out) = sh(Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "raw"])
+                    .arg(&img)
+                    .arg(start));
+                assert_eq!(rc, 0, "{out}");
+                let mut c = Command::new(prog);
+                c.args(["resize", "-f", "raw", &format!("--preallocation={mode}")]);
+                if !extra.is_empty() {
+                    c.arg(extra);
+                }
+                let (rc, out) = sh(c.arg(&img).arg(size));
+                let blocks =
+                    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&img).unwrap());
+                outcome.push((rc, strip(&out), map(&img), blocks / 8));
+            }
+            assert_eq!(
+                outcome[1], outcome[0],
+                "raw {start} -> {extra} {size} --preallocation={mode}: ours (left) vs qemu-img"
+            );
+        }
+    }
+    // qcow2: off grows as qemu-img; the other modes are refused
+    let img = d.join("q.qcow2");
+    let (rc, out) = sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("1M"));
+    assert_eq!(rc, 0, "{out}");
+    let (rc, out) = sh(Command::new(qnbd_bin())
+        .args(["resize", "--preallocation=off"])
+        .arg(&img)
+        .arg("3M"));
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(virtual_size(&img), 3 << 20);
+    for mode in ["metadata", "falloc", "full"] {
+        let (rc, out) = sh(Command::new(qnbd_bin())
+            .args(["resize", &format!("--preallocation={mode}")])
+            .arg(&img)
+            .arg("4M"));
+        assert_eq!(rc, 1, "{out}");
+        assert!(out.contains("not supported"), "{out}");
+        assert_eq!(virtual_size(&img), 3 << 20);
+    }
+    let (rc, out) = sh(Command::new("qemu-img").arg("check").arg(&img));
+    assert_eq!(rc, 0, "{out}");
+}

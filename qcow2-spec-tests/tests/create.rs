@@ -862,3 +862,44 @@ fn create_matches_qemu_img() {
         problems.join("\n")
     );
 }
+
+/// `create -o help` / `-o ?` prints qemu-img's option list (with a file name: merged with the
+/// file protocol's), exit 0, whatever else is given; through the qemu-img name too, so the
+/// messages of the cases that are refused match as well.
+#[test]
+fn option_help_matches_qemu_img() {
+    if !require_tools() {
+        return;
+    }
+    let qnbd = qnbd_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let alias = dir.path().join("qemu-img");
+    std::os::unix::fs::symlink(&qnbd, &alias).unwrap();
+    for args in [
+        "-f qcow2 -o help",
+        "-f raw -o help",
+        "-o help",
+        "-f qcow2 -o ?",
+        "-o ?",
+        "-f qcow2 -o help x.qcow2",
+        "-f raw -o help x.raw",
+        "-q -f qcow2 -o cluster_size=4k,help x.qcow2 1M",
+        "-f qcow2 -o foo=1 -o help",
+        "-f qcow2 -o cluster_size=help",
+        "-f qcow2 -o help=off x.qcow2 1M",
+        "-f qcow2",
+    ] {
+        let a: Vec<&str> = args.split(' ').collect();
+        let q = text(&run_in(
+            dir.path(),
+            Path::new("qemu-img"),
+            &[&["create"], &a[..]].concat(),
+        ));
+        let o = text(&run_in(dir.path(), &alias, &[&["create"], &a[..]].concat()));
+        assert_eq!(o, q, "create {args}: ours (left) vs qemu-img (right)");
+        assert!(
+            !dir.path().join("x.qcow2").exists(),
+            "create {args} made an image"
+        );
+    }
+}

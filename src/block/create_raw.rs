@@ -76,9 +76,8 @@ pub fn create_empty(path: &str) -> Result<File> {
 pub fn size_created(file: &File, path: &str, size: u64) -> Result<()> {
     let regular = file.metadata().map(|m| m.is_file()).unwrap_or(true);
     if regular {
-        return file
-            .set_len(size)
-            .map_err(|e| Error::io(format!("Could not resize '{path}'"), e));
+        // the file is empty: grown as file-posix grows it (its first block written)
+        return grow(file, 0, size, Preallocation::Off).map_err(|e| e.context(path));
     }
     let len = crate::io::file_len(file).map_err(|e| Error::open_failed(path, e))?;
     if len < size {

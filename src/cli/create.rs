@@ -30,8 +30,9 @@ pub struct CreateArgs {
     /// Quiet: do not print the `Formatting` line.
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// The image file to create.
-    pub image: String,
+    /// The image file to create (optional with `-o help`: the protocol's options are then
+    /// listed too).
+    pub image: Option<String>,
     /// Virtual size (suffixes k, M, G, T, P, E); taken from the backing file when omitted.
     #[arg(allow_hyphen_values = true)]
     pub size: Option<String>,
@@ -252,7 +253,21 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             )))
         }
     };
-    let img = a.image.as_str();
+    if a.options
+        .iter()
+        .flat_map(|o| split_opts(o))
+        .any(|p| p == "help" || p == "?")
+    {
+        // as qemu-img: before anything else is looked at (other options, SIZE)
+        print!("{}", option_help(fmt, a.image.is_some()));
+        return Ok(0);
+    }
+    let Some(img) = a.image.as_deref() else {
+        return Err(arg_err(format!(
+            "Expecting image file name\nTry '{} create --help' for more info",
+            crate::error::program()
+        )));
+    };
     let mut g = parse_given(fmt, &a.options).map_err(|e| e.context(img))?;
     if let Some(s) = &a.size {
         let v = crate::units::parse_size(s)
@@ -343,6 +358,69 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The creation options of each format, as qemu-img lists them (`-o help`).
+const QCOW2_OPTIONS: &[&str] = &[
+    "backing_file=<str>     - File name of a base image",
+    "backing_fmt=<str>      - Image format of the base image",
+    "cluster_size=<size>    - qcow2 cluster size",
+    "compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])",
+    "compression_type=<str> - Compression method used for image cluster compression",
+    "data_file=<str>        - File name of an external data file",
+    "data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image",
+    "encrypt.cipher-alg=<str> - Name of encryption cipher algorithm",
+    "encrypt.cipher-mode=<str> - Name of encryption cipher mode",
+    "encrypt.format=<str>   - Encrypt the image, format choices: 'aes', 'luks'",
+    "encrypt.hash-alg=<str> - Name of encryption hash algorithm",
+    "encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds",
+    "encrypt.ivgen-alg=<str> - Name of IV generator algorithm",
+    "encrypt.ivgen-hash-alg=<str> - Name of IV generator hash algorithm",
+    "encrypt.key-secret=<str> - ID of secret providing qcow AES key or LUKS passphrase",
+    "encryption=<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    "extended_l2=<bool (on/off)> - Extended L2 tables",
+    "lazy_refcounts=<bool (on/off)> - Postpone refcount updates",
+    "preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)",
+    "refcount_bits=<num>    - Width of a reference count entry in bits",
+    "size=<size>            - Virtual disk size",
+];
+const RAW_OPTIONS: &[&str] = &["size=<size>            - Virtual disk size"];
+/// QEMU's `file` protocol driver's creation options (listed when a file name is given).
+const FILE_OPTIONS: &[&str] = &[
+    "extent_size_hint=<size> - Extent size hint for the image file, 0 to disable",
+    "nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)",
+    "preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)",
+    "size=<size>            - Virtual disk size",
+];
+
+/// `create -o help`: the format's options; with a file name, merged with the protocol's (the
+/// format's entry wins, sorted by name), as qemu-img prints them.
+fn option_help(fmt: Format, with_file: bool) -> String {
+    let own = match fmt {
+        Format::Qcow2 => QCOW2_OPTIONS,
+        Format::Raw => RAW_OPTIONS,
+    };
+    let name = |l: &str| l.split('=').next().unwrap_or(l).to_string();
+    if !with_file {
+        let mut t = format!("Supported {} options:\n", fmt.name());
+        for l in own {
+            t.push_str(&format!("  {l}\n"));
+        }
+        t.push_str("\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n");
+        return t;
+    }
+    let mut all: Vec<&str> = own.to_vec();
+    for l in FILE_OPTIONS {
+        if !all.iter().any(|o| name(o) == name(l)) {
+            all.push(l);
+        }
+    }
+    all.sort_by_key(|l| name(l));
+    let mut t = String::from("Supported options:\n");
+    for l in all {
+        t.push_str(&format!("  {l}\n"));
+    }
+    t
 }
 
 #[cfg(test)]

@@ -13,6 +13,10 @@ pub struct ResizeArgs {
     /// Allow making the image smaller (data past the new end is lost).
     #[arg(long = "shrink")]
     pub shrink: bool,
+    /// Preallocation of the new area: off (default), metadata, falloc, full (raw: off,
+    /// falloc, full; qcow2: off).
+    #[arg(long = "preallocation", value_name = "MODE")]
+    pub preallocation: Option<String>,
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     pub quiet: bool,
@@ -56,6 +60,22 @@ pub fn run(a: &ResizeArgs) -> Result<i32> {
             "New image size must be positive",
         )
     })?;
+    use crate::block::create_raw::Preallocation;
+    let prealloc = match a.preallocation.as_deref() {
+        None => Preallocation::Off,
+        Some(m) => Preallocation::parse(m).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Invalid preallocation mode '{m}'"),
+            )
+        })?,
+    };
+    if new <= cur && prealloc != Preallocation::Off {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "Preallocation can only be used for growing images",
+        ));
+    }
     if new < cur && !a.shrink {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
@@ -68,13 +88,56 @@ pub fn run(a: &ResizeArgs) -> Result<i32> {
                 .qcow2
                 .as_ref()
                 .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "not a qcow2 image"))?;
+            if prealloc != Preallocation::Off {
+                return Err(Error::unsupported(format!(
+                    "Growing a qcow2 image with preallocation={} is not supported by this version (only off)",
+                    prealloc.name()
+                )));
+            }
             q.resize(new)?;
         }
         Format::Raw => {
-            layer
-                .storage
-                .set_len(new)
+            if prealloc == Preallocation::Metadata {
+                return Err(Error::unsupported(
+                    "Unsupported preallocation mode: metadata",
+                ));
+            }
+            let st = &layer.storage;
+            st.set_len(new)
                 .map_err(|e| Error::io("Could not resize the image", e))?;
+            if new > cur {
+                // as file-posix grows a file: the first block of an empty one written, `falloc`
+                // reserves the new range, `full` writes zeros over it
+                let zeros = |from: u64, to: u64| -> Result<()> {
+                    let buf = vec![0u8; 1 << 20];
+                    let mut off = from;
+                    while off < to {
+                        let n = (to - off).min(buf.len() as u64) as usize;
+                        st.write_at(&buf[..n], off)
+                            .map_err(|e| Error::io("Could not write zeros", e))?;
+                        off += n as u64;
+                    }
+                    Ok(())
+                };
+                match prealloc {
+                    Preallocation::Off | Preallocation::Metadata => {
+                        if cur == 0 {
+                            zeros(0, if new < 4096 { 512 } else { 4096 }.min(new))?;
+                        }
+                    }
+                    Preallocation::Falloc => {
+                        let f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&layer.filename)
+                            .map_err(|e| Error::io("Could not preallocate new data", e))?;
+                        crate::block::create_raw::fallocate(&f, cur, new - cur)?;
+                        if cur == 0 {
+                            zeros(0, if new < 4096 { 512 } else { 4096 }.min(new))?;
+                        }
+                    }
+                    Preallocation::Full => zeros(cur, new)?,
+                }
+            }
             layer
                 .storage
                 .sync()

@@ -209,21 +209,24 @@ impl Qcow2 {
         let mut l1 = l1;
         if let Some(want) = &opts.snapshot {
             // `-l ID_OR_NAME`, `-l snapshot.id=ID` or `-l snapshot.name=NAME`, as qemu-nbd
-            let (by_id, by_name) = match want.split_once('=') {
-                Some(("snapshot.id", v)) => (Some(v), None),
-                Some(("snapshot.name", v)) => (None, Some(v)),
-                _ => (Some(want.as_str()), Some(want.as_str())),
-            };
-            let sn = snapshots
-                .iter()
-                .find(|s| by_id == Some(s.id.as_str()))
-                .or_else(|| snapshots.iter().find(|s| by_name == Some(s.name.as_str())))
-                .ok_or_else(|| {
-                    Error::new(
-                        crate::ErrorKind::NotFound,
-                        format!("Can't find snapshot '{want}'"),
-                    )
-                })?;
+            // (both snapshot.id and snapshot.name: the snapshot must have both)
+            let sn = match snapshot_selector(want) {
+                Some((None, None)) => None,
+                Some((id, name)) => snapshots.iter().find(|s| {
+                    id.as_deref().is_none_or(|i| i == s.id)
+                        && name.as_deref().is_none_or(|n| n == s.name)
+                }),
+                None => snapshots
+                    .iter()
+                    .find(|s| s.id == *want)
+                    .or_else(|| snapshots.iter().find(|s| s.name == *want)),
+            }
+            .ok_or_else(|| {
+                Error::new(
+                    crate::ErrorKind::NotFound,
+                    format!("Can't find snapshot '{want}'"),
+                )
+            })?;
             validate_snapshot_l1(sn, header.cluster_size(), file_len)
                 .map_err(|e| e.context("Failed to load snapshot"))?;
             l1 = L1Table::load(
@@ -731,6 +734,39 @@ impl BlockDevice for Qcow2 {
     fn zero_is_fast(&self, off: u64, len: u64) -> bool {
         alloc::zero_is_fast(self, off, len).unwrap_or(false)
     }
+}
+
+/// `snapshot.id=ID` / `snapshot.name=NAME` (comma separated, the last of a key wins, `,,` a
+/// literal comma): `(id, name)`; `None` when `want` is a plain ID or name.
+pub fn snapshot_selector(want: &str) -> Option<(Option<String>, Option<String>)> {
+    if !want.starts_with("snapshot.") {
+        return None;
+    }
+    let (mut id, mut name) = (None, None);
+    let mut cur = String::new();
+    let mut parts = Vec::new();
+    let mut chars = want.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+                continue;
+            }
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    for p in parts {
+        match p.split_once('=') {
+            Some(("snapshot.id", v)) => id = Some(v.to_string()),
+            Some(("snapshot.name", v)) => name = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    Some((id, name))
 }
 
 /// Fresh in-memory images for the unit tests of this module's files.
