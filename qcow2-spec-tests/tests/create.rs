@@ -902,4 +902,32 @@ fn option_help_matches_qemu_img() {
             "create {args} made an image"
         );
     }
+    // convert -o help: the output format's list, merged with the protocol's when a target is
+    // named, and nothing converted
+    std::fs::write(dir.path().join("src.raw"), vec![1u8; 65536]).unwrap();
+    for args in [
+        "-O qcow2 -o help",
+        "-O qcow2 -o help src.raw",
+        "-O qcow2 -o help src.raw x.qcow2",
+        "-O raw -o ?",
+        "-o help",
+        "-O qcow2 -o cluster_size=4k,help src.raw x.qcow2",
+    ] {
+        let a: Vec<&str> = args.split(' ').collect();
+        let q = text(&run_in(
+            dir.path(),
+            Path::new("qemu-img"),
+            &[&["convert"], &a[..]].concat(),
+        ));
+        let o = text(&run_in(
+            dir.path(),
+            &alias,
+            &[&["convert"], &a[..]].concat(),
+        ));
+        assert_eq!(o, q, "convert {args}: ours (left) vs qemu-img (right)");
+        assert!(
+            !dir.path().join("x.qcow2").exists(),
+            "convert {args} made an image"
+        );
+    }
 }

@@ -69,7 +69,7 @@ pub struct ConvertArgs {
     /// The source images (file, block device, json:{...}, nbd:// URI), concatenated in this
     /// order, then the output image (created unless -n; a block device or /dev/null is written
     /// in place).
-    #[arg(value_name = "FILE", required = true, num_args = 1..)]
+    #[arg(value_name = "FILE", num_args = 0..)]
     pub files: Vec<String>,
 }
 
@@ -533,6 +533,15 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             )))
         }
     };
+    if super::create::asks_option_help(&a.options) {
+        // as qemu-img: the output format's creation options, merged with the protocol's when a
+        // target file is named, and nothing converted
+        print!(
+            "{}",
+            super::create::option_help(out_fmt, a.files.len() >= 2)
+        );
+        return Ok(0);
+    }
     if a.compress && out_fmt != Format::Qcow2 {
         return Err(Error::new(
             ErrorKind::InvalidArgument,

@@ -253,11 +253,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             )))
         }
     };
-    if a.options
-        .iter()
-        .flat_map(|o| split_opts(o))
-        .any(|p| p == "help" || p == "?")
-    {
+    if asks_option_help(&a.options) {
         // as qemu-img: before anything else is looked at (other options, SIZE)
         print!("{}", option_help(fmt, a.image.is_some()));
         return Ok(0);
@@ -393,9 +389,17 @@ const FILE_OPTIONS: &[&str] = &[
     "size=<size>            - Virtual disk size",
 ];
 
+/// Whether `-o` asks for the option list (`help` or `?` among the options).
+pub(crate) fn asks_option_help(options: &[String]) -> bool {
+    options
+        .iter()
+        .flat_map(|o| split_opts(o))
+        .any(|p| p == "help" || p == "?")
+}
+
 /// `create -o help`: the format's options; with a file name, merged with the protocol's (the
 /// format's entry wins, sorted by name), as qemu-img prints them.
-fn option_help(fmt: Format, with_file: bool) -> String {
+pub(crate) fn option_help(fmt: Format, with_file: bool) -> String {
     let own = match fmt {
         Format::Qcow2 => QCOW2_OPTIONS,
         Format::Raw => RAW_OPTIONS,
