@@ -94,6 +94,23 @@ pub fn skip(what: &str, why: &str) {
     eprintln!("SKIP {what}: {why}");
 }
 
+/// A tool's messages as QEMU words them: every line without its program prefix (`qemu-img: `,
+/// `qemu-nbd: `, `qnbd: `) and without qnbd's `hint:` lines (what to do, added after QEMU's
+/// words when run as qnbd), so qnbd's stderr compares with QEMU's.
+pub fn qemu_words(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("hint: "))
+        .map(|l| {
+            ["qemu-img: ", "qemu-nbd: ", "qnbd: "]
+                .iter()
+                .find_map(|p| l.strip_prefix(p))
+                .unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Whether an executable named `tool` is on `PATH`.
 pub fn have_tool(tool: &str) -> bool {
     let Some(path) = std::env::var_os("PATH") else {

@@ -541,16 +541,7 @@ fn link_dir(root: &Path) -> PathBuf {
 /// The message without the program prefix and without qnbd's `hint:` lines (QEMU's words,
 /// then what to do; by the name `qemu-img` there are none).
 fn message(run: &Run) -> String {
-    run.stderr
-        .lines()
-        .filter(|l| !l.starts_with("hint: "))
-        .map(|l| {
-            l.strip_prefix("qemu-img: ")
-                .or_else(|| l.strip_prefix("qnbd: "))
-                .unwrap_or(l)
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    qcow2_spec_tests::qemu_words(&run.stderr)
 }
 
 /// `ours` ended as `qemu` did: exit code, stdout and (unless `code_only`) the message.

@@ -44,14 +44,7 @@ fn map(dir: &Path, fmt: &str, img: &str) -> String {
 
 /// Messages without the program prefix.
 fn messages(err: &str) -> String {
-    err.lines()
-        .map(|l| {
-            l.strip_prefix("qemu-img: ")
-                .or_else(|| l.strip_prefix("qnbd: "))
-                .unwrap_or(l)
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    qcow2_spec_tests::qemu_words(err)
 }
 
 /// Runs `convert ARGS` with qemu-img (output `q.FMT`) and qnbd (output `o.FMT`); `{out}` in

@@ -4,7 +4,7 @@
 //! `qemu-img compare` calls identical, the same allocation (`qemu-img map` without offsets)
 //! and a clean `qemu-img check`. Run as `qnbd dd` and through a `qemu-img` link.
 
-use qcow2_spec_tests::{qnbd_bin, require_tools, scratch_dir, tool, Run};
+use qcow2_spec_tests::{qemu_words, qnbd_bin, require_tools, scratch_dir, tool, Run};
 use serde_json::Value;
 use std::path::Path;
 
@@ -16,18 +16,7 @@ fn sh(dir: &Path, cmd: &str) {
 /// stdout and stderr without the program prefix and with the output's name replaced, and the
 /// exit code.
 fn answer(r: &Run, out: &str) -> (String, String, Option<i32>) {
-    let err = r
-        .stderr
-        .lines()
-        .map(|l| {
-            ["qemu-img: ", "qnbd: "]
-                .iter()
-                .find_map(|p| l.strip_prefix(p))
-                .unwrap_or(l)
-                .replace(out, "OUT")
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let err = qemu_words(&r.stderr).replace(out, "OUT");
     (r.stdout_text().replace(out, "OUT"), err, r.code)
 }
 

@@ -206,19 +206,9 @@ struct Outcome {
     stderr: String,
 }
 
-/// A message without the program prefix, and without qnbd's `hint:` lines (QEMU's wording
-/// plus what to do; the README lists them as a deliberate addition).
+/// A message as QEMU words it (see `qemu_words`).
 fn strip_tool(s: &str) -> String {
-    s.lines()
-        .filter(|l| !l.starts_with("hint: "))
-        .map(|l| {
-            ["qemu-img: ", "qemu-nbd: ", "qnbd: "]
-                .iter()
-                .find_map(|p| l.strip_prefix(p))
-                .unwrap_or(l)
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    qcow2_spec_tests::qemu_words(s)
 }
 
 fn run(dir: &Path, program: &Path, args: &[&str]) -> Outcome {

@@ -5,7 +5,7 @@
 //! the error messages and the exit codes equal qemu-img's; run as `qnbd measure` and through a
 //! `qemu-img` link.
 
-use qcow2_spec_tests::{qnbd_bin, require_tools, scratch_dir, tool, Run};
+use qcow2_spec_tests::{qemu_words, qnbd_bin, require_tools, scratch_dir, tool, Run};
 use std::path::Path;
 
 fn sh(dir: &Path, cmd: &str) {
@@ -15,18 +15,7 @@ fn sh(dir: &Path, cmd: &str) {
 
 /// stdout, stderr without the program prefix, exit code.
 fn answer(r: &Run) -> (String, String, Option<i32>) {
-    let err = r
-        .stderr
-        .lines()
-        .map(|l| {
-            ["qemu-img: ", "qnbd: "]
-                .iter()
-                .find_map(|p| l.strip_prefix(p))
-                .unwrap_or(l)
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    (r.stdout_text(), err, r.code)
+    (r.stdout_text(), qemu_words(&r.stderr), r.code)
 }
 
 fn make_sources(d: &Path) {

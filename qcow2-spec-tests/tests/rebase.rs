@@ -5,7 +5,7 @@
 //! same output, message and exit code, and leave files that are byte for byte qemu-img's.
 //! Run as `qnbd rebase` and through a `qemu-img` link. Safe mode is refused and changes nothing.
 
-use qcow2_spec_tests::{qnbd_bin, require_tools, scratch_dir, sha256_file, tool, Run};
+use qcow2_spec_tests::{qemu_words, qnbd_bin, require_tools, scratch_dir, sha256_file, tool, Run};
 use std::path::Path;
 
 fn sh(dir: &Path, cmd: &str) {
@@ -14,20 +14,11 @@ fn sh(dir: &Path, cmd: &str) {
 }
 
 fn answer(r: &Run, copy: &str) -> (String, String, Option<i32>) {
-    let err = r
-        .stderr
-        .lines()
-        .filter(|l| !l.starts_with("hint: "))
-        .map(|l| {
-            ["qemu-img: ", "qnbd: "]
-                .iter()
-                .find_map(|p| l.strip_prefix(p))
-                .unwrap_or(l)
-                .replace(copy, "IMG")
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    (r.stdout_text(), err, r.code)
+    (
+        r.stdout_text(),
+        qemu_words(&r.stderr).replace(copy, "IMG"),
+        r.code,
+    )
 }
 
 #[test]

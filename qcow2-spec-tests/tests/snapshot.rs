@@ -4,7 +4,9 @@
 //! file, mixed operations), run as `qnbd snapshot` and through a `qemu-img` link. `-c`, `-a`
 //! and `-d` are refused and leave the image byte for byte unchanged.
 
-use qcow2_spec_tests::{qnbd_bin, require_tools, scratch_dir, sha256_file, tool, NbdServer, Run};
+use qcow2_spec_tests::{
+    qemu_words, qnbd_bin, require_tools, scratch_dir, sha256_file, tool, NbdServer, Run,
+};
 use std::path::Path;
 
 fn sh(dir: &Path, cmd: &str) {
@@ -14,19 +16,7 @@ fn sh(dir: &Path, cmd: &str) {
 
 /// stdout, the message without the program prefix and without qnbd's `hint:` lines, exit code.
 fn answer(r: &Run) -> (String, String, Option<i32>) {
-    let err = r
-        .stderr
-        .lines()
-        .filter(|l| !l.starts_with("hint: "))
-        .map(|l| {
-            ["qemu-img: ", "qnbd: "]
-                .iter()
-                .find_map(|p| l.strip_prefix(p))
-                .unwrap_or(l)
-                .replace("Try 'qnbd snapshot", "Try 'qemu-img snapshot")
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let err = qemu_words(&r.stderr).replace("Try 'qnbd snapshot", "Try 'qemu-img snapshot");
     (r.stdout_text(), err, r.code)
 }
 

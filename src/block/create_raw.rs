@@ -106,13 +106,18 @@ pub fn write_zeros(file: &File, mut off: u64, len: u64) -> Result<()> {
 
 /// Reserve `[off, off + len)` with `fallocate` (mode 0: the file grows, blocks are allocated).
 pub fn fallocate(file: &File, off: u64, len: u64) -> Result<()> {
+    fallocate_fd(std::os::fd::AsRawFd::as_raw_fd(file), off, len)
+}
+
+/// [`fallocate`] on an open descriptor (a storage's `raw_fd`).
+pub fn fallocate_fd(fd: std::os::fd::RawFd, off: u64, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
     let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
         return Err(Error::new(ErrorKind::InvalidArgument, "File too large"));
     };
-    if let Err(e) = crate::io::sys::fallocate(file, o, l) {
+    if let Err(e) = crate::io::sys::fallocate(fd, o, l) {
         return Err(Error::io("Could not preallocate new data", e));
     }
     Ok(())

@@ -111,23 +111,6 @@ fn open_source(a: &MeasureArgs, image: &str) -> Result<Source> {
     })
 }
 
-/// QEMU's `qcow2_refcount_metadata_size` (not generous): bytes of refcount blocks and table
-/// clusters needed to count `clusters` clusters plus themselves.
-fn refcount_metadata_size(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
-    let per_table_cluster = cs / 8;
-    let per_block = cs * 8 / (1u64 << refcount_order);
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last {
-            return (blocks + table) * cs;
-        }
-    }
-}
-
 /// QEMU's `qcow2_calc_prealloc_size`: the whole file of a fully allocated image.
 fn prealloc_size(size: u64, cs: u64, refcount_order: u32, l2e: u64) -> u64 {
     let aligned = size.div_ceil(cs) * cs;
@@ -136,7 +119,9 @@ fn prealloc_size(size: u64, cs: u64, refcount_order: u32, l2e: u64) -> u64 {
     meta += nl2e * l2e;
     let nl1e = (nl2e * l2e / cs).div_ceil(cs / 8) * (cs / 8);
     meta += nl1e * 8;
-    meta += refcount_metadata_size((meta + aligned) / cs, cs, refcount_order);
+    let (blocks, table) =
+        crate::qcow2::create::refcount_metadata((meta + aligned) / cs, cs, refcount_order, false);
+    meta += (blocks + table) * cs;
     meta + aligned
 }
 

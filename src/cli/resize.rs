@@ -126,11 +126,12 @@ pub fn run(a: &ResizeArgs) -> Result<i32> {
                         }
                     }
                     Preallocation::Falloc => {
-                        let f = std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&layer.filename)
-                            .map_err(|e| Error::io("Could not preallocate new data", e))?;
-                        crate::block::create_raw::fallocate(&f, cur, new - cur)?;
+                        // the descriptor the image was opened (and locked) with, not the
+                        // name again: a json:/--image-opts name is not a path
+                        let fd = st.raw_fd().ok_or_else(|| {
+                            Error::unsupported("preallocation=falloc needs a host file")
+                        })?;
+                        crate::block::create_raw::fallocate_fd(fd, cur, new - cur)?;
                         if cur == 0 {
                             zeros(0, if new < 4096 { 512 } else { 4096 }.min(new))?;
                         }

@@ -166,11 +166,11 @@ pub fn flock_exclusive_nb(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// fallocate(2) mode 0 (allocate) of `len` bytes at `off` of `file`.
-pub fn fallocate(file: &File, off: i64, len: i64) -> io::Result<()> {
-    // SAFETY: fallocate takes integers only; the descriptor is owned by `file`, which
-    // outlives the call.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) } != 0 {
+/// fallocate(2) mode 0 (allocate) of `len` bytes at `off` of the open file `fd` (a storage's
+/// `raw_fd`, or a `File`'s).
+pub fn fallocate(fd: RawFd, off: i64, len: i64) -> io::Result<()> {
+    // SAFETY: fallocate takes integers only; a descriptor that is not open only makes it fail.
+    if unsafe { libc::fallocate(fd, 0, off, len) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

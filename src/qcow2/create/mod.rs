@@ -31,6 +31,7 @@
 //! live in `cli/create.rs`.
 
 mod model;
+pub(crate) use model::refcount_metadata;
 mod options;
 
 use super::spec::extensions::{Extensions, FeatureName};

@@ -76,14 +76,15 @@ pub(super) struct L2 {
     pub(super) runs: Vec<Run>,
 }
 
-/// QEMU's `qcow2_refcount_metadata_size`: refcount blocks needed to cover `clusters` clusters
-/// plus themselves and their table (returns the block count).
-pub(super) fn refcount_blocks_needed(
+/// QEMU's `qcow2_refcount_metadata_size`: the refcount blocks and refcount table clusters
+/// needed to count `clusters` clusters plus themselves, as `(blocks, table clusters)`.
+/// `generous` adds room for the table to grow, as QEMU's `generous_increase`.
+pub(crate) fn refcount_metadata(
     mut clusters: u64,
     cs: u64,
     order: u32,
     mut generous: bool,
-) -> u64 {
+) -> (u64, u64) {
     let per_table_cluster = cs / 8;
     let per_block = cs * 8 / (1u64 << order);
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
@@ -99,9 +100,14 @@ pub(super) fn refcount_blocks_needed(
             continue;
         }
         if n == last {
-            return blocks;
+            return (blocks, table);
         }
     }
+}
+
+/// The refcount blocks of [`refcount_metadata`].
+pub(super) fn refcount_blocks_needed(clusters: u64, cs: u64, order: u32, generous: bool) -> u64 {
+    refcount_metadata(clusters, cs, order, generous).0
 }
 
 /// The allocator model: refcounts (0 or 1: creation never shares a cluster), the refcount
